@@ -1,0 +1,1 @@
+"""jaxchat: train your own small ChatGPT from scratch in JAX/Flax NNX."""
