@@ -1,0 +1,115 @@
+"""The whole pipeline: `python -m jaxchat.launch --config=NAME [--key=value ...]`.
+
+A config (`configs/NAME.toml`, or a path) lists the stages to run, in order, and the flags of each stage in a table
+named after it. Overrides on the command line: `--stage.key=value` for one stage, or `--key=value` for every stage of
+the config that has that flag. Every key is checked against the stage's own flags before anything runs.
+"""
+import argparse
+import importlib
+import os
+import sys
+import time
+import tomllib
+
+from jaxchat.common import UserError
+
+# stage name -> module; each module has build_parser() and main(argv), and runs alone as `python -m jaxchat.<module>`
+STAGES = {
+    "data": "jaxchat.dataset",
+    "tok_train": "jaxchat.tok_train",
+    "tok_eval": "jaxchat.tok_eval",
+}
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def load_config(name):
+    path = name if name.endswith(".toml") else os.path.join(CONFIG_DIR, name + ".toml")
+    if not os.path.exists(path):
+        known = sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".toml")) if os.path.isdir(CONFIG_DIR) else []
+        raise UserError(f"no config {name!r} ({path}); known configs: {', '.join(known)}")
+    try:
+        with open(path, "rb") as f:
+            config = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"config {path}: {e}") from None
+    stages = config.get("stages")
+    if not isinstance(stages, list) or not stages:
+        raise UserError(f"config {path}: 'stages' must be a non-empty list of stage names ({', '.join(STAGES)})")
+    for stage in list(stages) + [k for k in config if k != "stages"]:
+        if stage not in STAGES:
+            raise UserError(f"config {path}: unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    return config
+
+
+def stage_flags(stage):
+    """{dest: argparse action} of a stage's flags."""
+    parser = importlib.import_module(STAGES[stage]).build_parser()
+    return {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
+
+
+def check_value(stage, key, value, flags):
+    if key not in flags:
+        raise UserError(f"unknown key {stage}.{key}; valid keys for {stage}: {', '.join(sorted(flags)) or '(none)'}")
+    action = flags[key]
+    if action.type is not None and not isinstance(value, bool):
+        try:
+            return action.type(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{stage}.{key}={value!r}: expected {action.type.__name__}") from None
+    return value
+
+
+def parse_overrides(args, config):
+    """--stage.key=value or --key=value (every configured stage with that flag) -> {stage: {key: raw value}}."""
+    out = {stage: {} for stage in config["stages"]}
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg:
+            raise UserError(f"override {arg!r} must look like --key=value or --stage.key=value")
+        key, value = arg[2:].split("=", 1)
+        key = key.replace("-", "_")
+        if "." in key:
+            stage, key = key.split(".", 1)
+            if stage not in out:
+                raise UserError(f"override {arg!r}: stage {stage!r} is not in this config ({', '.join(out)})")
+            check_value(stage, key, value, stage_flags(stage))
+            out[stage][key] = value
+            continue
+        hits = [s for s in out if key in stage_flags(s)]
+        if not hits:
+            valid = sorted({k for s in out for k in stage_flags(s)})
+            raise UserError(f"unknown key {key!r}; valid keys: {', '.join(valid)}")
+        for stage in hits:
+            out[stage][key] = value
+    return out
+
+
+def stage_argv(stage, settings):
+    flags = stage_flags(stage)
+    argv = []
+    for key, value in settings.items():
+        value = check_value(stage, key, value, flags)
+        argv.append(f"{flags[key].option_strings[0]}={value}")
+    return argv
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="a name in configs/ (tiny, ...) or a path to a .toml file")
+    args, rest = parser.parse_known_args(argv)
+    config = load_config(args.config)
+    overrides = parse_overrides(rest, config)
+    plan = [(stage, stage_argv(stage, {**config.get(stage, {}), **overrides[stage]})) for stage in config["stages"]]
+    t_start = time.time()
+    for stage, stage_args in plan:
+        print(f"\n=== {stage}: python -m {STAGES[stage]} {' '.join(stage_args)}", flush=True)
+        t0 = time.time()
+        importlib.import_module(STAGES[stage]).main(stage_args)
+        print(f"=== {stage} done in {time.time() - t0:.1f}s", flush=True)
+    print(f"\npipeline {args.config} done in {time.time() - t_start:.1f}s")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,91 @@
+"""Text data (default shards, bring-your-own formats, errors) and the launcher's config/override handling."""
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from jaxchat import dataset, launch
+from jaxchat.common import UserError
+
+
+def test_default_shards_deterministic(tmp_path):
+    files = dataset.build_default_shards(tmp_path / "a")
+    again = dataset.build_default_shards(tmp_path / "b")
+    assert [os.path.basename(f) for f in files] == ["shard_00000.parquet", "shard_00001.parquet",
+                                                    "shard_00002.parquet", "shard_00003.parquet"]
+    for f, g in zip(files, again):
+        assert pq.read_table(f).column("text").to_pylist() == pq.read_table(g).column("text").to_pylist()
+    meta = pq.ParquetFile(files[0]).metadata
+    assert meta.row_group(0).num_rows == 600 and pq.ParquetFile(files[0]).schema_arrow.names == ["text"]
+    val = list(dataset.iter_texts("val", tmp_path / "a"))
+    train = list(dataset.iter_texts("train", tmp_path / "a"))
+    assert len(val) == 96 and len(train) == 1713 - 96 and not set(val) & set(train)
+    with gzip.open(dataset.DEFAULT_CORPUS, "rt") as f:
+        shipped = {json.loads(line)["text"] for line in f}
+    assert set(val) | set(train) == shipped
+
+
+def test_bring_your_own_formats(tmp_path):
+    d = tmp_path / "byo"
+    d.mkdir()
+    dataset.write_shard(str(d / "a.parquet"), ["doc one", "doc two"])
+    (d / "b.jsonl").write_text(json.dumps({"text": "doc three"}) + "\n\n" + json.dumps({"text": "doc four"}) + "\n")
+    (d / "c.txt").write_text("para one\n\n\npara two\n")
+    (d / "ignored.csv").write_text("x")
+    assert list(dataset.iter_texts("train", d)) == ["doc one", "doc two", "doc three", "doc four"]
+    assert list(dataset.iter_texts("val", d)) == ["para one\n\npara two"]
+    assert list(dataset.iter_texts("train", d, max_chars=10, doc_cap=3)) == ["doc", "doc", "doc", "doc"]
+
+
+def test_bad_data_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        dataset.list_data_files(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no data files"):
+        dataset.list_data_files(tmp_path / "empty")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "shard_00000.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(UserError, match="shard_00000.parquet"):
+        list(dataset.iter_texts("train", bad))
+    (bad / "shard_00000.parquet").unlink()
+    (bad / "x.jsonl").write_text('{"text": "ok"}\n{"txt": "no"}\n')
+    with pytest.raises(UserError, match="x.jsonl:2"):
+        list(dataset.iter_texts("train", bad))
+
+
+def test_launch_overrides_are_checked():
+    config = launch.load_config("tiny")
+    assert config["stages"][:3] == ["data", "tok_train", "tok_eval"]
+    assert launch.parse_overrides(["--vocab-size=512", "--tok_eval.compare="], config)["tok_train"] == {"vocab_size": "512"}
+    with pytest.raises(UserError, match="unknown key 'vocab_sise'; valid keys: .*vocab_size"):
+        launch.parse_overrides(["--vocab_sise=512"], config)
+    with pytest.raises(UserError, match="expected int"):
+        launch.stage_argv("tok_train", {"vocab_size": "lots"})
+    with pytest.raises(UserError, match="known configs: .*tiny"):
+        launch.load_config("no_such_config")
+
+
+def test_launch_cli_error_is_one_line():
+    r = subprocess.run([sys.executable, "-m", "jaxchat.launch", "--config=tiny", "--depht=3"], capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "unknown key 'depht'" in r.stderr
+
+
+def test_pipeline_end_to_end(tmp_path, capsys):
+    """data -> tok_train -> tok_eval through the launcher, on the shipped corpus, with a small vocab."""
+    cfg = tmp_path / "mini.toml"
+    cfg.write_text('stages = ["data", "tok_train", "tok_eval"]\n[tok_train]\nvocab_size = 777\nmax_chars = 300_000\n'
+                   '[tok_eval]\ncompare = ""\n')
+    launch.main([f"--config={cfg}"])
+    out = capsys.readouterr().out
+    from jaxchat.tokenizer import get_tokenizer
+    tok = get_tokenizer()
+    assert tok.get_vocab_size() == 777
+    assert "data-val" in out and "news" in out and "token bytes" in out
+    text = "To be, or not to be, that is the question."
+    assert tok.decode(tok.encode(text)) == text and len(tok.encode(text)) < len(text.encode()) / 2
