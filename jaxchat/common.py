@@ -30,3 +30,12 @@ def file_lock(path):
 
 class UserError(Exception):
     """Bad input from the user (missing file, bad flag, damaged data): the CLI prints the message, not a traceback."""
+
+
+def run_main(main):
+    """Entry point of a stage: run main(); bad user input ends with one 'error: ...' line, not a traceback."""
+    import sys
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"error: {e}")

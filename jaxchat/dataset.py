@@ -16,7 +16,7 @@ import re
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jaxchat.common import UserError, file_lock, get_base_dir
+from jaxchat.common import UserError, file_lock, get_base_dir, run_main
 
 DEFAULT_CORPUS = os.path.join(os.path.dirname(__file__), "data", "default_corpus.jsonl.gz")
 DATA_EXTENSIONS = (".parquet", ".jsonl", ".jsonl.gz", ".txt")
@@ -165,8 +165,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import sys
-    try:
-        main()
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    run_main(main)

@@ -7,11 +7,10 @@ the config that has that flag. Every key is checked against the stage's own flag
 import argparse
 import importlib
 import os
-import sys
 import time
 import tomllib
 
-from jaxchat.common import UserError
+from jaxchat.common import UserError, run_main
 
 # stage name -> module; each module has build_parser() and main(argv), and runs alone as `python -m jaxchat.<module>`
 STAGES = {
@@ -109,7 +108,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    run_main(main)

@@ -5,13 +5,12 @@ Reads the train split (all shards but the last), crops each document to --doc-ca
 """
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
 from tqdm import tqdm
 
-from jaxchat.common import UserError, get_base_dir
+from jaxchat.common import get_base_dir, run_main
 from jaxchat.dataset import iter_texts
 from jaxchat.tokenizer import RustBPETokenizer
 
@@ -54,7 +53,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    run_main(main)

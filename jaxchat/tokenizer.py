@@ -47,7 +47,9 @@ class RustBPETokenizer:
                              f"{len(SPECIAL_TOKENS)} special tokens), got {vocab_size}")
         trainer = rustbpe.Tokenizer()
         trainer.train_from_iterator(text_iterator, n_bpe, pattern=pattern)
-        ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
+        pairs = trainer.get_mergeable_ranks()
+        ranks = {bytes(token): rank for token, rank in pairs}
+        assert len(ranks) == len(pairs), "the trainer produced two tokens with the same bytes"
         if len(ranks) < n_bpe:
             raise ValueError(f"the training text only supports {len(ranks) - 256} merges, {n_bpe - 256} were asked for "
                              f"(vocab_size {vocab_size}): use more text or a smaller vocab_size")
