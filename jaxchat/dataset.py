@@ -1,17 +1,32 @@
-"""Pretraining text: where the shards live, how the embedded default is built, how to iterate documents.
+"""Pretraining text: where the shards live, how to get them (download or embedded default), how to iterate documents.
 
 Layout (as nanochat's): `$JAXCHAT_BASE_DIR/base_data/shard_00000.parquet, ...`, one `text` column, row groups of
-1,024 documents; the split rule is nanochat's: the last shard (in sorted order) is validation, the rest train.
+1,024 documents; the split rule is nanochat's: the last file (in sorted order) is validation, the rest train.
+
+One directory holds one corpus, never a mix (the last-file rule would otherwise pick a val file from the wrong one):
+- `python -m jaxchat.dataset -n N` downloads nanochat's FineWeb-EDU-100B shuffle: train shards 0..N-1 plus the pinned
+  val shard `shard_01822` (as nanochat HEAD does), which is fetched first, so it sorts last from the first moment on and
+  val never depends on how far a download got. An embedded default found in the directory is replaced (it rebuilds
+  offline in seconds); a directory with other files (not `shard_NNNNN.parquet`) is refused.
+- `python -m jaxchat.dataset` (no `-n`) builds the embedded default offline into an empty directory (marked with
+  `.default_corpus_built`); it refuses a directory that already holds other data: use `--data-dir` for it.
 
 Bring your own data: point `data_dir` at a directory of `.parquet` (a `text` column), `.jsonl`/`.jsonl.gz`
 (a "text" field per line) or `.txt` files (cut into documents at blank lines). The same split rule applies.
 """
 import glob
 import gzip
+import hashlib
+import http.client
 import json
 import os
 import random
 import re
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,6 +37,7 @@ DEFAULT_CORPUS = os.path.join(os.path.dirname(__file__), "data", "default_corpus
 DATA_EXTENSIONS = (".parquet", ".jsonl", ".jsonl.gz", ".txt")
 ROW_GROUP_SIZE = 1024  # documents per parquet row group, nanochat's value
 MAX_DOC_CHARS = 4000
+DEFAULT_MARKER = ".default_corpus_built"  # in a directory built by build_default_shards
 
 
 def default_data_dir():
@@ -43,13 +59,17 @@ def split_documents(text, max_chars=MAX_DOC_CHARS):
     return docs
 
 
+def _data_files(data_dir):
+    return sorted(p for p in glob.glob(os.path.join(data_dir, "*")) if p.endswith(DATA_EXTENSIONS))
+
+
 def list_data_files(data_dir=None):
     """The data files of a directory, sorted; a clear error when there are none."""
     data_dir = data_dir or default_data_dir()
     if not os.path.isdir(data_dir):
         raise UserError(f"data directory {data_dir} does not exist (build the default with `python -m jaxchat.dataset`"
                         f" or pass a directory of .parquet/.jsonl/.txt files)")
-    files = sorted(p for p in glob.glob(os.path.join(data_dir, "*")) if p.endswith(DATA_EXTENSIONS))
+    files = _data_files(data_dir)
     if not files:
         raise UserError(f"no data files ({', '.join(DATA_EXTENSIONS)}) in {data_dir}")
     return files
@@ -135,10 +155,14 @@ def build_default_shards(data_dir=None, num_val_docs=96, docs_per_shard=600):
     """The embedded default: shuffle the shipped corpus (seed 42) into train shards plus a last, validation shard."""
     data_dir = data_dir or default_data_dir()
     os.makedirs(data_dir, exist_ok=True)
-    done = os.path.join(data_dir, ".default_corpus_built")
+    done = os.path.join(data_dir, DEFAULT_MARKER)
     with file_lock(os.path.join(data_dir, ".lock")):
         if os.path.exists(done):
             return list_data_files(data_dir)
+        if present := _data_files(data_dir):  # downloaded shards or the user's own: never overwrite or mix
+            raise UserError(f"{data_dir} already holds {len(present)} data files that are not the embedded default "
+                            f"(downloaded shards or your own); build the default elsewhere with --data-dir=DIR "
+                            f"(the launcher passes it to every stage), or move those files away")
         with gzip.open(DEFAULT_CORPUS, "rt", encoding="utf-8") as f:
             docs = [json.loads(line)["text"] for line in f]
         random.Random(42).shuffle(docs)
@@ -151,17 +175,227 @@ def build_default_shards(data_dir=None, num_val_docs=96, docs_per_shard=600):
     return list_data_files(data_dir)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Downloading nanochat's FineWeb-EDU-100B shuffle (standard-library HTTP)
+
+BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
+MAX_SHARD = 1822  # shards 0..1822; the last one is the pinned validation shard
+CHUNK = 1 << 20
+RETRY_DELAY = 1.0  # seconds; failed attempt k waits RETRY_DELAY * 2**k before the next (nanochat: 2, 4, 8, 16 s)
+SHARD_RE = re.compile(r"shard_\d{5}\.parquet")
+
+
+class DownloadError(UserError):
+    """Some shards could not be downloaded; `failed` maps file name -> reason. The ones that did download stay."""
+
+    def __init__(self, message, failed):
+        super().__init__(message)
+        self.failed = failed
+
+
+class _BadFile(Exception):
+    """The bytes are wrong (sha256, not parquet): the next attempt starts from scratch instead of resuming."""
+
+
+def shard_name(index):
+    return f"shard_{index:05d}.parquet"
+
+
+def shard_indices(num_files):
+    """-n N: the pinned val shard MAX_SHARD first, then train shards 0..N-1; -1 (or N >= MAX_SHARD) = all of them."""
+    if num_files == 0 or num_files < -1:
+        raise UserError(f"--num-files must be >= 1 (train shards, plus the val shard) or -1 for all; got {num_files}")
+    return [MAX_SHARD] + list(range(MAX_SHARD if num_files == -1 else min(num_files, MAX_SHARD)))
+
+
+def check_parquet(path):
+    """Cheap sanity check of a shard: PAR1 at both ends, a readable footer, a `text` column. Raises _BadFile."""
+    try:
+        with open(path, "rb") as f:
+            head, _, tail = f.read(4), f.seek(-4, os.SEEK_END), f.read(4)
+        if head != b"PAR1" or tail != b"PAR1":
+            raise _BadFile("not a parquet file (no PAR1 magic at both ends)")
+        names = pq.ParquetFile(path).schema_arrow.names
+    except (OSError, pa.ArrowException) as e:
+        raise _BadFile(f"unreadable parquet ({e})") from None
+    if "text" not in names:
+        raise _BadFile(f"no 'text' column (columns: {names})")
+
+
+def _sha256_from(headers):
+    """Hugging Face LFS files carry their sha256 as X-Linked-Etag (on the redirect to the CDN) or as ETag."""
+    for h in headers:
+        for key in ("X-Linked-Etag", "ETag"):
+            value = (h.get(key) or "").removeprefix("W/").strip('"').lower()
+            if re.fullmatch(r"[0-9a-f]{64}", value):
+                return value
+    return None
+
+
+class _KeepRedirectHeaders(urllib.request.HTTPRedirectHandler):
+    def __init__(self):
+        self.seen = []
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        self.seen.append(headers)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)  # keeps our Range header
+
+
+class _Progress:
+    """One tqdm bar over bytes for all workers; its total grows as the responses announce their sizes."""
+
+    def __init__(self, desc):
+        from tqdm import tqdm
+        self.bar, self.lock, self.stopped = tqdm(total=0, unit="B", unit_scale=True, desc=desc), threading.Lock(), False
+
+    def update(self, n=0, expect=0):
+        if self.stopped:  # Ctrl-C in the main thread: stop this worker too (its .part resumes next time)
+            raise KeyboardInterrupt
+        with self.lock:
+            self.bar.total += expect
+            self.bar.update(n)
+
+
+def _fetch(url, part, timeout, progress):
+    """One HTTP attempt into `part`, resuming it with a Range request; returns the sha256 the server vouches for."""
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    req = urllib.request.Request(url, headers={"User-Agent": "jaxchat"})
+    if have:
+        req.add_header("Range", f"bytes={have}-")
+    redirects = _KeepRedirectHeaders()
+    with urllib.request.build_opener(redirects).open(req, timeout=timeout) as r:
+        start, total = 0, None
+        if r.status == 206:
+            m = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", r.headers.get("Content-Range", ""))
+            if not m or int(m[1]) != have:
+                raise _BadFile(f"unexpected Content-Range {r.headers.get('Content-Range')!r} for a resume at {have}")
+            start, total = have, (int(m[2]) if m[2] != "*" else None)
+        # else 200: the whole file, also from a server that ignored our Range: start over
+        if total is None and r.headers.get("Content-Length"):
+            total = start + int(r.headers["Content-Length"])
+        progress.update(expect=(total or 0) - start)
+        with open(part, "ab" if start else "wb") as f:
+            while chunk := r.read(CHUNK):
+                f.write(chunk)
+                progress.update(len(chunk))
+        sha = _sha256_from([*redirects.seen, r.headers])
+    if total is not None and os.path.getsize(part) != total:  # a dropped connection: keep the .part, resume it
+        raise ConnectionError(f"connection closed after {os.path.getsize(part)} of {total} bytes")
+    return sha
+
+
+def _download_one(url, path, attempts, timeout, backoff, progress):
+    """Fetch one file via path.part, verify it, rename it into place; returns None or why it failed."""
+    part, (data_dir, name) = path + ".part", os.path.split(path)
+    with file_lock(os.path.join(data_dir, f".{name}.lock")):  # a process wanting the same file waits, then skips it
+        try:
+            check_parquet(path)
+            return None  # already complete
+        except _BadFile:
+            pass  # missing or damaged: (re)download
+        for attempt in range(1, attempts + 1):
+            try:
+                sha = _fetch(url, part, timeout, progress)
+                if sha:
+                    with open(part, "rb") as f:
+                        if hashlib.file_digest(f, "sha256").hexdigest() != sha:
+                            raise _BadFile(f"sha256 mismatch (the server says {sha[:16]}...)")
+                check_parquet(part)
+                os.replace(part, path)
+                return None
+            except _BadFile as e:
+                why = f"corrupt download: {e}"
+                os.remove(part)
+            except urllib.error.HTTPError as e:
+                why = f"HTTP {e.code} {e.reason}"
+                if e.code == 416 and os.path.exists(part):  # our .part is no prefix of the server's file: restart
+                    os.remove(part)
+                elif 400 <= e.code < 500 and e.code not in (408, 429):
+                    return f"{why} for {url}"  # permanent: retrying cannot help
+            except (OSError, http.client.HTTPException) as e:  # network trouble: the next attempt resumes the .part
+                why = str(e) or type(e).__name__
+            if attempt < attempts:
+                time.sleep(backoff * 2 ** attempt)
+        return f"{why} (after {attempts} attempts)"
+
+
+def _prepare_download_dir(data_dir):
+    """Downloads own their directory: an embedded default there is replaced, other files are refused (no mixing)."""
+    os.makedirs(data_dir, exist_ok=True)
+    with file_lock(os.path.join(data_dir, ".lock")):
+        files = _data_files(data_dir)
+        if foreign := [os.path.basename(f) for f in files if not SHARD_RE.fullmatch(os.path.basename(f))]:
+            raise UserError(f"{data_dir} holds {len(foreign)} other data files ({', '.join(foreign[:3])}); "
+                            f"download into a directory of its own: --data-dir=DIR")
+        if os.path.exists(marker := os.path.join(data_dir, DEFAULT_MARKER)):
+            print(f"replacing the embedded default corpus in {data_dir} (rebuild it anywhere: no -n, --data-dir=DIR)")
+            for f in files + [marker]:
+                os.remove(f)
+
+
+def download_shards(indices, data_dir=None, base_url=BASE_URL, num_workers=4, attempts=5, timeout=30, backoff=None):
+    """Download shard_{i:05d}.parquet for each index into data_dir, in parallel threads; returns their paths.
+
+    Each file: up to `attempts` tries with exponential backoff, streamed to NAME.part (resumed with a Range request,
+    across runs too), checked against the announced size, the server's sha256 when it gives one and a parquet sanity
+    check, then renamed into place. Complete files are skipped. The first index is fetched alone, first: with
+    shard_indices() it is the val shard, and an unreachable source fails after one file, not after all of them.
+    Raises DownloadError naming every shard that is missing; what did download stays.
+    """
+    data_dir, names = str(data_dir or default_data_dir()), [shard_name(i) for i in indices]
+    backoff = RETRY_DELAY if backoff is None else backoff
+    _prepare_download_dir(data_dir)
+    progress = _Progress(f"{len(names)} shards")
+    one = lambda name: _download_one(f"{base_url.rstrip('/')}/{name}", os.path.join(data_dir, name),
+                                     attempts, timeout, backoff, progress)
+    try:
+        whys = [one(names[0])] if names else []
+        if whys and whys[0]:
+            whys += ["not attempted (the first shard failed)"] * (len(names) - 1)
+        elif names:
+            with ThreadPoolExecutor(max(1, num_workers)) as pool:
+                try:
+                    whys += pool.map(one, names[1:])
+                except BaseException:  # Ctrl-C: stop the workers now rather than after their current files
+                    progress.stopped = True
+                    pool.shutdown(cancel_futures=True)
+                    raise
+    finally:
+        progress.bar.close()
+    if failed := {n: why for n, why in zip(names, whys) if why}:
+        lines = [f"  {n}: {why}" for n, why in list(failed.items())[:20]] + ["  ..."] * (len(failed) > 20)
+        hint = ("what to do: check the network (or pass --base-url=MIRROR) and rerun the same command (finished shards"
+                " are kept, partial ones resume); or train on your own files with --data-dir=DIR; or use the embedded"
+                " default corpus, offline: run without -n/--num-files")
+        raise DownloadError(f"{len(failed)} of {len(names)} shards could not be downloaded from {base_url} into "
+                            f"{data_dir}:\n" + "\n".join(lines) + "\n" + hint, failed)
+    return [os.path.join(data_dir, n) for n in names]
+
+
 def build_parser():
     import argparse
-    p = argparse.ArgumentParser(description="Prepare pretraining shards (for now: the embedded default corpus).")
+    p = argparse.ArgumentParser(description="Prepare pretraining shards: download FineWeb-EDU shards (-n N), "
+                                            "or build the embedded default corpus offline (no -n).")
+    p.add_argument("--num-files", "--num_files", "-n", type=int, default=None,
+                   help=f"download train shards 0..N-1 plus the val shard {shard_name(MAX_SHARD)}; -1 = all "
+                        f"{MAX_SHARD + 1} (default: build the embedded default instead)")
+    p.add_argument("--num-workers", "--num_workers", "-w", type=int, default=4, help="parallel downloads")
+    p.add_argument("--base-url", "--base_url", default=BASE_URL, help="where the shards are (a mirror, a test server)")
     p.add_argument("--data-dir", "--data_dir", default=None, help="where to write them (default: $JAXCHAT_BASE_DIR/base_data)")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    files = build_default_shards(args.data_dir)
-    print(f"{len(files)} shards in {os.path.dirname(files[0])} (the last one is validation)")
+    if args.num_files is None:
+        files = build_default_shards(args.data_dir)
+        print(f"{len(files)} shards in {os.path.dirname(files[0])} (the last one is validation)")
+        return
+    indices = shard_indices(args.num_files)
+    data_dir = args.data_dir or default_data_dir()
+    print(f"{len(indices) - 1} train shards + val shard {shard_name(MAX_SHARD)} from {args.base_url} into {data_dir}")
+    files = download_shards(indices, data_dir, args.base_url, args.num_workers)
+    print(f"{len(files)} shards in {data_dir} (the last one, {shard_name(MAX_SHARD)}, is validation)")
 
 
 if __name__ == "__main__":
