@@ -388,6 +388,11 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.num_files is None:
+        if args.data_dir and _data_files(args.data_dir) and not os.path.exists(os.path.join(args.data_dir, DEFAULT_MARKER)):
+            files = list_data_files(args.data_dir)  # bring-your-own data: use it as it is
+            print(f"using your {len(files)} data files in {args.data_dir} (the last, {os.path.basename(files[-1])}, "
+                  f"is validation)")
+            return
         files = build_default_shards(args.data_dir)
         print(f"{len(files)} shards in {os.path.dirname(files[0])} (the last one is validation)")
         return

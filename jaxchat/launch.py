@@ -17,6 +17,8 @@ STAGES = {
     "data": "jaxchat.dataset",
     "tok_train": "jaxchat.tok_train",
     "tok_eval": "jaxchat.tok_eval",
+    "base_train": "jaxchat.base_train",
+    "base_eval": "jaxchat.base_eval",
 }
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 

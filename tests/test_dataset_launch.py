@@ -89,3 +89,13 @@ def test_pipeline_end_to_end(tmp_path, capsys):
     assert "data-val" in out and "news" in out and "token bytes" in out
     text = "To be, or not to be, that is the question."
     assert tok.decode(tok.encode(text)) == text and len(tok.encode(text)) < len(text.encode()) / 2
+
+
+def test_data_stage_uses_your_own_directory(tmp_path, capsys):
+    d = tmp_path / "mine"
+    d.mkdir()
+    (d / "a.txt").write_text("one\n\ntwo\n")
+    (d / "b.txt").write_text("three\n")
+    dataset.main([f"--data-dir={d}"])
+    assert "using your 2 data files" in capsys.readouterr().out
+    assert sorted(os.listdir(d)) == ["a.txt", "b.txt"]  # nothing written into the user's directory

@@ -1,0 +1,216 @@
+"""The GPT of nanochat (OCT, spec §3.1) as a Flax NNX module.
+
+Token embedding -> parameter-free RMSNorm -> n_layer pre-norm blocks (rotary + QK-norm causal attention with
+optional grouped-query heads, ReLU² MLP) -> RMSNorm -> untied lm_head -> logit softcap 15·tanh(x/15).
+Weights are fp32; matmuls run in `config.compute_dtype` with fp32 results (autocast-style); norms, softmax,
+logits and the loss are fp32. Kernels are stored (in, out) as in JAX, i.e. transposed w.r.t. torch's weights.
+Every parameter carries logical axis names; `sharding.py` alone maps them onto the mesh.
+"""
+
+import dataclasses
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from jaxchat import sharding
+from jaxchat.attention import attention, causal_attention
+from jaxchat.losses import softcap_cross_entropy_sum
+
+SOFTCAP = 15.0
+ROPE_BASE = 10_000
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    sequence_len: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 6  # query heads
+    n_kv_head: int = 6  # key/value heads (GQA when < n_head)
+    n_embd: int = 768
+    compute_dtype: str = "float32"  # matmul inputs ("bfloat16" on GPU); params, norms and loss stay fp32
+
+
+def config_for_depth(depth, vocab_size, sequence_len, n_kv_head=None, head_dim=128, compute_dtype="float32"):
+    """nanochat's one dial (spec §3.2): model_dim = 64·depth, n_head = ceil(model_dim / head_dim)."""
+    model_dim = depth * 64
+    n_head = max(1, -(-model_dim // head_dim))
+    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
+                     n_kv_head=n_kv_head or n_head, n_embd=model_dim, compute_dtype=compute_dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def linear(x, w, dtype):
+    """x (B, T, in) @ w (in, out): inputs cast to `dtype`, fp32 result (autocast-style), and a backward that does
+    the same. (Autodiff of a bf16 matmul gives bf16-output matmuls: slow on CPU, toolchain.md B10.)"""
+    return _linear_fwd(x, w, dtype)[0]
+
+
+def _linear_fwd(x, w, dtype):
+    x, w = x.astype(dtype), w.astype(dtype)
+    return jnp.einsum("bti,io->bto", x, w, preferred_element_type=jnp.float32), (x, w)
+
+
+def _linear_bwd(dtype, res, g):
+    x, w = res
+    g = g.astype(dtype)
+    dx = jnp.einsum("bto,io->bti", g, w, preferred_element_type=jnp.float32)
+    if dtype == jnp.float32:  # XLA:CPU then transposes g, not the wider x (measured 8% off the fp32 d4 step)
+        gt_x = jnp.dot(g.reshape(-1, g.shape[-1]).T, x.reshape(-1, x.shape[-1]), preferred_element_type=jnp.float32)
+        return dx, jax.lax.optimization_barrier(gt_x).T
+    return dx, jnp.einsum("bto,bti->io", g, x, preferred_element_type=jnp.float32)  # the fast form in bf16
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+def norm(x):
+    """Parameter-free RMSNorm; eps = finfo(fp32).eps, as torch's F.rms_norm(eps=None) on fp32."""
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + jnp.finfo(jnp.float32).eps)
+
+
+def rotary(positions, head_dim):
+    """Rotation tables for integer positions (B|1, T): (cos, sin) of shape (B|1, T, 1, head_dim), fp32 angles,
+    laid out for `apply_rotary`: cos = [cos θ, cos θ], sin = [sin θ, −sin θ] over the two halves."""
+    inv_freq = 1.0 / ROPE_BASE ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = positions.astype(jnp.float32)[..., None, None] * inv_freq
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    return jnp.concatenate([cos, cos], -1), jnp.concatenate([sin, -sin], -1)
+
+
+def apply_rotary(x, cos, sin):
+    """nanochat's rotate-half pairing on the two halves (x1, x2) -> (x1·cos + x2·sin, x2·cos − x1·sin), written
+    as x·cos + roll(x, half)·sin (one fused elementwise pass; the split/concat form was 5% slower on CPU)."""
+    return x * cos + jnp.roll(x, x.shape[-1] // 2, axis=-1) * sin
+
+
+@struct.dataclass
+class KVCache:
+    """Decoding cache: k, v of shape (n_layer, B, max_len, n_kv_head, head_dim); pos (B,) = tokens held per row."""
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+
+    @classmethod
+    def create(cls, config, batch_size, max_len, dtype=jnp.float32):
+        shape = (config.n_layer, batch_size, max_len, config.n_kv_head, config.n_embd // config.n_head)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), pos=jnp.zeros((batch_size,), jnp.int32))
+
+    def attend(self, layer, q, k, v, dtype):
+        """Write this chunk's k, v at rows' positions pos..pos+T-1 of `layer`, attend to everything up to there."""
+        B, T = q.shape[:2]
+        rows, cols = jnp.arange(B)[:, None], self.pos[:, None] + jnp.arange(T)
+        cache = self.replace(k=self.k.at[layer, rows, cols].set(k.astype(self.k.dtype)),
+                             v=self.v.at[layer, rows, cols].set(v.astype(self.v.dtype)))
+        mask = (jnp.arange(self.k.shape[2]) <= cols[..., None])[:, None, None]  # (B, 1, 1, T, S)
+        return attention(q, cache.k[layer], cache.v[layer], mask, dtype), cache
+
+
+def _param(init, key, shape, axes):
+    # eager_sharding=False: a model can be built without a mesh; sharding.py places the arrays from `axes`.
+    return nnx.Param(init(key, shape, jnp.float32), out_sharding=axes, eager_sharding=False)
+
+
+class Linear(nnx.Module):
+    """Bias-free linear layer, kernel (in, out) ~ N(0, 1/√in · min(1, √(out/in))) (arXiv 2310.17813) or zero."""
+
+    def __init__(self, d_in, d_out, axes, *, dtype, rngs, zero=False):
+        std = d_in**-0.5 * min(1.0, math.sqrt(d_out / d_in))
+        init = jax.nn.initializers.zeros if zero else jax.nn.initializers.normal(std)
+        self.kernel = _param(init, rngs.params(), (d_in, d_out), axes)
+        self.dtype = dtype
+
+    def __call__(self, x):
+        return linear(x, self.kernel[...], self.dtype)
+
+
+class CausalSelfAttention(nnx.Module):
+    def __init__(self, config, *, dtype, rngs):
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
+        d, hd = config.n_embd, self.head_dim
+        self.c_q = Linear(d, self.n_head * hd, ("embed", "heads"), dtype=dtype, rngs=rngs)
+        self.c_k = Linear(d, self.n_kv_head * hd, ("embed", "kv_heads"), dtype=dtype, rngs=rngs)
+        self.c_v = Linear(d, self.n_kv_head * hd, ("embed", "kv_heads"), dtype=dtype, rngs=rngs)
+        self.c_proj = Linear(self.n_head * hd, d, ("heads", "embed"), dtype=dtype, rngs=rngs, zero=True)
+        self.dtype = dtype
+
+    def __call__(self, x, cos, sin, cache=None, layer=0):
+        B, T, _ = x.shape
+        q = self.c_q(x).reshape(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).reshape(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).reshape(B, T, self.n_kv_head, self.head_dim)
+        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # RoPE, then QK-norm
+        if cache is None:
+            y = causal_attention(q, k, v, self.dtype)
+        else:
+            y, cache = cache.attend(layer, q, k, v, self.dtype)
+        return self.c_proj(y.reshape(B, T, -1)), cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, config, *, dtype, rngs):
+        d = config.n_embd
+        self.c_fc = Linear(d, 4 * d, ("embed", "mlp"), dtype=dtype, rngs=rngs)
+        self.c_proj = Linear(4 * d, d, ("mlp", "embed"), dtype=dtype, rngs=rngs, zero=True)
+
+    def __call__(self, x):
+        return self.c_proj(jnp.square(jax.nn.relu(self.c_fc(x))))
+
+
+class Block(nnx.Module):
+    def __init__(self, config, *, dtype, rngs):
+        self.attn = CausalSelfAttention(config, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(config, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, cache=None, layer=0):
+        y, cache = self.attn(norm(x), cos, sin, cache, layer)
+        x = x + y
+        x = x + self.mlp(norm(x))
+        return sharding.constrain(x, ("batch", None, None)), cache
+
+
+class GPT(nnx.Module):
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        dtype = jnp.dtype(config.compute_dtype)
+        self.wte = _param(jax.nn.initializers.normal(1.0), rngs.params(), (config.vocab_size, config.n_embd),
+                          ("vocab", "embed"))
+        self.h = nnx.List([Block(config, dtype=dtype, rngs=rngs) for _ in range(config.n_layer)])
+        self.lm_head = Linear(config.n_embd, config.vocab_size, ("embed", "vocab"), dtype=dtype, rngs=rngs,
+                              zero=True)
+
+    def __call__(self, idx, targets=None, *, positions=None, kv_cache=None, loss_reduction="mean"):
+        """idx (B, T) int. Returns logits (B, T, V) fp32; with `kv_cache`, (logits, updated cache);
+        with `targets` (−1 = ignore), the loss: "mean" over supervised tokens (0 if none), "sum", or "none" (B, T).
+        `positions` (B|1, T) default to 0..T−1, or continue from `kv_cache.pos`."""
+        B, T = idx.shape
+        if positions is None:
+            positions = jnp.arange(T)[None] + (0 if kv_cache is None else kv_cache.pos[:, None])
+        cos, sin = rotary(positions, self.config.n_embd // self.config.n_head)
+        x = sharding.constrain(norm(jnp.take(self.wte[...], idx, axis=0)), ("batch", None, None))
+        for layer, block in enumerate(self.h):
+            x, kv_cache = block(x, cos, sin, kv_cache, layer)
+        x = norm(x)
+        if targets is not None and loss_reduction != "none":
+            loss_sum = softcap_cross_entropy_sum(x, self.lm_head.kernel[...], targets, SOFTCAP, self.lm_head.dtype)
+            count = jnp.sum(targets != -1)
+            return loss_sum if loss_reduction == "sum" else loss_sum / jnp.maximum(count, 1)
+        logits = SOFTCAP * jnp.tanh(self.lm_head(x) / SOFTCAP)
+        if targets is not None:  # per-token losses, differentiable (RL's log-probs), 0 where ignored
+            safe = jnp.where(targets == -1, 0, targets)
+            nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, safe[..., None], -1)[..., 0]
+            return jnp.where(targets == -1, 0.0, nll)
+        return logits if kv_cache is None else (logits, kv_cache.replace(pos=kv_cache.pos + T))
+
+    def num_params(self):
+        return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(self, nnx.Param)))
+
+    def estimate_flops(self):
+        """FLOPs per token, nanochat/PaLM: 6·(N − N_wte) + 12·L·H·head_dim·T (attention counted unmasked)."""
+        c = self.config
+        return 6 * (self.num_params() - c.vocab_size * c.n_embd) + 12 * c.n_layer * c.n_embd * c.sequence_len

@@ -1,0 +1,146 @@
+"""Checks that need 8 (fake CPU) devices. XLA_FLAGS must be set before jax is imported, so tests run this file
+in a subprocess (`run_checks`); it prints one JSON object {check name: result or {"error": traceback}}.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/_multidevice.py [check ...]
+"""
+
+import json
+import os
+import subprocess
+import sys
+import traceback
+
+TINY = dict(sequence_len=64, vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+MESHES = [(1, 8), (2, 4), (8, 1)]
+
+
+def run_checks(names=(), timeout=600):
+    """Run the named checks (all when empty) in a fresh 8-device process; returns their results."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, __file__, *names], env=env, capture_output=True, text=True,
+                         timeout=timeout, cwd=root)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def check_param_shardings():
+    """Every parameter and optimizer buffer of a state built on a (1, 8) mesh is sharded as the table says."""
+    import jax
+    from flax import nnx
+    from jaxchat import sharding
+    from jaxchat.model import GPTConfig
+    from jaxchat.train import init_train_state
+
+    mesh = sharding.make_mesh((1, 8))
+    state = init_train_state(GPTConfig(**TINY), mesh=mesh)
+    is_var = lambda x: isinstance(x, nnx.Variable)
+    mismatches, checked = [], 0
+    for path, v in jax.tree_util.tree_flatten_with_path(state.state, is_leaf=is_var)[0]:
+        want = jax.sharding.NamedSharding(mesh, sharding.variable_spec(v))
+        checked += 1
+        if not v[...].sharding.is_equivalent_to(want, v[...].ndim):
+            mismatches.append(f"{jax.tree_util.keystr(path)}: {v[...].sharding.spec} != {want.spec}")
+    sharded_buffers = sum("fsdp" in str(v[...].sharding.spec) for v in jax.tree.leaves(state.state, is_leaf=is_var))
+    with jax.set_mesh(sharding.make_mesh((2, 4))):
+        batch_shards = sharding.batch_shards()
+    return {"checked": checked, "mismatches": mismatches, "fsdp_sharded_arrays": sharded_buffers,
+            "batch_shards": batch_shards}
+
+
+def check_fsdp_fraction():
+    """Fraction of parameter bytes sharded over fsdp on (1, 8), abstract d4 and d20 (no allocation)."""
+    from flax import nnx
+    from jaxchat import sharding
+    from jaxchat.model import GPT, config_for_depth
+
+    mesh = sharding.make_mesh((1, 8))
+    out = {}
+    for depth in (4, 20):
+        model = nnx.eval_shape(lambda: GPT(config_for_depth(depth, 65536, 2048), rngs=nnx.Rngs(0)))
+        rows, fraction = sharding.sharding_table(model, mesh)
+        out[f"d{depth}"] = {"fraction": fraction, "per_device_bytes": sum(r[3] for r in rows),
+                            "total_bytes": 4 * model.num_params()}
+    return out
+
+
+def check_mesh_equivalence():
+    """5 steps of AdamW+Muon on 1 device and on each 8-device mesh: per-step losses and final parameters."""
+    import jax
+    import numpy as np
+    from flax import nnx
+    from jaxchat import sharding
+    from jaxchat.model import GPTConfig
+    from jaxchat.optim import OptimConfig, get_muon_momentum, hyperparams
+    from jaxchat.train import init_train_state, train_step
+
+    tokens = np.random.default_rng(0).integers(0, TINY["vocab_size"], (5, 1, 8, TINY["sequence_len"] + 1), np.int32)
+
+    def params_of(state):
+        return jax.device_get(nnx.to_pure_dict(nnx.state(state.model, nnx.Param)))
+
+    def run(mesh):
+        state = init_train_state(GPTConfig(**TINY), OptimConfig(ns_dtype="float32"), mesh)  # fp32 throughout
+        init = params_of(state)
+        losses = []
+        with jax.set_mesh(mesh):
+            for step in range(5):
+                batch = {"inputs": tokens[step, ..., :-1], "targets": tokens[step, ..., 1:]}
+                hyper = hyperparams(1.0 - 0.1 * step, get_muon_momentum(step))
+                state, metrics = train_step(state, sharding.shard_batch(batch, mesh, batch_axis=1), hyper)
+                losses.append(float(metrics["loss"]))
+        return losses, init, params_of(state)
+
+    ref_losses, init, ref_params = run(sharding.make_mesh((1, 1), jax.devices()[:1]))
+    out = {"reference_losses": ref_losses}
+    for shape in MESHES:
+        losses, _, params = run(sharding.make_mesh(shape))
+        stats = lambda a, b, a0: {"max": float(np.abs(a - b).max()),  # vs the reference run, and vs its change
+                                  "relative": float(np.linalg.norm(a - b) / np.linalg.norm(b - a0)),
+                                  "frac_over_1e-5": float(np.mean(np.abs(a - b) > 1e-5))}
+        diff = jax.tree_util.tree_flatten_with_path(jax.tree.map(stats, params, ref_params, init,
+                                                                 is_leaf=lambda x: isinstance(x, np.ndarray)))[0]
+        out[str(shape)] = {"loss_diff": float(np.abs(np.subtract(losses, ref_losses)).max()),
+                           "param_diff": {jax.tree_util.keystr(p[:-1]): {} for p, _ in diff}}
+        for p, d in diff:
+            out[str(shape)]["param_diff"][jax.tree_util.keystr(p[:-1])][p[-1].key] = d
+    return out
+
+
+def check_muon_sharded():
+    """Newton–Schulz and the whole Muon update of an fsdp-sharded matrix equal the single-device result."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jaxchat import sharding
+    from jaxchat.optim import muon, newton_schulz
+
+    mesh = sharding.make_mesh((2, 4))
+    out = {}
+    for shape, spec in [((64, 256), P("fsdp", None)), ((256, 64), P(None, "fsdp")), ((128, 128), P("fsdp", "data"))]:
+        g = jax.random.normal(jax.random.key(sum(shape)), shape)
+        tx = muon(0.02, ns_dtype=jnp.float32)
+        local = jax.jit(lambda g: tx.update(g, tx.init(g), muon_momentum=0.9)[0])(g)
+        ns_local = jax.jit(newton_schulz)(g)
+        gs = jax.device_put(g, NamedSharding(mesh, spec))
+        with jax.set_mesh(mesh):
+            sharded = jax.jit(lambda g: tx.update(g, tx.init(g), muon_momentum=0.9)[0])(gs)
+            ns_sharded = jax.jit(newton_schulz)(gs)
+        out[str(shape)] = {"ns_diff": float(jnp.abs(ns_sharded - ns_local).max()),
+                           "update_diff": float(jnp.abs(sharded - local).max()),
+                           "update_scale": float(jnp.abs(local).max()),
+                           "input_sharded": str(gs.sharding.spec), "n_shards": len(gs.addressable_shards)}
+    return out
+
+
+CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}
+
+if __name__ == "__main__":
+    results = {}
+    for name in sys.argv[1:] or CHECKS:
+        try:
+            results[name] = CHECKS[name]()
+        except Exception:  # report, so the other checks still run
+            results[name] = {"error": traceback.format_exc()}
+    print(json.dumps(results))

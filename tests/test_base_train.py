@@ -1,0 +1,101 @@
+"""Pretraining end to end on tiny shapes: exact resume, checkpoints, bpb, the tiny pipeline, bad input."""
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxchat import base_train, dataset, launch, tok_train
+from jaxchat.checkpoint_manager import Checkpointer, load_model
+from jaxchat.common import UserError, get_base_dir
+from jaxchat.loss_eval import evaluate_bpb
+
+TINY = ["--depth=1", "--head_dim=32", "--max_seq_len=32", "--device_batch_size=4", "--total_batch_size=256",
+        "--eval_every=3", "--eval_tokens=256", "--sample_every=-1"]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """Shards of the shipped corpus and a 512-token tokenizer, shared by the tests of this file."""
+    d = tmp_path_factory.mktemp("pretrain")
+    os.environ["JAXCHAT_BASE_DIR"] = str(d)
+    dataset.build_default_shards()
+    tok_train.main(["--vocab-size=512", "--max-chars=400000"])
+    return d
+
+
+@pytest.fixture
+def env(base_dir, monkeypatch):
+    monkeypatch.setenv("JAXCHAT_BASE_DIR", str(base_dir))
+    return base_dir
+
+
+def params_of(tag, step=None):
+    model, meta = load_model("base", tag, step)
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param))), meta
+
+
+def test_resume_is_exact(env):
+    """6 steps straight == 3 steps, a stop, and --resume for the rest: same losses, same parameters (bitwise)."""
+    straight = base_train.main(TINY + ["--num_iterations=6", "--save_every=3", "--keep=5", "--model_tag=straight"])
+    root = os.path.join(get_base_dir(), "base_checkpoints")
+    shutil.copytree(os.path.join(root, "straight"), os.path.join(root, "resumed"))
+    shutil.rmtree(os.path.join(root, "resumed", "000006"))  # as if killed before step 6 was saved
+    resumed = base_train.main(TINY + ["--num_iterations=6", "--save_every=3", "--model_tag=resumed", "--resume=1"])
+    assert sorted(resumed["losses"]) == [3, 4, 5]
+    assert all(resumed["losses"][s] == straight["losses"][s] for s in (3, 4, 5))
+    assert resumed["val_bpb"] == straight["val_bpb"]
+    a, meta_a = params_of("straight", 6)
+    b, meta_b = params_of("resumed", 6)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    assert meta_a["loader_state"] == meta_b["loader_state"] and meta_a["loop"]["smooth_loss"] == meta_b["loop"]["smooth_loss"]
+    assert straight["losses"][5] < straight["losses"][0]  # it learns
+
+
+def test_resume_refuses_a_different_model(env):
+    base_train.main(TINY + ["--num_iterations=1", "--model_tag=m1"])
+    with pytest.raises(UserError, match="n_layer saved 1 vs requested 2"):
+        base_train.main(TINY + ["--num_iterations=2", "--model_tag=m1", "--resume=1", "--depth=2"])
+    with pytest.raises(UserError, match="no checkpoint to resume"):
+        base_train.main(TINY + ["--num_iterations=2", "--model_tag=never_trained", "--resume=1"])
+    with pytest.raises(UserError, match="multiple of device_batch_size"):
+        base_train.main(TINY + ["--num_iterations=2", "--total_batch_size=300"])
+
+
+def test_corrupt_checkpoint_is_a_clear_error(env):
+    base_train.main(TINY + ["--num_iterations=1", "--model_tag=corrupt"])
+    step_dir = os.path.join(get_base_dir(), "base_checkpoints", "corrupt", "000001", "model")
+    for root, _, files in os.walk(step_dir):
+        for f in files:
+            with open(os.path.join(root, f), "wb") as fh:
+                fh.write(b"garbage")
+    with pytest.raises(UserError, match="corrupt/000001"):
+        load_model("base", "corrupt")
+
+
+def test_bpb_by_hand():
+    """A fresh GPT has a zero lm_head, so every token costs exactly ln(V) nats; bpb = Σ nats over targets that
+    carry bytes / (ln 2 · Σ their bytes): special tokens (0 bytes) and −1 targets count in neither sum."""
+    from jaxchat.model import GPT, config_for_depth
+    V = 8
+    model = GPT(config_for_depth(1, V, 8, head_dim=32), rngs=nnx.Rngs(0))
+    token_bytes = np.array([1, 2, 3, 1, 1, 1, 0, 0], np.int32)  # ids 6 and 7 are special
+    targets = np.array([[0, 1, 2, 6, -1], [7, 3, 4, 5, 1]], np.int32)
+    bpb = evaluate_bpb(model, iter([{"inputs": np.zeros_like(targets), "targets": targets}]), 1, token_bytes)
+    # counted targets: 0,1,2 and 3,4,5,1 -> 7 tokens, 1+2+3+1+1+1+2 = 11 bytes, log2(8) = 3 bits each
+    assert bpb == pytest.approx(7 * 3 / 11, rel=1e-6)
+
+
+def test_tiny_pipeline_through_the_launcher(env, capsys):
+    """data -> tok_train -> base_train -> base_eval as the README's command runs them, shortened."""
+    launch.main(["--config=tiny", "--vocab_size=512", "--max_chars=300000", "--depth=1", "--head_dim=32",
+                 "--max_seq_len=32", "--device_batch_size=4", "--total_batch_size=256", "--num_iterations=4",
+                 "--eval_every=2", "--eval_tokens=256", "--sample_every=4", "--save_every=2", "--split_tokens=256",
+                 "--tok_eval.compare=", "--model_tag=tinyrun"])
+    out = capsys.readouterr().out
+    assert "val bpb" in out and "results written" in out and "To be, or not to be" in out
+    steps = Checkpointer(os.path.join(get_base_dir(), "base_checkpoints", "tinyrun")).all_steps()
+    assert steps == [2, 4]
+    assert os.listdir(os.path.join(get_base_dir(), "runs"))  # TensorBoard events

@@ -1,0 +1,63 @@
+"""A checkpoint saved on a (1, 8) mesh restores onto (2, 4) and onto one device: same parameters, same next loss.
+Runs in a subprocess with 8 fake CPU devices (XLA_FLAGS must be set before jax is imported)."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent('''
+    import json, sys
+    import jax, numpy as np
+    from flax import nnx
+    from jaxchat import sharding
+    from jaxchat.base_train import restore_train_state
+    from jaxchat.checkpoint_manager import Checkpointer
+    from jaxchat.model import GPTConfig
+    from jaxchat.optim import OptimConfig, hyperparams
+    from jaxchat.train import init_train_state, train_step
+
+    config = GPTConfig(sequence_len=32, vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+    tokens = np.random.default_rng(0).integers(0, 256, (1, 8, 33), np.int32)
+    batch = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:]}
+
+    def step_once(state, mesh):
+        with jax.set_mesh(mesh):
+            state, metrics = train_step(state, sharding.shard_batch(batch, mesh, batch_axis=1), hyperparams(1.0, 0.9))
+        return state, float(metrics["loss"])
+
+    def params(state):
+        return [np.asarray(x) for x in jax.tree.leaves(nnx.to_pure_dict(state.state))]
+
+    saved_mesh = sharding.make_mesh((1, 8))
+    state, _ = step_once(init_train_state(config, mesh=saved_mesh), saved_mesh)  # non-trivial optimizer state
+    ckpt = Checkpointer(sys.argv[1])
+    ckpt.save(1, state.state[0], state.state[1], {"model_config": config.__dict__})
+    ckpt.wait()
+    reference = params(state)
+    _, next_loss = step_once(state, saved_mesh)
+    out = {"next_loss_saved_mesh": next_loss}
+    for name, mesh in [("2x4", sharding.make_mesh((2, 4))),
+                       ("1 device", sharding.make_mesh((1, 1), devices=jax.devices()[:1]))]:
+        restored, _ = restore_train_state(ckpt, 1, config, OptimConfig(), mesh, seed=0)
+        same = all(np.array_equal(a, b) for a, b in zip(reference, params(restored)))
+        wte = restored.state[0]["wte"][...]
+        out[name] = {"params_equal": same, "devices": len(wte.sharding.device_set),
+                     "wte_spec": str(wte.sharding.spec), "next_loss": step_once(restored, mesh)[1]}
+    print(json.dumps(out))
+''')
+
+
+def test_restore_onto_other_meshes(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "ckpt")], env=env, capture_output=True,
+                       text=True, timeout=600, cwd=root)
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["2x4"]["params_equal"] and out["1 device"]["params_equal"]  # restored bit for bit
+    assert out["2x4"]["devices"] == 8 and out["1 device"]["devices"] == 1
+    assert "fsdp" in out["2x4"]["wte_spec"]
+    # the next step on another mesh differs only by the order of fp32 reductions
+    for name in ("2x4", "1 device"):
+        assert abs(out[name]["next_loss"] - out["next_loss_saved_mesh"]) < 1e-5, out

@@ -1,0 +1,170 @@
+"""The GPT: sizes, initial loss, GQA, the fused loss, attention, the KV-cache forward."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxchat import attention as A
+from jaxchat import model as M
+from jaxchat.model import GPT, GPTConfig, KVCache, config_for_depth
+
+TINY = GPTConfig(sequence_len=64, vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+
+
+def randomize(model, seed=0, scale=0.3):
+    """Non-zero everywhere (lm_head and c_proj start at zero), so comparisons exercise every path."""
+    params = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    nnx.update(model, jax.tree.unflatten(treedef, [scale * jax.random.normal(k, x.shape) for k, x in
+                                                  zip(keys, leaves)]))
+    return model
+
+
+def tokens(shape, vocab=512, seed=0):
+    return jax.random.randint(jax.random.key(seed), shape, 0, vocab)
+
+
+@pytest.mark.parametrize("depth, params, flops", [(20, 560_988_160, 3_491_758_080), (32, 1_879_048_192, None)])
+def test_sizes_on_abstract_shapes(depth, params, flops):
+    model = nnx.eval_shape(lambda: GPT(config_for_depth(depth, 65536, 2048), rngs=nnx.Rngs(0)))
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(model)))  # nothing allocated
+    assert model.num_params() == params
+    if flops is not None:
+        assert model.estimate_flops() == flops
+
+
+def test_width_rule():
+    c = config_for_depth(20, 65536, 2048)
+    assert (c.n_embd, c.n_head, c.n_kv_head, c.n_layer) == (1280, 10, 10, 20)
+    assert config_for_depth(1, 100, 8).n_head == 1
+    assert config_for_depth(26, 100, 8, n_kv_head=1).n_head == 13
+
+
+def test_initial_loss_is_ln_vocab():
+    model = GPT(TINY, rngs=nnx.Rngs(0))
+    idx = tokens((4, 64))
+    assert abs(float(model(idx, jnp.roll(idx, -1, axis=1))) - math.log(TINY.vocab_size)) < 1e-3
+    assert float(jnp.abs(model.lm_head.kernel[...]).max()) == 0.0
+    assert model.h[0].mlp.c_proj.kernel[...].std() == 0 and model.h[0].attn.c_q.kernel[...].std() > 0
+
+
+def test_init_scales():
+    model = GPT(GPTConfig(sequence_len=8, vocab_size=4096, n_layer=1, n_head=2, n_kv_head=2, n_embd=256),
+                rngs=nnx.Rngs(0))
+    assert abs(float(model.wte[...].std()) - 1.0) < 0.01
+    assert abs(float(model.h[0].attn.c_q.kernel[...].std()) - 256**-0.5) < 0.002
+    assert abs(float(model.h[0].mlp.c_fc.kernel[...].std()) - 256**-0.5) < 0.002  # min(1, √(1024/256)) = 1
+
+
+def test_logits_and_softcap():
+    model = randomize(GPT(TINY, rngs=nnx.Rngs(0)), scale=3.0)
+    logits = model(tokens((2, 16)))
+    assert logits.shape == (2, 16, TINY.vocab_size) and logits.dtype == jnp.float32
+    assert float(jnp.abs(logits).max()) <= 15.0
+
+
+def test_gqa_equals_full_attention_with_repeated_kv():
+    gqa = randomize(GPT(TINY, rngs=nnx.Rngs(0)))
+    full = GPT(GPTConfig(**{**TINY.__dict__, "n_kv_head": TINY.n_head}), rngs=nnx.Rngs(1))
+    group, hd = TINY.n_head // TINY.n_kv_head, TINY.n_embd // TINY.n_head
+    full.wte[...], full.lm_head.kernel[...] = gqa.wte[...], gqa.lm_head.kernel[...]
+    for src, dst in zip(gqa.h, full.h):
+        for name in ("c_q", "c_proj"):
+            getattr(dst.attn, name).kernel[...] = getattr(src.attn, name).kernel[...]
+        for name in ("c_fc", "c_proj"):
+            getattr(dst.mlp, name).kernel[...] = getattr(src.mlp, name).kernel[...]
+        for name in ("c_k", "c_v"):  # kv head j serves query heads j·group .. (j+1)·group − 1
+            w = getattr(src.attn, name).kernel[...].reshape(TINY.n_embd, TINY.n_kv_head, hd)
+            getattr(dst.attn, name).kernel[...] = jnp.repeat(w, group, axis=1).reshape(TINY.n_embd, -1)
+    idx = tokens((2, 64))
+    np.testing.assert_allclose(gqa(idx), full(idx), atol=2e-5)
+
+
+def test_fused_loss_matches_plain_loss_and_grads():
+    model = randomize(GPT(TINY, rngs=nnx.Rngs(0)))
+    idx = tokens((3, 64))
+    targets = jnp.where(tokens((3, 64), seed=1) % 4 == 0, -1, jnp.roll(idx, -1, axis=1))
+    fused = lambda m: m(idx, targets, loss_reduction="sum")
+    plain = lambda m: m(idx, targets, loss_reduction="none").sum()
+    (lf, gf), (lp, gp) = (nnx.jit(nnx.value_and_grad(f))(model) for f in (fused, plain))
+    np.testing.assert_allclose(lf, lp, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), gf, gp)
+    mean = model(idx, targets)
+    np.testing.assert_allclose(mean, lf / jnp.sum(targets != -1), rtol=1e-6)
+    assert float(model(idx, jnp.full_like(idx, -1))) == 0.0  # nothing supervised: 0, not NaN
+
+
+def test_block_causal_attention_matches_dense():
+    """The CPU kernel (query blocks, custom VJP, sequences in chunks; T not a multiple of the block, GQA) equals
+    one masked softmax attention and jax.nn.dot_product_attention, values and gradients."""
+    B, T, H, K, D = 4, 200, 4, 2, 16
+    q, k, v = (jax.random.normal(jax.random.key(i), (B, T, n, D)) for i, n in enumerate((H, K, K)))
+    mask = jnp.tril(jnp.ones((T, T), bool))
+    ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    for f in (lambda q, k, v: A.causal_attention(q, k, v, jnp.float32),
+              lambda q, k, v: A.attention(q, k, v, mask, jnp.float32)):
+        np.testing.assert_allclose(f(q, k, v), ref(q, k, v), atol=1e-5)
+        loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
+        grads = jax.jit(jax.grad(loss(f), argnums=(0, 1, 2)))(q, k, v)
+        for g, r in zip(grads, jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)):
+            np.testing.assert_allclose(g, r, atol=1e-5)
+
+
+def test_mixed_precision_linear_grads():
+    a, b = jax.random.normal(jax.random.key(0), (3, 5, 8)), jax.random.normal(jax.random.key(1), (8, 6))
+    for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)):
+        f = lambda a, b: jnp.sum(jnp.sin(M.linear(a, b, dtype)))
+        g = lambda a, b: jnp.sum(jnp.sin(jnp.einsum("bti,io->bto", a, b)))
+        out = jax.grad(f, argnums=(0, 1))(a, b)
+        assert all(x.dtype == jnp.float32 for x in out)
+        for x, y in zip(out, jax.grad(g, argnums=(0, 1))(a, b)):
+            np.testing.assert_allclose(x, y, atol=tol * 10, rtol=tol)
+
+
+def test_bf16_compute_close_to_fp32():
+    idx = tokens((2, 64))
+    m32 = randomize(GPT(TINY, rngs=nnx.Rngs(0)), scale=0.1)
+    m16 = GPT(GPTConfig(**{**TINY.__dict__, "compute_dtype": "bfloat16"}), rngs=nnx.Rngs(0))
+    nnx.update(m16, nnx.state(m32, nnx.Param))
+    l32, l16 = m32(idx, jnp.roll(idx, -1, 1)), m16(idx, jnp.roll(idx, -1, 1))
+    assert abs(float(l32) - float(l16)) < 2e-2 and jnp.isfinite(l16)
+
+
+def test_kv_cache_prefill_and_decode_match_full_forward():
+    model = randomize(GPT(TINY, rngs=nnx.Rngs(0)))
+    idx = tokens((2, 24))
+    full = model(idx)
+    step = nnx.jit(lambda model, tokens, cache: model(tokens, kv_cache=cache))
+    cache = KVCache.create(TINY, batch_size=2, max_len=32)
+    logits, cache = step(model, idx[:, :16], cache)  # prefill
+    np.testing.assert_allclose(logits, full[:, :16], atol=1e-4)
+    for t in range(16, 24):  # decode one token at a time
+        logits, cache = step(model, idx[:, t:t + 1], cache)
+        np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-4)
+    assert cache.pos.tolist() == [24, 24]
+
+
+def test_rotary_is_nanochat_rotate_half():
+    """nanochat: inv_freq = 1/10000^(2i/hd), halves (x1, x2) -> (x1·cos + x2·sin, −x1·sin + x2·cos)."""
+    T, hd = 12, 16
+    x = np.asarray(jax.random.normal(jax.random.key(0), (2, T, 3, hd)), np.float64)
+    freqs = np.outer(np.arange(T), 1.0 / 10000 ** (np.arange(0, hd, 2) / hd))[None, :, None, :]
+    x1, x2 = x[..., :hd // 2], x[..., hd // 2:]
+    want = np.concatenate([x1 * np.cos(freqs) + x2 * np.sin(freqs), -x1 * np.sin(freqs) + x2 * np.cos(freqs)], -1)
+    got = M.apply_rotary(jnp.asarray(x, jnp.float32), *M.rotary(jnp.arange(T)[None], hd))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_positions_shift_rope_only():
+    """Explicit positions 0..T−1 are the default; shifting all positions leaves causal attention unchanged
+    (RoPE is relative), so the logits stay the same."""
+    model = randomize(GPT(TINY, rngs=nnx.Rngs(0)))
+    idx = tokens((2, 32))
+    base = model(idx)
+    np.testing.assert_allclose(model(idx, positions=jnp.arange(32)[None]), base, atol=1e-6)
+    np.testing.assert_allclose(model(idx, positions=jnp.arange(32)[None] + 100), base, atol=2e-4)

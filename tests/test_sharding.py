@@ -1,0 +1,81 @@
+"""Sharding on 8 fake CPU devices (one subprocess runs every check in tests/_multidevice.py), plus the table."""
+
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from _multidevice import MESHES, run_checks
+from jaxchat import sharding
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_checks()
+
+
+def result(results, name):
+    out = results[name]
+    assert "error" not in out, out.get("error")
+    return out
+
+
+def test_logical_table():
+    assert sharding.logical_to_spec(("vocab", "embed")) == P(None, "fsdp")
+    assert sharding.logical_to_spec(("embed", "mlp")) == P("fsdp", None)
+    assert sharding.batch_spec(3, batch_axis=1) == P(None, ("data", "fsdp"), None)
+    assert sharding.batch_shards() == 1  # no mesh active
+
+
+def test_params_and_optimizer_state_follow_the_table(results):
+    out = result(results, "param_shardings")
+    assert out["mismatches"] == []
+    assert out["checked"] > 30  # params, Adam mu/nu, Muon buffers, counters
+    assert out["fsdp_sharded_arrays"] >= 30  # 14 params + their Adam/Muon buffers
+    assert out["batch_shards"] == 8
+
+
+def test_fsdp_fraction(results):
+    for depth, out in result(results, "fsdp_fraction").items():
+        assert out["fraction"] >= 0.98, depth
+        assert out["per_device_bytes"] * 8 == out["total_bytes"], depth
+
+
+def test_meshes_agree_with_one_device(results):
+    """5 AdamW+Muon steps (lr multiplier and momentum changing) on (1,8), (2,4), (8,1) vs 1 device.
+
+    Tolerances: sharding only changes the order of fp32 reductions (and how the CPU kernels chunk the batch), each
+    ~1e-7 relative. Losses (≈6.2) agree to 1e-5 relative (measured ≤ 2.2e-6) and every Muon matrix to 1e-5
+    absolute (measured ≤ 1.2e-7): Newton–Schulz (fp32 here) normalises the update, so rounding stays relative to
+    an lr-sized step. wte and lm_head are AdamW (lr 0.2·s = 0.69 and 0.004·s = 0.014 at width 64,
+    eps 1e-10): a gradient entry that is zero up to rounding (~1e-10 once divided by the token count) is as large
+    as eps, and Adam turns its rounding into a visible fraction of an lr step. So for them: ≤ 0.1% of entries off
+    by more than 1e-5 and ‖Δ‖ ≤ 1e-3·‖their change over the 5 steps‖ (measured ≤ 0.012% and 1e-4)."""
+    out = result(results, "mesh_equivalence")
+    for shape in MESHES:
+        run = out[str(shape)]
+        assert run["loss_diff"] <= 1e-5 * max(out["reference_losses"]), shape
+        for name, d in run["param_diff"].items():
+            if name in ("['wte']", "['lm_head']['kernel']"):
+                assert d["frac_over_1e-5"] <= 1e-3 and d["relative"] <= 1e-3, (shape, d)
+            else:
+                assert d["max"] <= 1e-5, (shape, name, d)
+    assert np.all(np.isfinite(out["reference_losses"]))
+
+
+def test_muon_sharded_equals_unsharded(results):
+    for shape, out in result(results, "muon_sharded").items():
+        assert out["n_shards"] == 8
+        assert out["ns_diff"] <= 1e-5, shape  # NS output entries are O(1/√n)
+        assert out["update_diff"] <= 1e-6 * max(1.0, out["update_scale"] / 1e-2), shape
+
+
+def test_sharding_table_prints(capsys):
+    import jax
+    from flax import nnx
+    from jaxchat.model import GPT, config_for_depth
+
+    model = nnx.eval_shape(lambda: GPT(config_for_depth(4, 8192, 512), rngs=nnx.Rngs(0)))
+    mesh = sharding.make_mesh((1, 1), jax.devices()[:1])
+    sharding.print_sharding_table(model, mesh)
+    text = capsys.readouterr().out
+    assert "h.0.attn.c_q.kernel" in text and "wte" in text and "100.0% of parameter bytes" in text
