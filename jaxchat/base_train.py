@@ -27,6 +27,10 @@ from jaxchat.tensorboard import SummaryWriter
 from jaxchat.tokenizer import get_token_bytes, get_tokenizer
 from jaxchat.train import TrainState, check_finite, init_train_state, train_step
 
+# settings a resumed run must share with the run it continues (anything else, e.g. eval_every, may change)
+RESUME_KEYS = ("dtype", "num_iterations", "target_flops", "target_param_data_ratio", "total_batch_size", "rows",
+               "embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "grad_clip", "warmup_ratio",
+               "warmdown_ratio", "final_lr_frac", "data_dir")
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 per device, nanochat's MFU basis
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then "
                   "tomorrow will be", "The opposite of hot is", "My lord, I", "To be, or not to be"]
@@ -61,6 +65,7 @@ def build_parser():
     add("keep", type=int, default=2, help="checkpoints kept")
     add("model_tag", default="", help="checkpoint directory name (default d<depth>)")
     add("resume", type=int, default=0, help="1: continue from the latest checkpoint of this model tag")
+    add("overwrite", type=int, default=0, help="1: a fresh run may replace this model tag's old checkpoints")
     add("data_dir", default="", help="pretraining shards (default: $JAXCHAT_BASE_DIR/base_data)")
     add("seed", type=int, default=0)
     add("run", default="", help="TensorBoard run name (default: the model tag)")
@@ -116,12 +121,20 @@ def main(argv=None):
             raise UserError(f"--resume: no checkpoint to resume in {ckpt.directory}")
         meta = ckpt.restore_meta()
         check_model_config(meta, config, ckpt.directory)
-        if meta["user_config"]["total_batch_size"] != args.total_batch_size or meta["rows"] != rows:
-            raise UserError(f"--resume: the batch layout changed (saved {meta['user_config']['total_batch_size']} "
-                            f"tokens/step, {meta['rows']} rows); resume with the same batch sizes and device count")
+        saved = {**meta["user_config"], "rows": meta["rows"]}
+        changed = {k: (saved.get(k), v) for k, v in {**vars(args), "rows": rows}.items() if k in RESUME_KEYS
+                   and saved.get(k) != v}
+        if changed:
+            raise UserError(f"--resume: {ckpt.directory} was trained with other settings: " + ", ".join(
+                f"{k} saved {a} vs now {b}" for k, (a, b) in changed.items()) + " (resume with the same ones)")
         state, meta = restore_train_state(ckpt, meta["step"], config, optim_config, mesh, args.seed)
         step, loader_state, loop = meta["step"], meta["loader_state"], meta["loop"]
     else:
+        if ckpt.all_steps() and not args.overwrite:
+            raise UserError(f"{ckpt.directory} already holds checkpoints (steps {ckpt.all_steps()}): --resume=1 "
+                            f"continues that run, --overwrite=1 replaces it, --model_tag=NAME starts another")
+        for old_step in ckpt.all_steps():
+            ckpt.manager.delete(old_step)
         state = init_train_state(config, optim_config, mesh, seed=args.seed)
     model = state.model
     num_params, flops_per_token = model.num_params(), model.estimate_flops()
@@ -150,12 +163,12 @@ def main(argv=None):
         loss = losses[s] = check_finite(metrics["loss"], s)
         loop["smooth_loss"] = 0.9 * loop["smooth_loss"] + 0.1 * loss
         debiased = loop["smooth_loss"] / (1 - 0.9 ** (s + 1))
-        if s >= 10:  # the first steps include compilation
+        if s - start_step > 10:  # the first steps of a process include compilation (nanochat: step > 10)
             loop["total_training_time"] += dt
         tok_s = args.total_batch_size / dt
         mfu = 100 * flops_per_token * tok_s / (peak * n_dev) if peak else None
         values = {"train/loss": debiased, "train/lrm": lrm, "train/tok_per_sec": tok_s,
-                  "train/grad_norm": float(metrics["grad_norm"]), "train/dt": dt}
+                  "train/grad_norm": float(metrics["grad_norm"]), "train/dt": dt, "train/epoch": loader.epoch}
         if mfu is not None:
             values["train/mfu"] = mfu
         writer.scalars(s, values)
@@ -166,7 +179,7 @@ def main(argv=None):
     start_step, pending, last_fetch = step, None, time.perf_counter()
     with jax.set_mesh(mesh):
         while True:
-            last = step == num_iterations
+            last = step >= num_iterations
             do_eval = last or (args.eval_every > 0 and step % args.eval_every == 0)
             do_sample = args.sample_every > 0 and (last or (step > 0 and step % args.sample_every == 0))
             do_save = last or (args.save_every > 0 and step % args.save_every == 0 and step != start_step)
@@ -190,6 +203,8 @@ def main(argv=None):
             micro_batches, _ = stack_micro_batches(loader, accum)
             batch = sharding.shard_batch(micro_batches, mesh, batch_axis=1)
             lrm = get_lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+            if pending is None:  # step time starts here, not before an eval, a sample or a save
+                last_fetch = time.perf_counter()
             state, metrics = train_step(state, batch, hyperparams(lrm, get_muon_momentum(step)))
             if pending:  # the step just dispatched runs on the device while the host logs the previous one
                 now = time.perf_counter()

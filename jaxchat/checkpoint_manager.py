@@ -63,9 +63,12 @@ class Checkpointer:
 
     def save(self, step, model_state, optim_state, meta):
         """model_state/optim_state: NNX states (or pure dicts) of the model and the optimizer; meta: JSON-able."""
-        self.manager.save(step, args=ocp.args.Composite(
+        saved = self.manager.save(step, args=ocp.args.Composite(
             model=ocp.args.StandardSave(_pure(model_state)), optim=ocp.args.StandardSave(_pure(optim_state)),
             meta=ocp.args.JsonSave({**meta, "step": step})))
+        if not saved:  # orbax declines (returns False) when a step at or after this one is already on disk
+            raise UserError(f"checkpoint step {step} was not written to {self.directory} (steps there: "
+                            f"{self.all_steps()})")
 
     def wait(self):
         self.manager.wait_until_finished()

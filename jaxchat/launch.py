@@ -54,9 +54,13 @@ def check_value(stage, key, value, flags):
     action = flags[key]
     if action.type is not None and not isinstance(value, bool):
         try:
-            return action.type(value)
+            if action.type is int and isinstance(value, float):
+                raise ValueError("a float for an int flag")
+            value = action.type(value)
         except (TypeError, ValueError):
             raise UserError(f"{stage}.{key}={value!r}: expected {action.type.__name__}") from None
+    if action.choices is not None and value not in action.choices:
+        raise UserError(f"{stage}.{key}={value!r}: expected one of {', '.join(map(str, action.choices))}")
     return value
 
 

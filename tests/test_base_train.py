@@ -60,12 +60,16 @@ def test_resume_refuses_a_different_model(env):
         base_train.main(TINY + ["--num_iterations=2", "--model_tag=m1", "--resume=1", "--depth=2"])
     with pytest.raises(UserError, match="no checkpoint to resume"):
         base_train.main(TINY + ["--num_iterations=2", "--model_tag=never_trained", "--resume=1"])
+    with pytest.raises(UserError, match="num_iterations saved 1 vs now 5"):
+        base_train.main(TINY + ["--num_iterations=5", "--model_tag=m1", "--resume=1"])
+    with pytest.raises(UserError, match="already holds checkpoints"):  # a fresh run never clobbers silently
+        base_train.main(TINY + ["--num_iterations=1", "--model_tag=m1"])
     with pytest.raises(UserError, match="multiple of device_batch_size"):
         base_train.main(TINY + ["--num_iterations=2", "--total_batch_size=300"])
 
 
 def test_corrupt_checkpoint_is_a_clear_error(env):
-    base_train.main(TINY + ["--num_iterations=1", "--model_tag=corrupt"])
+    base_train.main(TINY + ["--num_iterations=1", "--model_tag=corrupt", "--overwrite=1"])
     step_dir = os.path.join(get_base_dir(), "base_checkpoints", "corrupt", "000001", "model")
     for root, _, files in os.walk(step_dir):
         for f in files:

@@ -66,6 +66,10 @@ def test_launch_overrides_are_checked():
         launch.parse_overrides(["--vocab_sise=512"], config)
     with pytest.raises(UserError, match="expected int"):
         launch.stage_argv("tok_train", {"vocab_size": "lots"})
+    with pytest.raises(UserError, match="expected one of float32, bfloat16"):
+        launch.stage_argv("base_train", {"dtype": "bf16"})
+    with pytest.raises(UserError, match="expected int"):
+        launch.stage_argv("base_train", {"depth": 20.5})
     with pytest.raises(UserError, match="known configs: .*tiny"):
         launch.load_config("no_such_config")
 
