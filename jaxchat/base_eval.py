@@ -40,7 +40,10 @@ def main(argv=None):
     evals = [e for e in args.eval.split(",") if e]
     if unknown := [e for e in evals if e not in EVALS]:
         raise UserError(f"--eval: unknown {unknown}; choose from {', '.join(EVALS)}")
-    mesh = sharding.make_mesh((args.mesh_data, -1))
+    try:
+        mesh = sharding.make_mesh((args.mesh_data, -1))
+    except ValueError as e:
+        raise UserError(f"--mesh_data={args.mesh_data}: {e}") from None
     model, meta = load_model("base", args.model_tag or None, None if args.step < 0 else args.step, mesh=mesh)
     tokenizer = get_tokenizer()
     if tokenizer.get_vocab_size() != model.config.vocab_size:

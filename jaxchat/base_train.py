@@ -99,7 +99,10 @@ def restore_train_state(ckpt, step, config, optim_config, mesh, seed):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     tokenizer, token_bytes = get_tokenizer(), get_token_bytes()
-    mesh = sharding.make_mesh((args.mesh_data, -1))
+    try:
+        mesh = sharding.make_mesh((args.mesh_data, -1))
+    except ValueError as e:
+        raise UserError(f"--mesh_data={args.mesh_data}: {e}") from None
     n_dev = mesh.devices.size
     config = config_for_depth(args.depth, tokenizer.get_vocab_size(), args.max_seq_len, n_kv_head=args.n_kv_head or None,
                               head_dim=args.head_dim, compute_dtype=args.dtype)

@@ -1,7 +1,7 @@
 """The whole pipeline: `python -m jaxchat.launch --config=NAME [--key=value ...]`.
 
 A config (`configs/NAME.toml`, or a path) lists the stages to run, in order, and the flags of each stage in a table
-named after it. Overrides on the command line: `--stage.key=value` for one stage, or `--key=value` for every stage of
+named after it; `--stages=a,b` runs only some of them (e.g. `--stages=base_train --resume=1`). Overrides on the command line: `--stage.key=value` for one stage, or `--key=value` for every stage of
 the config that has that flag. Every key is checked against the stage's own flags before anything runs.
 """
 import argparse
@@ -100,8 +100,14 @@ def stage_argv(stage, settings):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="a name in configs/ (tiny, ...) or a path to a .toml file")
+    parser.add_argument("--stages", default="", help="run only these of the config's stages, e.g. base_train,base_eval")
     args, rest = parser.parse_known_args(argv)
     config = load_config(args.config)
+    if args.stages:
+        chosen = args.stages.split(",")
+        if unknown := [s for s in chosen if s not in config["stages"]]:
+            raise UserError(f"--stages: {unknown} not in config {args.config} ({', '.join(config['stages'])})")
+        config["stages"] = [s for s in config["stages"] if s in chosen]
     overrides = parse_overrides(rest, config)
     plan = [(stage, stage_argv(stage, {**config.get(stage, {}), **overrides[stage]})) for stage in config["stages"]]
     t_start = time.time()

@@ -31,7 +31,8 @@ def make_mesh(shape=None, devices=None):
     shape = tuple(shape or (1, -1))
     known = math.prod(s for s in shape if s != -1)
     shape = tuple(len(devices) // known if s == -1 else s for s in shape)
-    assert math.prod(shape) == len(devices), f"mesh {shape} does not cover {len(devices)} devices"
+    if math.prod(shape) != len(devices):
+        raise ValueError(f"mesh (data, fsdp) = {shape} does not cover the {len(devices)} devices")
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 

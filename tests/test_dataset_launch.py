@@ -74,6 +74,14 @@ def test_launch_overrides_are_checked():
         launch.load_config("no_such_config")
 
 
+def test_launch_runs_only_chosen_stages(tmp_path, capsys):
+    launch.main(["--config=tiny", "--stages=data"])
+    out = capsys.readouterr().out
+    assert "=== data" in out and "=== tok_train" not in out
+    with pytest.raises(UserError, match="not in config tiny"):
+        launch.main(["--config=tiny", "--stages=mid_train"])
+
+
 def test_launch_cli_error_is_one_line():
     r = subprocess.run([sys.executable, "-m", "jaxchat.launch", "--config=tiny", "--depht=3"], capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" not in r.stderr
