@@ -55,9 +55,10 @@ def main(argv=None):
             T = args.max_seq_len or model.config.sequence_len
             rows = args.device_batch_size * mesh.devices.size
             steps = max(1, args.split_tokens // (rows * T))
+            token_bytes = get_token_bytes()
             for split in ("train", "val"):
                 with DataLoader(tokenizer, rows, T, split, args.data_dir or None) as loader:
-                    results[f"{split}_bpb"] = evaluate_bpb(model, iter(loader), steps, get_token_bytes(), mesh)
+                    results[f"{split}_bpb"] = evaluate_bpb(model, iter(loader), steps, token_bytes, mesh)
                 print(f"{split} bpb: {results[f'{split}_bpb']:.6f} ({steps} × {rows} × {T} tokens)")
         if "sample" in evals:
             results["samples"] = sample_greedy(model, tokenizer, SAMPLE_PROMPTS, max_tokens=16)

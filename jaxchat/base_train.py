@@ -18,14 +18,14 @@ from tqdm import tqdm
 from jaxchat import sharding
 from jaxchat.checkpoint_manager import Checkpointer, check_model_config, checkpoint_dir
 from jaxchat.common import UserError, get_base_dir, run_main
-from jaxchat.dataloader import DataLoader, stack_micro_batches
+from jaxchat.dataloader import DataLoader
 from jaxchat.loss_eval import evaluate_bpb
-from jaxchat.model import GPT, config_for_depth
-from jaxchat.optim import OptimConfig, build_optimizer, get_lr_multiplier, get_muon_momentum, hyperparams
+from jaxchat.model import config_for_depth
+from jaxchat.optim import OptimConfig, get_lr_multiplier, get_muon_momentum, hyperparams
 from jaxchat.sampling import sample_greedy
 from jaxchat.tensorboard import SummaryWriter
 from jaxchat.tokenizer import get_token_bytes, get_tokenizer
-from jaxchat.train import TrainState, check_finite, init_train_state, train_step
+from jaxchat.train import TrainState, check_finite, init_train_state, model_and_optimizer, train_step
 
 # settings a resumed run must share with the run it continues (anything else, e.g. eval_every, may change)
 RESUME_KEYS = ("dtype", "num_iterations", "target_flops", "target_param_data_ratio", "total_batch_size", "rows",
@@ -85,13 +85,7 @@ def horizon(args, num_params, flops_per_token):
 
 def restore_train_state(ckpt, step, config, optim_config, mesh, seed):
     """The (model, optimizer) state of a checkpoint, laid out on `mesh`."""
-    tx = build_optimizer(config.n_embd, optim_config)
-
-    def make():
-        model = GPT(config, rngs=nnx.Rngs(seed))
-        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-    graphdef, abstract = nnx.split(nnx.eval_shape(make))
+    graphdef, abstract = nnx.split(nnx.eval_shape(model_and_optimizer(config, optim_config, seed)))
     model_state, optim_state, meta = ckpt.restore(step, abstract[0], abstract[1], mesh=mesh)
     return TrainState(graphdef, nnx.State({0: model_state, 1: optim_state})), meta
 
@@ -203,8 +197,7 @@ def main(argv=None):
                 save(step)
             if last:
                 break
-            micro_batches, _ = stack_micro_batches(loader, accum)
-            batch = sharding.shard_batch(micro_batches, mesh, batch_axis=1)
+            batch = sharding.shard_batch(loader.next_stacked(accum), mesh, batch_axis=1)
             lrm = get_lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
             if pending is None:  # step time starts here, not before an eval, a sample or a save
                 last_fetch = time.perf_counter()

@@ -5,6 +5,7 @@ named after it; `--stages=a,b` runs only some of them (e.g. `--stages=base_train
 the config that has that flag. Every key is checked against the stage's own flags before anything runs.
 """
 import argparse
+import functools
 import importlib
 import os
 import time
@@ -42,6 +43,7 @@ def load_config(name):
     return config
 
 
+@functools.cache  # every override consults it; build each stage's parser once
 def stage_flags(stage):
     """{dest: argparse action} of a stage's flags."""
     parser = importlib.import_module(STAGES[stage]).build_parser()

@@ -50,14 +50,20 @@ class TrainState:
         return self.merge()[1].step[...]
 
 
-def init_train_state(model_config, optim_config=OptimConfig(), mesh=None, seed=0):
-    """Fresh model and optimizer; with a mesh, every array is created directly in its shard."""
+def model_and_optimizer(model_config, optim_config=OptimConfig(), seed=0):
+    """A function building (model, optimizer): called for a fresh state, or under nnx.eval_shape for a restore."""
     tx = build_optimizer(model_config.n_embd, optim_config)
 
     def make():
         model = GPT(model_config, rngs=nnx.Rngs(seed))
         return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
+    return make
+
+
+def init_train_state(model_config, optim_config=OptimConfig(), mesh=None, seed=0):
+    """Fresh model and optimizer; with a mesh, every array is created directly in its shard."""
+    make = model_and_optimizer(model_config, optim_config, seed)
     return TrainState.from_objects(make() if mesh is None else sharding.create_sharded(make, mesh))
 
 
