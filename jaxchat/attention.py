@@ -1,6 +1,7 @@
 """Attention kernels: grouped-query softmax attention, for training (causal) and for decoding against a cache.
 
-Layouts: q (B, T, H, D), k and v (B, S, K, D) with K | H (GQA: query head h reads kv head h // (H/K)).
+Layouts: q (B, T, H, D), k and v (B, S, K, D) with K | H (GQA: query head h reads kv head h // (H/K)); a KV
+cache is held heads-major, (B, K, S, D), the layout the decode matmuls read without a transposed copy per step.
 Scores, softmax and outputs are fp32; matmul inputs are cast to `dtype` (bf16 matmuls, fp32 accumulation).
 
 Training on GPU in 16-bit goes to cuDNN flash attention. Elsewhere (CPU) a small flash-style kernel: queries in
@@ -30,12 +31,13 @@ def _grouped(q, K):
     return (q * D**-0.5).reshape(B, T, K, H // K, D)
 
 
-def attention(q, k, v, mask, dtype):
-    """Masked softmax attention (decoding, prefill); mask broadcastable to (B, K, H/K, T, S), True = attend."""
+def cached_attention(q, k, v, mask, dtype):
+    """Masked softmax attention against a cache: q (B, T, H, D), k and v (B, K, S, D) heads-major; mask
+    broadcastable to (B, K, H/K, T, S), True = attend."""
     B, T, H, D = q.shape
-    scores = _mm("btkgd,bskd->bkgts", _grouped(q, k.shape[2]), k, dtype)
+    scores = _mm("btkgd,bksd->bkgts", _grouped(q, k.shape[1]), k, dtype)
     probs = jax.nn.softmax(jnp.where(mask, scores, NEG), axis=-1)
-    return _mm("bkgts,bskd->btkgd", probs, v, dtype).reshape(B, T, H, D)
+    return _mm("bkgts,bksd->btkgd", probs, v, dtype).reshape(B, T, H, D)
 
 
 def causal_attention(q, k, v, dtype):

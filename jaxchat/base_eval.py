@@ -10,12 +10,11 @@ import os
 import jax
 
 from jaxchat import sharding
-from jaxchat.base_train import SAMPLE_PROMPTS
+from jaxchat.base_train import SAMPLE_PROMPTS, sample_greedy
 from jaxchat.checkpoint_manager import load_model
 from jaxchat.common import UserError, get_base_dir, run_main
 from jaxchat.dataloader import DataLoader
 from jaxchat.loss_eval import evaluate_bpb
-from jaxchat.sampling import sample_greedy
 from jaxchat.tokenizer import get_token_bytes, get_tokenizer
 
 EVALS = ("bpb", "sample")

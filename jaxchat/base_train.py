@@ -22,7 +22,7 @@ from jaxchat.dataloader import DataLoader
 from jaxchat.loss_eval import evaluate_bpb
 from jaxchat.model import config_for_depth
 from jaxchat.optim import OptimConfig, get_lr_multiplier, get_muon_momentum, hyperparams
-from jaxchat.sampling import sample_greedy
+from jaxchat.engine import Engine
 from jaxchat.tensorboard import SummaryWriter
 from jaxchat.tokenizer import get_token_bytes, get_tokenizer
 from jaxchat.train import TrainState, check_finite, init_train_state, model_and_optimizer, train_step
@@ -34,6 +34,13 @@ RESUME_KEYS = ("dtype", "num_iterations", "target_flops", "target_param_data_rat
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 per device, nanochat's MFU basis
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then "
                   "tomorrow will be", "The opposite of hot is", "My lord, I", "To be, or not to be"]
+
+
+def sample_greedy(model, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens=16):
+    """Each prompt continued greedily by the engine, all in one batch; returns prompt + continuation texts."""
+    ids = [tokenizer.encode(p, prepend=tokenizer.get_bos_token_id()) for p in prompts]
+    results, _ = Engine(model, tokenizer).generate_batch(ids, max_tokens=max_tokens, temperature=0.0)
+    return [tokenizer.decode(r[1:]) for r in results]
 
 
 def build_parser():

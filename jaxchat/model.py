@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from jaxchat import sharding
-from jaxchat.attention import attention, causal_attention
+from jaxchat.attention import cached_attention, causal_attention
 from jaxchat.losses import softcap_cross_entropy_sum
 
 SOFTCAP = 15.0
@@ -89,24 +89,45 @@ def apply_rotary(x, cos, sin):
 
 @struct.dataclass
 class KVCache:
-    """Decoding cache: k, v of shape (n_layer, B, max_len, n_kv_head, head_dim); pos (B,) = tokens held per row."""
-    k: jax.Array
-    v: jax.Array
-    pos: jax.Array
+    """Decoding cache: per layer, separate k and v of shape (B, n_kv_head, max_len, head_dim) (heads-major, so the
+    decode matmuls read it in place).
+
+    Rows move in lockstep: every row writes its next tokens at the shared slot `index` (one dynamic_update_slice,
+    in place), and row b's tokens live in slots start[b]..index−1. Prompts of different lengths are left-padded,
+    so start[b] > 0 marks padding that attention never reads; token positions (RoPE) are slot − start[b].
+    """
+    k: tuple
+    v: tuple
+    start: jax.Array  # (B,) int32: first slot holding a real token of the row
+    index: jax.Array  # () int32: next slot to write
 
     @classmethod
-    def create(cls, config, batch_size, max_len, dtype=jnp.float32):
-        shape = (config.n_layer, batch_size, max_len, config.n_kv_head, config.n_embd // config.n_head)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), pos=jnp.zeros((batch_size,), jnp.int32))
+    def create(cls, config, batch_size, max_len, dtype=jnp.float32, start=None):
+        shape = (batch_size, config.n_kv_head, max_len, config.n_embd // config.n_head)
+        zeros = lambda: sharding.constrain(jnp.zeros(shape, dtype), ("batch", "kv_heads", None, None))
+        start = jnp.zeros((batch_size,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
+        return cls(k=tuple(zeros() for _ in range(config.n_layer)), v=tuple(zeros() for _ in range(config.n_layer)),
+                   start=start, index=jnp.zeros((), jnp.int32))
+
+    @property
+    def max_len(self):
+        return self.k[0].shape[2]
+
+    @property
+    def pos(self):
+        """Tokens held per row (B,)."""
+        return self.index - self.start
 
     def attend(self, layer, q, k, v, dtype):
-        """Write this chunk's k, v at rows' positions pos..pos+T-1 of `layer`, attend to everything up to there."""
-        B, T = q.shape[:2]
-        rows, cols = jnp.arange(B)[:, None], self.pos[:, None] + jnp.arange(T)
-        cache = self.replace(k=self.k.at[layer, rows, cols].set(k.astype(self.k.dtype)),
-                             v=self.v.at[layer, rows, cols].set(v.astype(self.v.dtype)))
-        mask = (jnp.arange(self.k.shape[2]) <= cols[..., None])[:, None, None]  # (B, 1, 1, T, S)
-        return attention(q, cache.k[layer], cache.v[layer], mask, dtype), cache
+        """Write this chunk's k, v at slots index..index+T−1 of `layer`; attend to the row's slots up to there."""
+        T = q.shape[1]
+        write = lambda cache, x: jax.lax.dynamic_update_slice(cache, x.swapaxes(1, 2).astype(cache.dtype),
+                                                              (0, 0, self.index, 0))
+        kc, vc = write(self.k[layer], k), write(self.v[layer], v)
+        slots, query_slots = jnp.arange(self.max_len), self.index + jnp.arange(T)
+        mask = (slots >= self.start[:, None, None]) & (slots <= query_slots[:, None])  # (B, T, S)
+        swap = lambda t, new: t[:layer] + (new,) + t[layer + 1:]
+        return cached_attention(q, kc, vc, mask[:, None, None], dtype), self.replace(k=swap(self.k, kc), v=swap(self.v, vc))
 
 
 def _param(init, key, shape, axes):
@@ -187,7 +208,7 @@ class GPT(nnx.Module):
     def __call__(self, idx, targets=None, *, positions=None, kv_cache=None, loss_reduction="mean"):
         """idx (B, T) int. Returns logits (B, T, V) fp32; with `kv_cache`, (logits, updated cache);
         with `targets` (−1 = ignore), the loss: "mean" over supervised tokens (0 if none), "sum", or "none" (B, T).
-        `positions` (B|1, T) default to 0..T−1, or continue from `kv_cache.pos`."""
+        `positions` (B|1, T) default to 0..T−1, or continue each row from `kv_cache.pos`."""
         B, T = idx.shape
         if positions is None:
             positions = jnp.arange(T)[None] + (0 if kv_cache is None else kv_cache.pos[:, None])
@@ -205,7 +226,7 @@ class GPT(nnx.Module):
             safe = jnp.where(targets == -1, 0, targets)
             nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, safe[..., None], -1)[..., 0]
             return jnp.where(targets == -1, 0.0, nll)
-        return logits if kv_cache is None else (logits, kv_cache.replace(pos=kv_cache.pos + T))
+        return logits if kv_cache is None else (logits, kv_cache.replace(index=kv_cache.index + T))
 
     def num_params(self):
         return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(self, nnx.Param)))

@@ -134,6 +134,44 @@ def check_muon_sharded():
     return out
 
 
+def check_engine_sharded():
+    """Greedy generation of 3 prompts × 2 samples (rows padded to the mesh) on 1 device and on each mesh, with
+    FSDP weights and with replicated weights: tokens, and the largest difference of first-step logits."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jaxchat import engine as E, sharding
+    from jaxchat.model import GPT, GPTConfig
+    from jaxchat.tokenizer import RustBPETokenizer
+
+    text = " ".join(f"hello world {i} the cat sat on the mat, number {i * 7}" for i in range(300))
+    tok = RustBPETokenizer.train_from_iterator([text], 300)
+    config = GPTConfig(**{**TINY, "vocab_size": 300})
+    model = GPT(config, rngs=nnx.Rngs(0))
+    leaves, treedef = jax.tree.flatten(nnx.state(model, nnx.Param))
+    keys = jax.random.split(jax.random.key(0), len(leaves))
+    nnx.update(model, jax.tree.unflatten(treedef, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]))
+    prompts = [tok.encode(t, prepend="<|bos|>") for t in ("hello", "the cat sat on the mat", "number 7")]
+
+    def run(engine):
+        results, _ = engine.generate_batch(prompts, num_samples=2, max_tokens=24, temperature=0.0)
+        with engine._mesh():
+            ds, _ = engine._start(prompts, 2, 24, 0)
+        return results, jnp.asarray(jax.device_get(ds.logits))[:6], str(getattr(ds.cache.k[0].sharding, "spec", None))
+
+    ref_tokens, ref_logits, _ = run(E.Engine(model, tok))
+    out = {}
+    for shape in MESHES[:2]:
+        mesh = sharding.make_mesh(shape)
+        state = nnx.state(model)
+        sharded = nnx.merge(nnx.graphdef(model), jax.device_put(state, sharding.state_shardings(state, mesh)))
+        for replicate in (False, True):
+            tokens, logits, spec = run(E.Engine(sharded, tok, mesh=mesh, replicate_weights=replicate))
+            out[f"{shape} replicate={replicate}"] = {"same_tokens": tokens == ref_tokens, "cache_spec": spec,
+                                                     "logits_diff": float(jnp.abs(logits - ref_logits).max())}
+    return out
+
+
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}
 
 if __name__ == "__main__":

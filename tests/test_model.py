@@ -107,7 +107,7 @@ def test_block_causal_attention_matches_dense():
     mask = jnp.tril(jnp.ones((T, T), bool))
     ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)
     for f in (lambda q, k, v: A.causal_attention(q, k, v, jnp.float32),
-              lambda q, k, v: A.attention(q, k, v, mask, jnp.float32)):
+              lambda q, k, v: A.cached_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask, jnp.float32)):
         np.testing.assert_allclose(f(q, k, v), ref(q, k, v), atol=1e-5)
         loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
         grads = jax.jit(jax.grad(loss(f), argnums=(0, 1, 2)))(q, k, v)
@@ -147,6 +147,27 @@ def test_kv_cache_prefill_and_decode_match_full_forward():
         logits, cache = step(model, idx[:, t:t + 1], cache)
         np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-4)
     assert cache.pos.tolist() == [24, 24]
+
+
+def test_kv_cache_left_padded_rows_match_unpadded():
+    """Rows of different lengths share the write slot: a left-padded row (start > 0) gives the logits of the same
+    tokens alone, in prefill and in decode; padding slots are never attended to."""
+    model = randomize(GPT(TINY, rngs=nnx.Rngs(0)))
+    idx = tokens((2, 20))
+    full = model(idx)
+    pad = 5  # row 1 holds only idx[1, 5:]; its slots 0..4 hold junk
+    chunk = idx.at[1, :pad].set(7)
+    step = nnx.jit(lambda model, tokens, cache: model(tokens, kv_cache=cache))
+    cache = KVCache.create(TINY, batch_size=2, max_len=24, start=jnp.array([0, pad]))
+    logits, cache = step(model, chunk[:, :16], cache)
+    alone = model(idx[1:, pad:])
+    np.testing.assert_allclose(logits[0], full[0, :16], atol=1e-4)
+    np.testing.assert_allclose(logits[1, pad:], alone[0, :16 - pad], atol=1e-4)
+    for t in range(16, 20):
+        logits, cache = step(model, idx[:, t:t + 1], cache)
+        np.testing.assert_allclose(logits[0, 0], full[0, t], atol=1e-4)
+        np.testing.assert_allclose(logits[1, 0], alone[0, t - pad], atol=1e-4)
+    assert cache.pos.tolist() == [20, 20 - pad]
 
 
 def test_rotary_is_nanochat_rotate_half():

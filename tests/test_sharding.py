@@ -79,3 +79,12 @@ def test_sharding_table_prints(capsys):
     sharding.print_sharding_table(model, mesh)
     text = capsys.readouterr().out
     assert "h.0.attn.c_q.kernel" in text and "wte" in text and "100.0% of parameter bytes" in text
+
+
+def test_engine_on_meshes_agrees_with_one_device(results):
+    """Rows sharded over the batch axes (weights FSDP or replicated): same greedy tokens as 1 device, first-step
+    logits within 1e-5 (only the order of fp32 reductions changes)."""
+    for name, run in result(results, "engine_sharded").items():
+        assert run["same_tokens"], name
+        assert run["logits_diff"] <= 1e-5, (name, run["logits_diff"])
+        assert "data" in run["cache_spec"] or "fsdp" in run["cache_spec"], (name, run["cache_spec"])

@@ -1,0 +1,122 @@
+"""Chat with a model in the terminal: `python -m jaxchat.chat_cli [-i sft] [-g d20] [-s STEP] [-p "prompt"]`.
+
+Interactive: type a message, the reply streams back token by token; `clear` starts over, `quit`/`exit` (or
+Ctrl-D) leaves. With -p: one reply, then exit. Each turn prefills only the new tokens: the engine keeps the KV
+cache of the conversation so far. The python tool runs when the model calls it (--tool calculator or python).
+"""
+import argparse
+import sys
+
+from jaxchat.checkpoint_manager import SOURCE_DIRS, load_model
+from jaxchat.common import UserError, run_main
+from jaxchat.engine import Engine, use_calculator
+from jaxchat.execution import execute_code
+from jaxchat.tokenizer import get_tokenizer
+
+
+def python_tool(code):
+    """Run a python block in the sandbox; its output (or the error) is what the model sees."""
+    result = execute_code(code, timeout=5.0)
+    return result.stdout.strip() if result.success else f"Error: {result.error}"
+
+
+TOOLS = {"calculator": use_calculator, "python": python_tool}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Chat with a jaxchat model.")
+    p.add_argument("-i", "--source", default="sft", choices=sorted(SOURCE_DIRS), help="which stage's checkpoint")
+    p.add_argument("-g", "--model-tag", "--model_tag", default=None, help="default: the largest d<N>")
+    p.add_argument("-s", "--step", type=int, default=None, help="default: the last")
+    p.add_argument("-p", "--prompt", default="", help="one message, one reply, then exit")
+    p.add_argument("-t", "--temperature", type=float, default=0.6)
+    p.add_argument("-k", "--top-k", "--top_k", type=int, default=50)
+    p.add_argument("-m", "--max-tokens", "--max_tokens", type=int, default=256, help="reply length limit")
+    p.add_argument("--tool", default="calculator", choices=sorted(TOOLS), help="what runs a <|python_start|> block")
+    p.add_argument("--seed", type=int, default=42)
+    return p
+
+
+class Chat:
+    """The conversation as tokens, and one reply at a time through the engine."""
+
+    def __init__(self, engine, tokenizer):
+        self.engine, self.tokenizer = engine, tokenizer
+        special = tokenizer.encode_special
+        self.user_start, self.user_end = special("<|user_start|>"), special("<|user_end|>")
+        self.assistant_start, self.assistant_end = special("<|assistant_start|>"), special("<|assistant_end|>")
+        self.context = engine.model.config.sequence_len
+        self.clear()
+
+    def clear(self):
+        self.tokens = [self.tokenizer.get_bos_token_id()]
+
+    def reply(self, message, out=sys.stdout, **sampling):
+        """Stream the assistant's reply to `out`; returns its text. A message that would overflow the model's
+        context is refused with a message (the conversation is left as it was)."""
+        turn = [self.user_start, *self.tokenizer.encode(message), self.user_end, self.assistant_start]
+        room = self.context - len(self.tokens) - len(turn)
+        if room < 1:
+            raise UserError(f"this message would make the conversation {len(self.tokens) + len(turn)} tokens, "
+                            f"over the model's context of {self.context}: type 'clear' to start a new conversation")
+        self.tokens += turn
+        max_tokens = min(sampling.pop("max_tokens", 256), room)
+        reply, shown = [], ""
+        for column, _ in self.engine.generate(self.tokens, max_tokens=max_tokens, **sampling):
+            reply.append(column[0])  # drained to the end: the engine then keeps this turn's cache
+            text = self.tokenizer.decode([t for t in reply if t != self.assistant_end])
+            if not text.endswith("\ufffd"):  # print only whole UTF-8 characters
+                out.write(text[len(shown):])
+                out.flush()
+                shown = text
+        text = self.tokenizer.decode([t for t in reply if t != self.assistant_end])
+        out.write(text[len(shown):] + "\n")
+        if len(reply) == max_tokens and reply[-1] != self.assistant_end and max_tokens == room:
+            out.write("[the conversation reached the model's context: type 'clear' to start over]\n")
+        if not reply or reply[-1] != self.assistant_end:
+            reply.append(self.assistant_end)  # the turn always closes, even when cut by max_tokens
+        self.tokens += reply
+        return text
+
+
+def main(argv=None, stdin=None, out=sys.stdout):
+    args = build_parser().parse_args(argv)
+    model, meta = load_model(args.source, args.model_tag, args.step)
+    tokenizer = get_tokenizer()
+    if tokenizer.get_vocab_size() != model.config.vocab_size:
+        raise UserError(f"tokenizer vocab {tokenizer.get_vocab_size()} != model vocab {model.config.vocab_size}")
+    chat = Chat(Engine(model, tokenizer, tool=TOOLS[args.tool]), tokenizer)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed)
+    if args.prompt:
+        out.write("Assistant: ")
+        return [chat.reply(args.prompt, out=out, **sampling)]
+    out.write(f"jaxchat: {args.source} model {meta['model_tag']} step {meta['step']} "
+              f"(context {chat.context} tokens). 'clear' starts over, 'quit' leaves.\n")
+    stdin = stdin or sys.stdin
+    replies = []
+    while True:
+        out.write("\nUser: ")
+        out.flush()
+        line = stdin.readline()
+        if not line:  # end of input
+            break
+        message = line.strip()
+        if message.lower() in ("quit", "exit"):
+            break
+        if message.lower() == "clear":
+            chat.clear()
+            out.write("Conversation cleared.\n")
+            continue
+        if not message:
+            continue
+        out.write("\nAssistant: ")
+        try:
+            replies.append(chat.reply(message, out=out, **sampling))
+        except UserError as e:
+            out.write(f"\n{e}\n")
+    out.write("Goodbye!\n")
+    return replies
+
+
+if __name__ == "__main__":
+    run_main(main)
