@@ -33,6 +33,7 @@ from jaxchat import sharding
 from jaxchat.model import KVCache
 
 MIN_BUCKET = 16  # shortest prefill length; prompts pad up to the next power of two
+MIN_ROWS = 2  # with a single row XLA:CPU drops the batch dim and then copies the whole cache every step
 MAX_FORCED = 64  # tool output tokens queued per call (longer results are cut)
 
 
@@ -53,16 +54,43 @@ class DecodeState:
 
 
 def sample_next_token(logits, keys, temperature, top_k=None):
-    """logits (B, V) fp32, one key per row. temperature 0 → argmax; top_k keeps the k largest logits."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    if top_k:
-        values, ids = jax.lax.top_k(scaled, min(top_k, logits.shape[-1]))
-        pick = jax.vmap(jax.random.categorical)(keys, values)
-        sampled = jnp.take_along_axis(ids, pick[:, None], axis=-1)[:, 0]
-    else:
-        sampled = jax.vmap(jax.random.categorical)(keys, scaled)
-    return jnp.where(temperature > 0, sampled.astype(jnp.int32), greedy)
+    """logits (B, V) fp32, one key per row. temperature 0 → argmax; top_k keeps the k largest logits.
+    Sampling inverts the CDF with one uniform per row: Gumbel-max would draw B·V random numbers per step, which
+    cost more than the whole forward pass of a small model on CPU."""
+
+    def sample(_):
+        values, ids = jax.lax.top_k(logits, top_k) if top_k else (logits, None)
+        probs = jax.nn.softmax(values / temperature, axis=-1)
+        u = jax.vmap(jax.random.uniform)(keys)
+        pick = _inverse_cdf(probs, u)
+        return pick if ids is None else jnp.take_along_axis(ids, pick[:, None], axis=-1)[:, 0]
+
+    return jax.lax.cond(temperature > 0, sample, lambda _: _argmax(logits), None)
+
+
+def _argmax(x):
+    """Row argmax (first maximum) as two plain reductions: XLA:CPU's variadic argmax reduce is ~2x slower."""
+    is_max = x == jnp.max(x, axis=-1, keepdims=True)
+    return (-jnp.max(jnp.where(is_max, -jnp.arange(x.shape[-1], dtype=jnp.float32), -jnp.inf), -1)).astype(jnp.int32)
+
+
+def _inverse_cdf(probs, u, block=128):
+    """For each row the first index whose cumulative probability exceeds u·total: first the block, then the index
+    inside it, each from a cumulative sum done as a small triangular matmul (XLA:CPU's cumsum over a whole
+    vocabulary is ~10x slower). Zero-probability entries are never picked."""
+    B, V = probs.shape
+    nb = -(-V // block)
+    blocks = jnp.pad(probs, ((0, 0), (0, nb * block - V))).reshape(B, nb, block)
+    upper = lambda n: jnp.triu(jnp.ones((n, n), jnp.float32))  # x @ upper(n) = running sums of x
+    block_cdf = blocks.sum(-1) @ upper(nb)
+    target = u * block_cdf[:, -1]
+    b = jnp.minimum(jnp.sum(block_cdf <= target[:, None], -1), nb - 1)
+    inside = jnp.take_along_axis(blocks, b[:, None, None], axis=1)[:, 0]
+    before = jnp.take_along_axis(block_cdf, b[:, None], axis=1)[:, 0] - inside.sum(-1)
+    cdf = before[:, None] + inside @ upper(block)
+    i = b * block + jnp.minimum(jnp.sum(cdf <= target[:, None], -1), block - 1)
+    chosen = jnp.take_along_axis(probs, jnp.minimum(i, V - 1)[:, None], axis=1)[:, 0]
+    return jnp.where((i < V) & (chosen > 0), i, _argmax(probs)).astype(jnp.int32)  # rounding at the very end
 
 
 def _bucket(n, cap):
@@ -73,25 +101,27 @@ def _constrain_rows(tree):
     return jax.tree.map(lambda x: sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1)) if x.ndim else x, tree)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "num_samples", "max_len"))
-def _prefill(graphdef, state, tokens, start, num_samples, max_len):
-    """A fresh cache from left-padded prompts (P, T): attention over the T prompt slots only, then the cache is
-    widened to max_len slots and each prompt's rows repeated num_samples times. Returns last logits and cache."""
-    model = nnx.merge(graphdef, state)
+@partial(jax.jit, static_argnames=("graphdef", "num_samples", "max_len", "rows"))
+def _prefill(graphdef, state, tokens, start, num_samples, max_len, rows):
+    """A fresh cache from left-padded prompts (P, T): attention over the T prompt slots only; then each prompt's
+    row is repeated num_samples times, padding rows are added up to `rows`, and the cache is widened to max_len
+    slots. Returns last logits and cache."""
+    model = nnx.merge(graphdef.value, state)
     P, T = tokens.shape
     cache = KVCache.create(model.config, P, T, jnp.dtype(model.config.compute_dtype), start)
     logits, cache = model(tokens, kv_cache=cache)
-    widen = lambda x: jnp.pad(jnp.repeat(x, num_samples, axis=0), ((0, 0), (0, 0), (0, max_len - T), (0, 0)))
-    cache = cache.replace(k=tuple(map(widen, cache.k)), v=tuple(map(widen, cache.v)),
-                          start=jnp.repeat(cache.start, num_samples))
-    return _constrain_rows((jnp.repeat(logits[:, -1], num_samples, axis=0), cache))
+    grow = lambda x, pad=((0, 0),) * 3: jnp.pad(jnp.repeat(x, num_samples, axis=0),
+                                                ((0, rows - P * num_samples),) + pad)
+    widen = lambda x: grow(x, ((0, 0), (0, max_len - T), (0, 0)))
+    cache = cache.replace(k=tuple(map(widen, cache.k)), v=tuple(map(widen, cache.v)), start=grow(cache.start, ()))
+    return _constrain_rows((grow(logits[:, -1], ((0, 0),)), cache))
 
 
 @partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
 def _extend(graphdef, state, cache, tokens, n_real):
     """Feed tokens (B, T) at the cache's next slot; the first n_real columns are real, the rest right-padding
     (written, but overwritten before anything reads them)."""
-    logits, cache = nnx.merge(graphdef, state)(tokens, kv_cache=cache)
+    logits, cache = nnx.merge(graphdef.value, state)(tokens, kv_cache=cache)
     last = jax.lax.dynamic_index_in_dim(logits, n_real - 1, axis=1, keepdims=False)
     return last, cache.replace(index=cache.index - tokens.shape[1] + n_real)
 
@@ -101,7 +131,7 @@ def _decode(graphdef, ids, state, ds, stop_n, temperature, top_k):
     """Decode until column stop_n, every row done, or a row needs the tool.
     ids: (bos, assistant_end, python_start, python_end); finished rows emit assistant_end."""
     bos, end, py_open, py_close = ids
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef.value, state)
     rows = jnp.arange(ds.done.shape[0])
 
     def step(s):
@@ -126,6 +156,20 @@ def _decode(graphdef, ids, state, ds, stop_n, temperature, top_k):
     return jax.lax.while_loop(keep_going, step, ds)
 
 
+class _HashedOnce:
+    """A jit static argument whose hash is computed once (an NNX GraphDef re-hashes its whole tree on every
+    call: half a millisecond per decode call for d4)."""
+
+    def __init__(self, value):
+        self.value, self._hash = value, hash(value)
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        return isinstance(other, _HashedOnce) and (self.value is other.value or self.value == other.value)
+
+
 class Engine:
     def __init__(self, model, tokenizer, tool=None, mesh=None, replicate_weights=False):
         """tool(code: str) -> str | None runs a closed python block (default: nanochat's calculator).
@@ -134,7 +178,12 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.tool = tool or use_calculator
         self.mesh = mesh
-        self.graphdef, self.state = nnx.split(model)
+        graphdef, self.state = nnx.split(model)
+        self.graphdef = _HashedOnce(graphdef)
+        dtype = jnp.dtype(model.config.compute_dtype)
+        if dtype.itemsize < 4:  # decoding reads every matrix per token: hold them in the 16-bit compute dtype
+            cast = lambda path, x: x.astype(dtype) if "kernel" in jax.tree_util.keystr(path) else x
+            self.state = jax.tree_util.tree_map_with_path(cast, self.state)
         if mesh is not None and replicate_weights:
             self.state = jax.device_put(self.state, NamedSharding(mesh, PartitionSpec()))
         special = tokenizer.encode_special
@@ -157,19 +206,21 @@ class Engine:
         held = self._reusable(prompts, num_samples) if keep_cache else None
         if held is not None:  # the next chat turn: prefill only the new tokens
             tail, cache = prompts[0][len(held[0]):], held[1].cache
-            tokens = np.full((1, _bucket(len(tail), cache.max_len - int(cache.index))), self.bos, np.int32)
-            tokens[0, :len(tail)] = tail
+            tokens = np.full((cache.start.shape[0], _bucket(len(tail), cache.max_len - int(cache.index))),
+                             self.bos, np.int32)
+            tokens[:, :len(tail)] = tail  # row 0 is the chat; the others are padding rows, already done
             logits, cache = _extend(self.graphdef, self.state, cache, jnp.asarray(tokens), len(tail))
         else:
             shards = sharding.batch_shards()  # rows pad up to the mesh (the engine's, or the caller's)
             P, T = -(-len(prompts) // shards) * shards, _bucket(longest, 1 << 30)
+            rows = max(P * num_samples, -(-MIN_ROWS // shards) * shards)
             tokens = np.full((P, T), self.bos, np.int32)
             for i, p in enumerate(prompts):
                 tokens[i, T - len(p):] = p  # left-pad: every row's last prompt token sits at slot T−1
             start = np.array([T - len(p) for p in prompts] + [0] * (P - len(prompts)), np.int32)
             max_len = max(T + max_tokens, config.sequence_len if keep_cache else 0)
             logits, cache = _prefill(self.graphdef, self.state, jnp.asarray(tokens), jnp.asarray(start),
-                                     num_samples, max_len)
+                                     num_samples, max_len, rows)
         B, n_cols = logits.shape[0], min(max_tokens, cache.max_len - int(cache.index))
         zeros = lambda *shape: jnp.zeros(shape, jnp.int32)
         ds = DecodeState(cache=cache, logits=logits, out=zeros(B, max(n_cols, 1)), out_mask=zeros(B, max(n_cols, 1)),
@@ -195,11 +246,11 @@ class Engine:
         """Decode up to column stop_n, serving tool calls on the way."""
         ids = (self.bos, self.assistant_end, self.python_start, self.python_end)
         while True:
-            ds = _decode(self.graphdef, ids, self.state, ds, stop_n, jnp.float32(temperature), top_k or None)
-            needs = np.asarray(ds.needs_tool)
+            ds = _decode(self.graphdef, ids, self.state, ds, stop_n, float(temperature), top_k or None)
+            needs, n = jax.device_get((ds.needs_tool, ds.n))
             if needs.any():
                 ds = self._serve_tools(ds, needs)
-            if not needs.any() or int(ds.n) >= stop_n:
+            if not needs.any() or n >= stop_n:
                 return ds
 
     def _serve_tools(self, ds, needs):
@@ -228,15 +279,16 @@ class Engine:
         with self._mesh():
             ds, n_cols = self._start([list(tokens)], num_samples, max_tokens, seed, keep_cache=single)
         self._held, shown = None, 0  # a reused cache now lives in ds
-        while shown < n_cols and not np.asarray(ds.done)[:num_samples].all():
+        done, out = False, None
+        while shown < n_cols and not done:
             with self._mesh():
                 ds = self._run(ds, min(shown + stream_every, n_cols), temperature, top_k)
-            out, mask, n = np.asarray(ds.out), np.asarray(ds.out_mask), int(ds.n)
+            out, mask, n, done_rows = jax.device_get((ds.out, ds.out_mask, ds.n, ds.done))
             for t in range(shown, n):
                 yield out[:num_samples, t].tolist(), mask[:num_samples, t].tolist()
-            shown = n
+            shown, done = n, done_rows[:num_samples].all()
         if single:  # runs only when the caller drained the stream
-            self._held = (list(tokens) + np.asarray(ds.out)[0, :shown].tolist(), ds)
+            self._held = (list(tokens) + (out[0, :shown].tolist() if shown else []), ds)
 
     def generate_batch(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
         """Whole sequences: (results, masks), one per row: the prompt plus its generated tokens up to (not
@@ -247,7 +299,7 @@ class Engine:
         with self._mesh():
             ds, n_cols = self._start(prompts, num_samples, max_tokens, seed)
             ds = self._run(ds, n_cols, temperature, top_k)
-        out, mask, n = np.asarray(ds.out), np.asarray(ds.out_mask), int(ds.n)
+        out, mask, n = jax.device_get((ds.out, ds.out_mask, ds.n))
         results, masks = [], []
         for row in range(len(prompts) * num_samples):
             prompt, gen = prompts[row // num_samples], out[row, :n].tolist()

@@ -65,8 +65,8 @@ def test_decode_logits_match_full_forward(tok):
     model = make_model(n_kv_head=2)
     seq = jax.random.randint(jax.random.key(1), (1, 40), 0, VOCAB)
     full = model(seq)
-    graphdef, state = nnx.split(model)
-    logits, cache = E._prefill(graphdef, state, seq[:, :16], jnp.zeros((1,), jnp.int32), 1, 48)
+    engine = Engine(model, tok)
+    logits, cache = E._prefill(engine.graphdef, engine.state, seq[:, :16], jnp.zeros((1,), jnp.int32), 1, 48, 1)
     np.testing.assert_allclose(logits, full[:, 15], atol=1e-4)
     for t in range(16, 40):
         logits, cache = model(seq[:, t:t + 1], kv_cache=cache)
@@ -166,14 +166,17 @@ def test_decode_loop_updates_cache_in_place(tok):
     """The compiled decode loop writes K/V with dynamic-update-slice and never copies or transposes a whole
     cache array (checked on the optimized HLO)."""
     engine = Engine(make_model(), tok)
-    ds, _ = engine._start([tok.encode("hello", prepend="<|bos|>")], 4, 64, 0)
-    ids = (engine.bos, engine.assistant_end, engine.python_start, engine.python_end)
-    hlo = E._decode.lower(engine.graphdef, ids, engine.state, ds, 64, jnp.float32(1.0), None).compile().as_text()
-    cache_type = "f32[" + ",".join(map(str, ds.cache.k[0].shape)) + "]"
-    defs = [line for line in hlo.splitlines() if f"= {cache_type}" in line]
-    assert any("dynamic-update-slice" in line for line in defs)
-    bad = [line.strip()[:120] for line in defs if re.search(r"\b(copy|transpose)", line.split("=", 1)[1])]
-    assert not bad, bad
+    for rows in (1, 4):  # one row runs as two: a batch of 1 makes XLA:CPU transpose and copy the cache
+        ds, _ = engine._start([tok.encode("hello", prepend="<|bos|>")], rows, 64, 0)
+        ids = (engine.bos, engine.assistant_end, engine.python_start, engine.python_end)
+        hlo = E._decode.lower(engine.graphdef, ids, engine.state, ds, 64, jnp.float32(1.0), None).compile().as_text()
+        B, K, S, D = ds.cache.k[0].shape
+        assert B == max(rows, E.MIN_ROWS)
+        cache_types = [f"f32[{B},{K},{S},{D}]", f"f32[{B},{K},{D},{S}]", f"f32[{K},{S},{D}]", f"f32[{K},{D},{S}]"]
+        defs = [line for line in hlo.splitlines() if any(f"= {t}" in line for t in cache_types)]
+        assert any("dynamic-update-slice" in line for line in defs)
+        bad = [line.strip()[:120] for line in defs if re.search(r"\b(copy|transpose)", line.split("=", 1)[1])]
+        assert not bad, bad
 
 
 def test_chat_turns_reuse_the_cache(tok):
@@ -203,6 +206,24 @@ def test_prompt_errors(tok):
         engine.generate_batch([], max_tokens=4)
 
 
+def test_sampling_follows_the_distribution():
+    """Inverse-CDF sampling (blocks of 128 over a 300-token vocab, with top-k and temperature): frequencies over
+    4,096 rows match softmax(logits / T) (restricted to the top k) within 5 standard errors; zero-probability
+    tokens never appear; T=0 is the argmax (first one on ties)."""
+    logits = jnp.log(jnp.zeros((VOCAB,)).at[jnp.array([3, 130, 131, 299])].set(jnp.array([0.1, 0.2, 0.3, 0.4])))
+    logits = jnp.broadcast_to(logits, (4096, VOCAB))
+    keys = jax.random.split(jax.random.key(0), 4096)
+    for temperature, top_k, want in [(1.0, None, {3: .1, 130: .2, 131: .3, 299: .4}),
+                                     (1.0, 2, {131: 3 / 7, 299: 4 / 7}),
+                                     (0.5, None, {3: 1 / 30, 130: 4 / 30, 131: 9 / 30, 299: 16 / 30})]:
+        picks = np.asarray(jax.jit(E.sample_next_token, static_argnums=3)(logits, keys, temperature, top_k))
+        assert set(picks.tolist()) == set(want)
+        for token, p in want.items():
+            assert abs(np.mean(picks == token) - p) < 5 * np.sqrt(p * (1 - p) / 4096), (temperature, top_k, token)
+    tie = jnp.zeros((2, VOCAB)).at[:, 7].set(1.0).at[:, 9].set(1.0)
+    assert E.sample_next_token(tie, keys[:2], 0.0).tolist() == [7, 7]
+
+
 @pytest.mark.parametrize("expr, value", [
     ("2+3", 5), ("1,000 * 3", 3000), ("10/4", 2.5), ("7//2", 3), ("-(4 - 10)", 6), ("(1.5+2.5)*2", 8.0),
     ("'strawberry'.count('r')", 3), ('"Mississippi".lower().count("s")', 4),
@@ -211,3 +232,17 @@ def test_prompt_errors(tok):
 ])
 def test_calculator(expr, value):
     assert use_calculator(expr) == value and type(use_calculator(expr)) is type(value)
+
+
+def test_bf16_engine_holds_kernels_in_bf16(tok):
+    """A 16-bit compute dtype: the engine keeps its matrices in bf16 (half the bytes read per token; the
+    embedding stays fp32) and its first-step logits stay close to fp32's."""
+    model = make_model()
+    m16 = GPT(GPTConfig(**{**model.config.__dict__, "compute_dtype": "bfloat16"}), rngs=nnx.Rngs(0))
+    nnx.update(m16, nnx.state(model, nnx.Param))
+    e32, e16 = Engine(model, tok), Engine(m16, tok)
+    dtypes = {jax.tree_util.keystr(p): x.dtype for p, x in jax.tree_util.tree_leaves_with_path(e16.state)}
+    assert all(d == jnp.bfloat16 for k, d in dtypes.items() if "kernel" in k) and dtypes["['wte'].value"] == jnp.float32
+    prompt = tok.encode("the cat sat", prepend="<|bos|>")
+    l32, l16 = (e._start([prompt], 1, 8, 0)[0].logits[0] for e in (e32, e16))
+    assert float(jnp.abs(l32 - l16).max()) < 0.1 * float(jnp.abs(l32).max())
