@@ -16,22 +16,17 @@ Bring your own data: point `data_dir` at a directory of `.parquet` (a `text` col
 """
 import glob
 import gzip
-import hashlib
-import http.client
 import json
 import os
 import random
 import re
-import threading
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jaxchat.common import UserError, file_lock, get_base_dir, run_main
+from jaxchat.download import RETRY_DELAY, BadFile, DownloadError, Progress, download_one
 
 DEFAULT_CORPUS = os.path.join(os.path.dirname(__file__), "data", "default_corpus.jsonl.gz")
 DATA_EXTENSIONS = (".parquet", ".jsonl", ".jsonl.gz", ".txt")
@@ -180,21 +175,7 @@ def build_default_shards(data_dir=None, num_val_docs=96, docs_per_shard=600):
 
 BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 MAX_SHARD = 1822  # shards 0..1822; the last one is the pinned validation shard
-CHUNK = 1 << 20
-RETRY_DELAY = 1.0  # seconds; failed attempt k waits RETRY_DELAY * 2**k before the next (nanochat: 2, 4, 8, 16 s)
 SHARD_RE = re.compile(r"shard_\d{5}\.parquet")
-
-
-class DownloadError(UserError):
-    """Some shards could not be downloaded; `failed` maps file name -> reason. The ones that did download stay."""
-
-    def __init__(self, message, failed):
-        super().__init__(message)
-        self.failed = failed
-
-
-class _BadFile(Exception):
-    """The bytes are wrong (sha256, not parquet): the next attempt starts from scratch instead of resuming."""
 
 
 def shard_name(index):
@@ -209,114 +190,17 @@ def shard_indices(num_files):
 
 
 def check_parquet(path):
-    """Cheap sanity check of a shard: PAR1 at both ends, a readable footer, a `text` column. Raises _BadFile."""
+    """Cheap sanity check of a shard: PAR1 at both ends, a readable footer, a `text` column. Raises BadFile."""
     try:
         with open(path, "rb") as f:
             head, _, tail = f.read(4), f.seek(-4, os.SEEK_END), f.read(4)
         if head != b"PAR1" or tail != b"PAR1":
-            raise _BadFile("not a parquet file (no PAR1 magic at both ends)")
+            raise BadFile("not a parquet file (no PAR1 magic at both ends)")
         names = pq.ParquetFile(path).schema_arrow.names
     except (OSError, pa.ArrowException) as e:
-        raise _BadFile(f"unreadable parquet ({e})") from None
+        raise BadFile(f"unreadable parquet ({e})") from None
     if "text" not in names:
-        raise _BadFile(f"no 'text' column (columns: {names})")
-
-
-def _sha256_from(headers):
-    """Hugging Face LFS files carry their sha256 as X-Linked-Etag (on the redirect to the CDN) or as ETag."""
-    for h in headers:
-        for key in ("X-Linked-Etag", "ETag"):
-            value = (h.get(key) or "").removeprefix("W/").strip('"').lower()
-            if re.fullmatch(r"[0-9a-f]{64}", value):
-                return value
-    return None
-
-
-class _KeepRedirectHeaders(urllib.request.HTTPRedirectHandler):
-    def __init__(self):
-        self.seen = []
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        self.seen.append(headers)
-        return super().redirect_request(req, fp, code, msg, headers, newurl)  # keeps our Range header
-
-
-class _Progress:
-    """One tqdm bar over bytes for all workers; its total grows as the responses announce their sizes."""
-
-    def __init__(self, desc):
-        from tqdm import tqdm
-        self.bar, self.lock, self.stopped = tqdm(total=0, unit="B", unit_scale=True, desc=desc), threading.Lock(), False
-
-    def update(self, n=0, expect=0):
-        if self.stopped:  # Ctrl-C in the main thread: stop this worker too (its .part resumes next time)
-            raise KeyboardInterrupt
-        with self.lock:
-            self.bar.total += expect
-            self.bar.update(n)
-
-
-def _fetch(url, part, timeout, progress):
-    """One HTTP attempt into `part`, resuming it with a Range request; returns the sha256 the server vouches for."""
-    have = os.path.getsize(part) if os.path.exists(part) else 0
-    req = urllib.request.Request(url, headers={"User-Agent": "jaxchat"})
-    if have:
-        req.add_header("Range", f"bytes={have}-")
-    redirects = _KeepRedirectHeaders()
-    with urllib.request.build_opener(redirects).open(req, timeout=timeout) as r:
-        start, total = 0, None
-        if r.status == 206:
-            m = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", r.headers.get("Content-Range", ""))
-            if not m or int(m[1]) != have:
-                raise _BadFile(f"unexpected Content-Range {r.headers.get('Content-Range')!r} for a resume at {have}")
-            start, total = have, (int(m[2]) if m[2] != "*" else None)
-        # else 200: the whole file, also from a server that ignored our Range: start over
-        if total is None and r.headers.get("Content-Length"):
-            total = start + int(r.headers["Content-Length"])
-        progress.update(expect=(total or 0) - start)
-        with open(part, "ab" if start else "wb") as f:
-            while chunk := r.read(CHUNK):
-                f.write(chunk)
-                progress.update(len(chunk))
-        sha = _sha256_from([*redirects.seen, r.headers])
-    if total is not None and os.path.getsize(part) != total:  # a dropped connection: keep the .part, resume it
-        raise ConnectionError(f"connection closed after {os.path.getsize(part)} of {total} bytes")
-    return sha
-
-
-def _download_one(url, path, attempts, timeout, backoff, progress):
-    """Fetch one file via path.part, verify it, rename it into place; returns None or why it failed."""
-    part, (data_dir, name) = path + ".part", os.path.split(path)
-    with file_lock(os.path.join(data_dir, f".{name}.lock")):  # a process wanting the same file waits, then skips it
-        try:
-            check_parquet(path)
-            return None  # already complete
-        except _BadFile:
-            pass  # missing or damaged: (re)download
-        for attempt in range(1, attempts + 1):
-            try:
-                sha = _fetch(url, part, timeout, progress)
-                if sha:
-                    with open(part, "rb") as f:
-                        if hashlib.file_digest(f, "sha256").hexdigest() != sha:
-                            raise _BadFile(f"sha256 mismatch (the server says {sha[:16]}...)")
-                check_parquet(part)
-                os.replace(part, path)
-                return None
-            except _BadFile as e:
-                why = f"corrupt download: {e}"
-                os.remove(part)
-            except urllib.error.HTTPError as e:
-                why = f"HTTP {e.code} {e.reason}"
-                if e.code == 416 and os.path.exists(part):  # our .part is no prefix of the server's file: restart
-                    os.remove(part)
-                elif 400 <= e.code < 500 and e.code not in (408, 429):
-                    return f"{why} for {url}"  # permanent: retrying cannot help
-            except (OSError, http.client.HTTPException) as e:  # network trouble: the next attempt resumes the .part
-                why = str(e) or type(e).__name__
-            if attempt < attempts:
-                time.sleep(backoff * 2 ** attempt)
-        return f"{why} (after {attempts} attempts)"
+        raise BadFile(f"no 'text' column (columns: {names})")
 
 
 def _prepare_download_dir(data_dir):
@@ -345,9 +229,9 @@ def download_shards(indices, data_dir=None, base_url=BASE_URL, num_workers=4, at
     data_dir, names = str(data_dir or default_data_dir()), [shard_name(i) for i in indices]
     backoff = RETRY_DELAY if backoff is None else backoff
     _prepare_download_dir(data_dir)
-    progress = _Progress(f"{len(names)} shards")
-    one = lambda name: _download_one(f"{base_url.rstrip('/')}/{name}", os.path.join(data_dir, name),
-                                     attempts, timeout, backoff, progress)
+    progress = Progress(f"{len(names)} shards")
+    one = lambda name: download_one(f"{base_url.rstrip('/')}/{name}", os.path.join(data_dir, name), check_parquet,
+                                    attempts, timeout, backoff, progress)
     try:
         whys = [one(names[0])] if names else []
         if whys and whys[0]:
