@@ -20,6 +20,10 @@ STAGES = {
     "tok_eval": "jaxchat.tok_eval",
     "base_train": "jaxchat.base_train",
     "base_eval": "jaxchat.base_eval",
+    "mid_train": "jaxchat.mid_train",
+    "chat_sft": "jaxchat.chat_sft",
+    "chat_rl": "jaxchat.chat_rl",
+    "chat_eval": "jaxchat.chat_eval",
 }
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -95,7 +99,8 @@ def stage_argv(stage, settings):
     argv = []
     for key, value in settings.items():
         value = check_value(stage, key, value, flags)
-        argv.append(f"{flags[key].option_strings[0]}={value}")
+        option = next(o for o in flags[key].option_strings if o.startswith("--"))  # "-i=x" would mean "=x"
+        argv.append(f"{option}={value}")
     return argv
 
 

@@ -1,5 +1,7 @@
 """Fused lm_head + softcap + cross-entropy, summed over supervised tokens.
 
+Optional per-token weights (RL: the advantages) scale each token's loss and gradient.
+
 The (B, T, V) logits are never held at once: a `lax.scan` walks the sequence in chunks and, since the loss is a
 sum with a scalar cotangent, computes the gradients for x and the head kernel in the same pass (one logits
 matmul instead of two; toolchain.md B10). Chunks run along T, so the batch axis keeps its sharding.
@@ -19,20 +21,26 @@ def _chunk_len(B, T):
     return max(c for c in range(1, min(T, limit) + 1) if T % c == 0)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def softcap_cross_entropy_sum(x, w, targets, softcap, dtype):
-    """Σ over targets ≠ −1 of CE(softcap·tanh(x @ w / softcap), target). x (B,T,D), w (D,V), targets (B,T)."""
-    return _forward(x, w, targets, softcap, dtype)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fused_loss(x, w, targets, weights, softcap, dtype):
+    return _forward(x, w, targets, weights, softcap, dtype)[0]
 
 
-def _forward(x, w, targets, softcap, dtype):
+def softcap_cross_entropy_sum(x, w, targets, softcap, dtype, weights=None):
+    """Σ over targets ≠ −1 of weight·CE(softcap·tanh(x @ w / softcap), target). x (B,T,D), w (D,V), targets (B,T),
+    weights (B,T) fp32 or None (= 1, and then no weights array exists in the graph)."""
+    return _fused_loss(x, w, targets, weights, softcap, dtype)
+
+
+def _forward(x, w, targets, weights, softcap, dtype):
     B, T, D = x.shape
     c = _chunk_len(B, T)
     to_chunks = lambda a: a.reshape(B, T // c, c, *a.shape[2:]).swapaxes(0, 1)
+    from_chunks = lambda a: a.swapaxes(0, 1).reshape(B, T, *a.shape[3:])
     w_c = w.astype(dtype)
 
     def step(dw, chunk):
-        xc, tc = chunk
+        xc, tc, wc = chunk
         xc = xc.astype(dtype)
         logits = jnp.einsum("bcd,dv->bcv", xc, w_c, preferred_element_type=jnp.float32)
         t = jnp.tanh(logits / softcap)
@@ -41,21 +49,26 @@ def _forward(x, w, targets, softcap, dtype):
         safe = jnp.where(valid, tc, 0)
         lse = jax.nn.logsumexp(z, axis=-1)
         z_target = jnp.take_along_axis(z, safe[..., None], -1)[..., 0]
-        loss = jnp.sum(jnp.where(valid, lse - z_target, 0.0))
+        token_loss = jnp.where(valid, lse - z_target, 0.0)  # its CE is also d loss / d weight
+        loss = jnp.sum(token_loss if wc is None else wc * token_loss)
         # d loss / d z = softmax(z) − onehot(target); through the softcap, dz/dlogits = 1 − t².
         dz = jnp.exp(z - lse[..., None]) - jax.nn.one_hot(safe, z.shape[-1], dtype=z.dtype)
+        if wc is not None:  # each token's gradient scales by its weight, as its loss does
+            dz = dz * wc[..., None]
         dlogits = (jnp.where(valid[..., None], dz, 0.0) * (1.0 - t * t)).astype(dtype)
         dx = jnp.einsum("bcv,dv->bcd", dlogits, w_c, preferred_element_type=jnp.float32)
         dw = dw + jnp.einsum("bcd,bcv->dv", xc, dlogits, preferred_element_type=jnp.float32)
-        return dw, (loss, dx)
+        return dw, (loss, dx, None if wc is None else token_loss)
 
-    dw, (losses, dx) = jax.lax.scan(step, jnp.zeros(w.shape, jnp.float32), (to_chunks(x), to_chunks(targets)))
-    return jnp.sum(losses), (dx.swapaxes(0, 1).reshape(B, T, D), dw)
+    dw, (losses, dx, token_losses) = jax.lax.scan(step, jnp.zeros(w.shape, jnp.float32), (
+        to_chunks(x), to_chunks(targets), None if weights is None else to_chunks(weights)))
+    dweights = None if weights is None else from_chunks(token_losses)
+    return jnp.sum(losses), (from_chunks(dx), dw, dweights)
 
 
 def _bwd(softcap, dtype, grads, g):
-    dx, dw = grads
-    return g * dx, g * dw, None
+    dx, dw, dweights = grads
+    return g * dx, g * dw, None, None if dweights is None else g * dweights
 
 
-softcap_cross_entropy_sum.defvjp(_forward, _bwd)
+_fused_loss.defvjp(_forward, _bwd)

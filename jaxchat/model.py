@@ -205,9 +205,10 @@ class GPT(nnx.Module):
         self.lm_head = Linear(config.n_embd, config.vocab_size, ("embed", "vocab"), dtype=dtype, rngs=rngs,
                               zero=True)
 
-    def __call__(self, idx, targets=None, *, positions=None, kv_cache=None, loss_reduction="mean"):
+    def __call__(self, idx, targets=None, *, positions=None, kv_cache=None, loss_reduction="mean", weights=None):
         """idx (B, T) int. Returns logits (B, T, V) fp32; with `kv_cache`, (logits, updated cache);
-        with `targets` (−1 = ignore), the loss: "mean" over supervised tokens (0 if none), "sum", or "none" (B, T).
+        with `targets` (−1 = ignore), the loss: "mean" over supervised tokens (0 if none), "sum", or "none" (B, T);
+        `weights` (B, T) fp32 scale each token's loss (RL: the advantages; the mean still divides by the count).
         `positions` (B|1, T) default to 0..T−1, or continue each row from `kv_cache.pos`."""
         B, T = idx.shape
         if positions is None:
@@ -218,14 +219,15 @@ class GPT(nnx.Module):
             x, kv_cache = block(x, cos, sin, kv_cache, layer)
         x = norm(x)
         if targets is not None and loss_reduction != "none":
-            loss_sum = softcap_cross_entropy_sum(x, self.lm_head.kernel[...], targets, SOFTCAP, self.lm_head.dtype)
+            loss_sum = softcap_cross_entropy_sum(x, self.lm_head.kernel[...], targets, SOFTCAP, self.lm_head.dtype,
+                                                 weights)
             count = jnp.sum(targets != -1)
             return loss_sum if loss_reduction == "sum" else loss_sum / jnp.maximum(count, 1)
         logits = SOFTCAP * jnp.tanh(self.lm_head(x) / SOFTCAP)
         if targets is not None:  # per-token losses, differentiable (RL's log-probs), 0 where ignored
             safe = jnp.where(targets == -1, 0, targets)
             nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, safe[..., None], -1)[..., 0]
-            return jnp.where(targets == -1, 0.0, nll)
+            return jnp.where(targets == -1, 0.0, nll if weights is None else weights * nll)
         return logits if kv_cache is None else (logits, kv_cache.replace(index=kv_cache.index + T))
 
     def num_params(self):

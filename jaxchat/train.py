@@ -71,16 +71,20 @@ def init_train_state(model_config, optim_config=OptimConfig(), mesh=None, seed=0
 def train_step(state: TrainState, batch, hyper):
     """One optimizer step over `accum` micro-batches. `hyper`: {"lr_multiplier", "muon_momentum"} scalars.
     Returns the new state and device-array metrics {loss, grad_norm, num_tokens} (loss = mean over the step's
-    supervised tokens; grad_norm before clipping)."""
+    supervised tokens; grad_norm before clipping). An optional batch["weights"] (accum, B, T) fp32 scales each
+    token's loss. RL: weights = advantages, so Σ adv·CE / N = −Σ adv·logp / N is nanochat's token-level
+    policy-gradient loss (−objective), normalised by the step's supervised (sampled) tokens."""
     model, opt = state.merge()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-    def loss_sum(params, inputs, targets):
-        return nnx.merge(graphdef, params, rest)(inputs, targets, loss_reduction="sum")
+    def loss_sum(params, inputs, targets, weights):
+        return nnx.merge(graphdef, params, rest)(inputs, targets, loss_reduction="sum", weights=weights)
 
     def micro_step(carry, micro_batch):
         grads, total = carry
-        loss, g = jax.value_and_grad(loss_sum)(params, micro_batch["inputs"], micro_batch["targets"])
+        # No "weights" key (pretraining, SFT): None, so the graph holds no weights array.
+        loss, g = jax.value_and_grad(loss_sum)(params, micro_batch["inputs"], micro_batch["targets"],
+                                               micro_batch.get("weights"))
         return (jax.tree.map(jnp.add, grads, g), total + loss), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)

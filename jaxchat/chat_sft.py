@@ -1,0 +1,126 @@
+"""Supervised fine-tuning: `python -m jaxchat.chat_sft [--source mid] [--model_tag d20]` (nanochat's chat_sft).
+
+One conversation per row, padded; only the assistant's tokens are supervised (its text, its python calls and
+<|assistant_end|>; not the tool outputs). `target_examples_per_step` conversations per optimizer step, every learning
+rate × `init_lr_frac` (0.02) and then linearly to 0 over one pass of the mixture. Val loss every `eval_every` steps;
+MMLU / ARC-Easy accuracy every `eval_metrics_every` steps (when their data can be had). Checkpoints in
+`chatsft_checkpoints/<tag>/` hold the model, the optimizer and the data position: `--resume=1` continues exactly.
+"""
+import argparse
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from tqdm import tqdm
+
+from jaxchat import sharding
+from jaxchat.chat_data import PaddedLoader
+from jaxchat.common import UserError, run_main
+from jaxchat.finetune import StageRun, add_flags, flag_adder, batch_shape, devices_line, make_mesh
+from jaxchat.mixtures import build_mixture, describe
+from jaxchat.optim import hyperparams
+from jaxchat.tokenizer import get_tokenizer
+from jaxchat.train import check_finite, train_step
+
+
+def build_parser():
+    p = add_flags(argparse.ArgumentParser(description="Supervised fine-tuning of a jaxchat model."), "mid",
+                  device_batch_size=4, init_lr_frac=0.02, eval_every=100)
+    add = flag_adder(p)
+    add("num_epochs", type=int, default=1)
+    add("target_examples_per_step", type=int, default=32, help="conversations per optimizer step")
+    add("max_seq_len", type=int, default=0, help="longest conversation in tokens (default: the model's context)")
+    add("eval_steps", type=int, default=100, help="val batches per val-loss evaluation")
+    add("eval_metrics_every", type=int, default=200, help="MMLU / ARC-Easy accuracy every N steps (-1: never)")
+    add("eval_metrics_max_problems", type=int, default=1024)
+    add("extra_jsonl", default="", help="your own conversations (JSONL files, comma-separated) to add to the mix")
+    return p
+
+
+@nnx.jit
+def loss_sum(model, inputs, targets):
+    """(Σ loss, supervised tokens) of a batch (accum, B, T), for val loss over many batches."""
+    total = jax.lax.map(lambda b: model(b[0], b[1], loss_reduction="sum"), (inputs, targets))
+    return jnp.sum(total), jnp.sum(targets != -1)
+
+
+def val_loss(model, loader, steps, accum, mesh):
+    total, count = 0.0, 0
+    for _ in range(steps):
+        batch = sharding.shard_batch(loader.next_stacked(accum), mesh, batch_axis=1)
+        s, n = loss_sum(model, batch["inputs"], batch["targets"])
+        total, count = total + float(s), count + int(n)
+    return total / max(count, 1)
+
+
+def chat_metrics(model, tokenizer, max_problems, mesh, unavailable):
+    """MMLU and ARC-Easy accuracy (nanochat's quick SFT metrics); tasks that cannot be had are noted once."""
+    from jaxchat.chat_eval import run_chat_eval
+    out = {}
+    for name in ("MMLU", "ARC-Easy"):
+        if name in unavailable:
+            continue
+        try:
+            out[name] = run_chat_eval(name, model, tokenizer, None, batch_size=32, max_problems=max_problems, mesh=mesh)
+        except UserError as e:
+            unavailable[name] = str(e).splitlines()[0]
+            tqdm.write(f"{name} accuracy not measured: {unavailable[name]}")
+    return out
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    tokenizer = get_tokenizer()
+    mesh = make_mesh(args)
+    rows, accum = batch_shape(args, mesh, args.target_examples_per_step)
+    train_task, sizes, missing = build_mixture("sft", "train", args.extra_jsonl)
+    val_task, val_sizes, val_missing = build_mixture("sft", "val")
+    print(describe("sft", "train", sizes, missing) + "\n" + describe("sft", "val", val_sizes, val_missing))
+    run = StageRun("sft", args, mesh, {"smooth_loss": 0.0, "val_loss": None}, rows)
+    T = args.max_seq_len or run.config.sequence_len
+    num_iterations = args.num_iterations if args.num_iterations > 0 else \
+        max(1, len(train_task) // args.target_examples_per_step * args.num_epochs)
+    loader = PaddedLoader(tokenizer, train_task, rows, T, "assistant", state=run.loader_state)
+    print(f"{devices_line(mesh)} | sft {run.model_tag} from {args.source} step {run.source_step} | {num_iterations} "
+          f"steps × {args.target_examples_per_step} conversations ({accum} micro-batches of {rows}) | T ≤ {T}")
+    unavailable, losses = {}, {}
+    bar = tqdm(total=num_iterations, initial=run.step, desc=f"chat_sft {run.model_tag}", unit="step")
+    step, start = run.step, run.step
+    with jax.set_mesh(mesh):
+        while True:
+            last = step >= num_iterations
+            if last or (args.eval_every > 0 and step % args.eval_every == 0):
+                val = PaddedLoader(tokenizer, val_task, rows, T, "assistant")
+                run.loop["val_loss"] = val_loss(run.state.model, val, args.eval_steps, 1, mesh)
+                run.writer.scalars(step, {"val/loss": run.loop["val_loss"]})
+                tqdm.write(f"step {step:05d} | val loss {run.loop['val_loss']:.4f}")
+            if args.eval_metrics_every > 0 and (last or step % args.eval_metrics_every == 0):
+                metrics = chat_metrics(run.state.model, tokenizer, args.eval_metrics_max_problems, mesh, unavailable)
+                run.writer.scalars(step, {f"val/{k.lower().replace('-', '_')}_acc": v for k, v in metrics.items()})
+                if metrics:
+                    tqdm.write(f"step {step:05d} | " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in metrics.items()))
+            if last or (args.save_every > 0 and step % args.save_every == 0 and step != start):
+                run.save(step, loader.state())
+            if last:
+                break
+            batch = sharding.shard_batch(loader.next_stacked(accum), mesh, batch_axis=1)
+            lrm = args.init_lr_frac * (1 - step / num_iterations)
+            run.state, metrics = train_step(run.state, batch, hyperparams(lrm, 0.95))
+            loss = losses[step] = check_finite(metrics["loss"], step)
+            run.loop["smooth_loss"] = 0.9 * run.loop["smooth_loss"] + 0.1 * loss
+            smooth = run.loop["smooth_loss"] / (1 - 0.9 ** (step + 1))
+            run.writer.scalars(step, {"train/loss": smooth, "train/lrm": lrm, "train/num_tokens": int(metrics["num_tokens"]),
+                                      "train/epoch": loader.epoch})
+            bar.set_postfix_str(f"loss {smooth:.4f} | lrm {lrm:.4f}")
+            bar.update(1)
+            step += 1
+    bar.close()
+    run.close()
+    print(f"done: {num_iterations} steps | val loss {run.loop['val_loss']:.4f} | cropped conversations "
+          f"{loader.cropped} of {loader.seen} | checkpoints in {run.ckpt.directory}")
+    return {"losses": losses, "val_loss": run.loop["val_loss"], "num_iterations": num_iterations,
+            "cropped": loader.cropped, "missing": missing}
+
+
+if __name__ == "__main__":
+    run_main(main)
