@@ -64,7 +64,7 @@ def _logits_at(model, tokens, positions):
     return jnp.take_along_axis(model(tokens), positions[:, None, None], axis=1)[:, 0]
 
 
-def _prompt(tokenizer, conversation, context):
+def completion_prompt(tokenizer, conversation, context):
     """render_for_completion, cropped from the left (keeping <|bos|>) to the model's context."""
     ids = tokenizer.render_for_completion(conversation)
     return ids if len(ids) <= context else ids[:1] + ids[len(ids) - context + 1:]
@@ -78,7 +78,7 @@ def run_categorical_eval(task, tokenizer, model, batch_size=32, max_problems=Non
     bar = tqdm(range(0, n, batch_size), desc=type(task).__name__, unit="batch", leave=False)
     for i0 in bar:
         conversations = [task[i] for i in range(i0, min(i0 + batch_size, n))]
-        prompts = [_prompt(tokenizer, c, context) for c in conversations]
+        prompts = [completion_prompt(tokenizer, c, context) for c in conversations]
         rows = -(-batch_size // sharding.batch_shards()) * sharding.batch_shards()  # one shape for every batch
         width = min(context, 1 << (max(map(len, prompts)) - 1).bit_length())  # bucket: one compile per length
         tokens = np.full((rows, width), bos, np.int32)
@@ -113,7 +113,7 @@ def run_generative_eval(task, tokenizer, engine, num_samples=1, max_new_tokens=5
     with ThreadPoolExecutor(8) as pool:
         for i0 in range(0, n, batch_size):
             conversations = [task[i] for i in range(i0, min(i0 + batch_size, n))]
-            prompts = [_prompt(tokenizer, c, context - 1) for c in conversations]
+            prompts = [completion_prompt(tokenizer, c, context - 1) for c in conversations]
             results, _ = engine.generate_batch(prompts, num_samples=num_samples, max_tokens=max_new_tokens,
                                                temperature=temperature, top_k=top_k, seed=seed + i0)
             jobs = [(conversations[r // num_samples], tokenizer.decode(seq[len(prompts[r // num_samples]):]))

@@ -16,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxchat import sharding
+from jaxchat.chat_eval import completion_prompt
 from jaxchat.common import UserError, run_main
 from jaxchat.engine import Engine
 from jaxchat.finetune import StageRun, add_flags, flag_adder, batch_shape, devices_line, make_mesh
@@ -55,7 +56,8 @@ def rollouts(engine, tokenizer, task, indices, num_samples, args, seed):
     """Sample num_samples completions of each problem (one batched engine call); returns the engine's
     (sequences, masks), the rewards, and the prompt lengths."""
     conversations = [task[i] for i in indices]
-    prompts = [tokenizer.render_for_completion(c) for c in conversations]
+    room = engine.model.config.sequence_len - args.max_new_tokens  # a long problem keeps its end (cropped left)
+    prompts = [completion_prompt(tokenizer, c, max(room, 2)) for c in conversations]
     sequences, masks = engine.generate_batch(prompts, num_samples=num_samples, max_tokens=args.max_new_tokens,
                                              temperature=args.temperature, top_k=args.top_k, seed=seed)
     rewards = [task.reward(conversations[r // num_samples], tokenizer.decode(seq[len(prompts[r // num_samples]):]))

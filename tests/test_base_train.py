@@ -93,7 +93,7 @@ def test_bpb_by_hand():
 
 
 def test_tiny_pipeline_through_the_launcher(env, capsys):
-    """data -> tok_train -> base_train -> base_eval as the README's command runs them, shortened."""
+    """The README's command, shortened: data -> tok_train -> base_train -> base_eval -> mid -> SFT -> RL -> chat evals."""
     launch.main(["--config=tiny", "--vocab_size=512", "--max_chars=300000", "--depth=1", "--head_dim=32",
                  "--max_seq_len=32", "--device_batch_size=4", "--total_batch_size=256", "--num_iterations=4",
                  "--eval_every=2", "--eval_tokens=256", "--sample_every=4", "--save_every=2", "--split_tokens=256",
@@ -102,4 +102,7 @@ def test_tiny_pipeline_through_the_launcher(env, capsys):
     assert "val bpb" in out and "results written" in out and "To be, or not to be" in out
     steps = Checkpointer(os.path.join(get_base_dir(), "base_checkpoints", "tinyrun")).all_steps()
     assert steps == [2, 4]
+    for stage in ("mid_checkpoints", "chatsft_checkpoints", "chatrl_checkpoints"):
+        assert Checkpointer(os.path.join(get_base_dir(), stage, "tinyrun")).all_steps() == [2, 4], stage
+    assert "ChatCORE: not computed" in out and "Arithmetic" in out and "HumanEval" in out
     assert os.listdir(os.path.join(get_base_dir(), "runs"))  # TensorBoard events
