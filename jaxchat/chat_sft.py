@@ -7,6 +7,7 @@ MMLU / ARC-Easy accuracy every `eval_metrics_every` steps (when their data can b
 `chatsft_checkpoints/<tag>/` hold the model, the optimizer and the data position: `--resume=1` continues exactly.
 """
 import argparse
+import time
 
 import jax
 import jax.numpy as jnp
@@ -103,15 +104,20 @@ def main(argv=None):
                 run.save(step, loader.state())
             if last:
                 break
-            batch = sharding.shard_batch(loader.next_stacked(accum), mesh, batch_axis=1)
+            t0 = time.perf_counter()
+            batch = loader.next_stacked(accum)
+            tokens = int((batch["targets"] != -1).sum())
+            batch = sharding.shard_batch(batch, mesh, batch_axis=1)
             lrm = args.init_lr_frac * (1 - step / num_iterations)
             run.state, metrics = train_step(run.state, batch, hyperparams(lrm, 0.95))
             loss = losses[step] = check_finite(metrics["loss"], step)
+            tok_s = tokens / (time.perf_counter() - t0)
             run.loop["smooth_loss"] = 0.9 * run.loop["smooth_loss"] + 0.1 * loss
             smooth = run.loop["smooth_loss"] / (1 - 0.9 ** (step + 1))
-            run.writer.scalars(step, {"train/loss": smooth, "train/lrm": lrm, "train/num_tokens": int(metrics["num_tokens"]),
-                                      "train/epoch": loader.epoch})
-            bar.set_postfix_str(f"loss {smooth:.4f} | lrm {lrm:.4f}")
+            run.writer.scalars(step, {"train/loss": smooth, "train/lrm": lrm, "train/num_tokens": tokens,
+                                      "train/tok_per_sec": tok_s, "train/epoch": loader.epoch,
+                                      "train/cropped": loader.cropped})
+            bar.set_postfix_str(f"loss {smooth:.4f} | lrm {lrm:.4f} | {tok_s:,.0f} supervised tok/s")
             bar.update(1)
             step += 1
     bar.close()

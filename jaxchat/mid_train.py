@@ -8,6 +8,7 @@ then linearly to 0; Muon momentum 0.85 -> 0.95 over 300 steps. The run is one pa
 `--num_iterations`). Val bpb on the validation mixture every `eval_every` steps. `--resume=1` continues exactly.
 """
 import argparse
+import time
 
 import jax
 from tqdm import tqdm
@@ -75,13 +76,16 @@ def main(argv=None):
             if last:
                 break
             lrm = args.init_lr_frac * get_lr_multiplier(progress(step))
+            t0 = time.perf_counter()
             batch = sharding.shard_batch(loader.next_stacked(accum), mesh, batch_axis=1)
             run.state, metrics = train_step(run.state, batch, hyperparams(lrm, get_muon_momentum(step)))
             loss = losses[step] = check_finite(metrics["loss"], step)
+            tok_s = args.total_batch_size / (time.perf_counter() - t0)
             run.loop["smooth_loss"] = 0.9 * run.loop["smooth_loss"] + 0.1 * loss
             smooth = run.loop["smooth_loss"] / (1 - 0.9 ** (step + 1))
-            run.writer.scalars(step, {"train/loss": smooth, "train/lrm": lrm, "train/progress": progress(step + 1)})
-            bar.set_postfix_str(f"step {step} | loss {smooth:.4f} | lrm {lrm:.3f}")
+            run.writer.scalars(step, {"train/loss": smooth, "train/lrm": lrm, "train/progress": progress(step + 1),
+                                      "train/tok_per_sec": tok_s, "train/cropped": loader.cropped})
+            bar.set_postfix_str(f"step {step} | loss {smooth:.4f} | lrm {lrm:.3f} | {tok_s:,.0f} tok/s")
             bar.update(min(1.0, progress(step + 1)) - bar.n)
             step += 1
     bar.close()

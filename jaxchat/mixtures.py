@@ -2,14 +2,15 @@
 
 Each part is built when the mixture is; a part whose data cannot be had (offline, no local copy) is left out with the
 reason, which the stage prints and logs: a mixture never silently shrinks. Offline, what remains is the shipped
-identity conversations, the synthetic tasks (spelling, calculator arithmetic) and GSM8K from a local copy
-(`JAXCHAT_GSM8K_DIR`). `--extra_jsonl FILE,...` adds your own conversations (CustomJSON) to a stage's training mix.
+identity conversations, human chit-chat from a PyPI package (ChitChat, in place of SmolTalk), the synthetic tasks
+(spelling, calculator arithmetic) and GSM8K from a local copy (`JAXCHAT_GSM8K_DIR`). `--extra_jsonl FILE,...` adds your own conversations (CustomJSON) to a stage's training mix.
 """
 import os
 
 from jaxchat.common import UserError
 from jaxchat.tasks.arc import ARC
 from jaxchat.tasks.arithmetic import Arithmetic
+from jaxchat.tasks.chitchat import ChitChat
 from jaxchat.tasks.common import TaskMixture
 from jaxchat.tasks.customjson import CustomJSON
 from jaxchat.tasks.gsm8k import GSM8K
@@ -27,7 +28,8 @@ def _mid_train():
             ("identity", lambda: CustomJSON(IDENTITY)), ("identity (2nd copy)", lambda: CustomJSON(IDENTITY)),
             ("SimpleSpelling", lambda: SimpleSpelling(size=200_000, split="train")),
             ("SpellingBee", lambda: SpellingBee(size=80_000, split="train")),
-            ("Arithmetic", lambda: Arithmetic(size=20_000, split="train"))]
+            ("Arithmetic", lambda: Arithmetic(size=20_000, split="train")),
+            ("ChitChat", lambda: ChitChat(split="train"))]
 
 
 def _mid_val():
@@ -35,7 +37,8 @@ def _mid_val():
             ("MMLU test", lambda: MMLU(subset="all", split="test", stop=5200)),
             ("GSM8K test", lambda: GSM8K(subset="main", split="test", stop=420)),
             ("SpellingBee test", lambda: SpellingBee(size=500, split="test")),
-            ("Arithmetic test", lambda: Arithmetic(size=500, split="test"))]
+            ("Arithmetic test", lambda: Arithmetic(size=500, split="test")),
+            ("ChitChat test", lambda: ChitChat(split="test"))]
 
 
 def _sft_train():
@@ -46,14 +49,16 @@ def _sft_train():
             ("identity", lambda: CustomJSON(IDENTITY)),
             ("SimpleSpelling", lambda: SimpleSpelling(size=300, split="train")),
             ("SpellingBee", lambda: SpellingBee(size=300, split="train")),
-            ("Arithmetic", lambda: Arithmetic(size=2_000, split="train"))]
+            ("Arithmetic", lambda: Arithmetic(size=2_000, split="train")),
+            ("ChitChat", lambda: ChitChat(split="train"))]
 
 
 def _sft_val():
     return [("SmolTalk test", lambda: SmolTalk(split="test")),
             ("GSM8K test", lambda: GSM8K(subset="main", split="test", stop=420)),
             ("SpellingBee test", lambda: SpellingBee(size=200, split="test")),
-            ("Arithmetic test", lambda: Arithmetic(size=200, split="test"))]
+            ("Arithmetic test", lambda: Arithmetic(size=200, split="test")),
+            ("ChitChat test", lambda: ChitChat(split="test"))]
 
 
 MIXTURES = {("mid", "train"): _mid_train, ("mid", "val"): _mid_val, ("sft", "train"): _sft_train,
