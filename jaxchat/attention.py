@@ -31,13 +31,32 @@ def _grouped(q, K):
     return (q * D**-0.5).reshape(B, T, K, H // K, D)
 
 
-def cached_attention(q, k, v, mask, dtype):
+def cached_attention(q, k, v, mask, dtype, prefix=None):
     """Masked softmax attention against a cache: q (B, T, H, D), k and v (B, K, S, D) heads-major; mask
-    broadcastable to (B, K, H/K, T, S), True = attend."""
+    broadcastable to (B, K, H/K, T, S), True = attend.
+
+    prefix: optional (k, v, mask) of a read-only prefix shared by groups of rows: k and v (P, K, Tp, D), row b
+    reading prefix b // (B/P); mask broadcastable to (P, K, B/P, T, H/K, Tp). Each query then attends to
+    [its prefix's slots, its own slots] under one softmax, computed in two parts (each part's scores and
+    exponentials stay in the layout of its own matmul; only the per-query max and sum are rearranged): the prefix
+    scores of all B/P rows of a group come from one matmul per (group, kv head), which reads the prefix once."""
     B, T, H, D = q.shape
-    scores = _mm("btkgd,bksd->bkgts", _grouped(q, k.shape[1]), k, dtype)
-    probs = jax.nn.softmax(jnp.where(mask, scores, NEG), axis=-1)
-    return _mm("bkgts,bksd->btkgd", probs, v, dtype).reshape(B, T, H, D)
+    K = k.shape[1]
+    qg = _grouped(q, K)
+    scores = jnp.where(mask, _mm("btkgd,bksd->bkgts", qg, k, dtype), NEG)  # (B, K, H/K, T, S)
+    if prefix is None:
+        probs = jax.nn.softmax(scores, axis=-1)
+        return _mm("bkgts,bksd->btkgd", probs, v, dtype).reshape(B, T, H, D)
+    pk, pv, pmask = prefix
+    P, n, g = pk.shape[0], B // pk.shape[0], H // K
+    pscores = jnp.where(pmask, _mm("pntkgd,pksd->pkntgs", qg.reshape(P, n, T, K, g, D), pk, dtype), NEG)
+    to_rows = lambda x: x.transpose(0, 2, 1, 4, 3).reshape(B, K, g, T)  # (P, K, n, T, g) -> (B, K, g, T)
+    to_groups = lambda x: x.reshape(P, n, K, g, T).transpose(0, 2, 1, 4, 3)
+    m = jnp.maximum(jnp.max(scores, axis=-1), to_rows(jnp.max(pscores, axis=-1)))  # (B, K, g, T)
+    e, pe = jnp.exp(scores - m[..., None]), jnp.exp(pscores - to_groups(m)[..., None])
+    total = jnp.sum(e, axis=-1) + to_rows(jnp.sum(pe, axis=-1))
+    out = _mm("bkgts,bksd->btkgd", e, v, dtype) + _mm("pkntgs,pksd->pntkgd", pe, pv, dtype).reshape(B, T, K, g, D)
+    return (out / total.transpose(0, 3, 1, 2)[..., None]).reshape(B, T, H, D)
 
 
 def causal_attention(q, k, v, dtype):

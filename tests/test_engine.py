@@ -66,11 +66,11 @@ def test_decode_logits_match_full_forward(tok):
     seq = jax.random.randint(jax.random.key(1), (1, 40), 0, VOCAB)
     full = model(seq)
     engine = Engine(model, tok)
-    logits, cache = E._prefill(engine.graphdef, engine.state, seq[:, :16], jnp.zeros((1,), jnp.int32), 1, 48, 1)
-    np.testing.assert_allclose(logits, full[:, 15], atol=1e-4)
+    logits, cache = E._prefill(engine.graphdef, engine.state, seq[:, :16], jnp.zeros((1,), jnp.int32), 2, 24)
+    np.testing.assert_allclose(logits, jnp.repeat(full[:, 15], 2, axis=0), atol=1e-4)  # one prompt, two rows
     for t in range(16, 40):
-        logits, cache = model(seq[:, t:t + 1], kv_cache=cache)
-        np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-4)
+        logits, cache = model(jnp.repeat(seq[:, t:t + 1], 2, axis=0), kv_cache=cache)
+        np.testing.assert_allclose(logits[:, 0], jnp.repeat(full[:, t], 2, axis=0), atol=1e-4)
 
 
 def test_seeds_samples_and_limits(tok):
@@ -162,21 +162,46 @@ def test_prefill_compiles_once_per_bucket(tok):
     assert E._prefill._cache_size() == before + 2
 
 
+def test_shared_prefix_rows_match_full_forward(tok):
+    """2 prompts of different lengths × 4 samples: the rows share each prompt's K/V (a prefix read by one matmul
+    per prompt), yet every row's logits, at the prompt's end and over 6 teacher-forced steps of its own tokens,
+    equal the full forward of its own sequence within 1e-4."""
+    model = make_model(n_kv_head=2, seed=7)
+    engine = Engine(model, tok)
+    prompts = [tok.encode(t, prepend="<|bos|>") for t in ("the cat", "hello world 12 the cat sat on the mat")]
+    ds, _ = engine._start(prompts, 4, 16, 0)
+    assert ds.cache.prefix_k[0].shape[0] == 2 and ds.cache.k[0].shape[:3] == (8, 2, 16)
+    cont = np.asarray(jax.random.randint(jax.random.key(2), (8, 6), 0, VOCAB))
+    step = nnx.jit(lambda model, tokens, cache: model(tokens, kv_cache=cache))
+    logits, cache = [ds.logits], ds.cache
+    for t in range(6):
+        out, cache = step(model, jnp.asarray(cont[:, t:t + 1]), cache)
+        logits.append(out[:, 0])
+    logits = np.stack(logits, 1)  # (8, 7, V)
+    for p, prompt in enumerate(prompts):
+        rows = slice(4 * p, 4 * p + 4)
+        full = model(jnp.asarray([prompt + cont[r].tolist() for r in range(rows.start, rows.stop)]))
+        np.testing.assert_allclose(logits[rows], full[:, len(prompt) - 1:], atol=1e-4)
+
+
 def test_decode_loop_updates_cache_in_place(tok):
     """The compiled decode loop writes K/V with dynamic-update-slice and never copies or transposes a whole
-    cache array (checked on the optimized HLO)."""
+    cache array, the rows' own slots or the shared prompt prefix (checked on the optimized HLO)."""
     engine = Engine(make_model(), tok)
-    for rows in (1, 4):  # one row runs as two: a batch of 1 makes XLA:CPU transpose and copy the cache
-        ds, _ = engine._start([tok.encode("hello", prepend="<|bos|>")], rows, 64, 0)
+    prompt = tok.encode("hello", prepend="<|bos|>")
+    for n_prompts, rows in ((1, 1), (1, 4), (2, 2)):  # one row or prompt is held twice (XLA:CPU copies a batch of 1)
+        ds, _ = engine._start([prompt] * n_prompts, rows, 64, 0)
         ids = (engine.bos, engine.assistant_end, engine.python_start, engine.python_end)
         hlo = E._decode.lower(engine.graphdef, ids, engine.state, ds, 64, jnp.float32(1.0), None).compile().as_text()
         B, K, S, D = ds.cache.k[0].shape
-        assert B == max(rows, E.MIN_ROWS)
+        P, _, Tp, _ = ds.cache.prefix_k[0].shape
+        assert B == max(n_prompts * rows, E.MIN_ROWS) and P == max(n_prompts, E.MIN_ROWS)
         cache_types = [f"f32[{B},{K},{S},{D}]", f"f32[{B},{K},{D},{S}]", f"f32[{K},{S},{D}]", f"f32[{K},{D},{S}]"]
+        cache_types += [f"f32[{P},{K},{Tp},{D}]", f"f32[{P},{K},{D},{Tp}]", f"f32[{K},{Tp},{D}]", f"f32[{K},{D},{Tp}]"]
         defs = [line for line in hlo.splitlines() if any(f"= {t}" in line for t in cache_types)]
         assert any("dynamic-update-slice" in line for line in defs)
         bad = [line.strip()[:120] for line in defs if re.search(r"\b(copy|transpose)", line.split("=", 1)[1])]
-        assert not bad, bad
+        assert not bad, (n_prompts, rows, bad)
 
 
 def test_chat_turns_reuse_the_cache(tok):
