@@ -1,7 +1,10 @@
-"""Evaluate a base model: `python -m jaxchat.base_eval [--eval bpb,sample] [--model-tag d20] [--step N]`.
+"""Evaluate a base model: `python -m jaxchat.base_eval [--eval core,bpb,sample] [--model-tag d20] [--step N]`.
 
-bpb: bits per byte on `split_tokens` tokens of the train and val splits (nanochat's base_loss). sample: greedy
-continuations of fixed prompts. Results go to stdout and `$JAXCHAT_BASE_DIR/base_eval/<tag>_<step>.json`.
+core: the CORE metric (core_eval.py) on `--max-per-task` examples per task (-1: all), the bundle from `--eval-bundle`,
+$JAXCHAT_EVAL_BUNDLE or $JAXCHAT_BASE_DIR/eval_bundle (downloaded unless --download-bundle=0, which skips CORE
+with a note when there is no bundle). bpb: bits per byte on `split_tokens` tokens of the train and val splits
+(nanochat's base_loss). sample: greedy continuations of fixed prompts. Results go to stdout and
+`$JAXCHAT_BASE_DIR/base_eval/<tag>_<step>.json` (CORE also to `<tag>_<step>.csv`, as nanochat's).
 """
 import argparse
 import json
@@ -9,7 +12,7 @@ import os
 
 import jax
 
-from jaxchat import sharding
+from jaxchat import core_eval, sharding
 from jaxchat.base_train import SAMPLE_PROMPTS, sample_greedy
 from jaxchat.checkpoint_manager import load_model
 from jaxchat.common import UserError, get_base_dir, run_main
@@ -17,19 +20,22 @@ from jaxchat.dataloader import DataLoader
 from jaxchat.loss_eval import evaluate_bpb
 from jaxchat.tokenizer import get_token_bytes, get_tokenizer
 
-EVALS = ("bpb", "sample")
+EVALS = ("core", "bpb", "sample")
 
 
 def build_parser():
     p = argparse.ArgumentParser(description="Evaluate a jaxchat base model.")
     add = lambda name, **kw: p.add_argument(f"--{name.replace('_', '-')}", f"--{name}", **kw)
-    add("eval", default="bpb,sample", help=f"comma-separated: {', '.join(EVALS)}")
+    add("eval", default="core,bpb,sample", help=f"comma-separated: {', '.join(EVALS)}")
     add("model_tag", default="", help="default: the largest d<N> in base_checkpoints")
     add("step", type=int, default=-1, help="default: the last")
     add("device_batch_size", type=int, default=32)
     add("split_tokens", type=int, default=20 * 524288, help="tokens per split for bpb")
     add("max_seq_len", type=int, default=0, help="default: the model's sequence_len")
     add("data_dir", default="")
+    add("max_per_task", type=int, default=-1, help="CORE examples per task (-1 = all)")
+    add("eval_bundle", default="", help="CORE bundle directory (default: $JAXCHAT_EVAL_BUNDLE, else the base dir's)")
+    add("download_bundle", type=int, default=1, help="fetch nanochat's CORE bundle when there is none; 0: skip CORE")
     add("mesh_data", type=int, default=1)
     return p
 
@@ -43,6 +49,13 @@ def main(argv=None):
         mesh = sharding.make_mesh((args.mesh_data, -1))
     except ValueError as e:
         raise UserError(f"--mesh_data={args.mesh_data}: {e}") from None
+    if "core" in evals:  # find (or fetch) the bundle before any compute: a problem shows at once
+        try:
+            bundle = core_eval.get_eval_bundle(args.eval_bundle or None, download=bool(args.download_bundle))
+            core_eval.load_bundle(bundle)  # complete and readable?
+        except core_eval.BundleMissing as e:
+            print(f"CORE skipped: {e}")
+            evals.remove("core")
     model, meta = load_model("base", args.model_tag or None, None if args.step < 0 else args.step, mesh=mesh)
     tokenizer = get_tokenizer()
     if tokenizer.get_vocab_size() != model.config.vocab_size:
@@ -63,9 +76,15 @@ def main(argv=None):
             results["samples"] = sample_greedy(model, tokenizer, SAMPLE_PROMPTS, max_tokens=16)
             for text in results["samples"]:
                 print(f"  {text!r}")
+        if "core" in evals:
+            results["core"] = core_eval.evaluate_model(model, tokenizer, args.max_per_task, bundle, mesh=mesh)
     out_dir = os.path.join(get_base_dir(), "base_eval")
     os.makedirs(out_dir, exist_ok=True)
-    out = os.path.join(out_dir, f"{tag}_{meta['step']:06d}.json")
+    stem = os.path.join(out_dir, f"{tag}_{meta['step']:06d}")
+    if "core" in results:
+        csv_path = core_eval.write_csv(stem + ".csv", results["core"])
+        print(f"CORE metric: {results['core']['core_metric']:.4f} (per task in {csv_path})")
+    out = stem + ".json"
     with open(out, "w") as f:
         json.dump(results, f, indent=2)
     print(f"results written to {out}")
