@@ -10,7 +10,8 @@ Few-shot examples come before the item, separated by blank lines. Accuracy is ce
 baseline, and CORE is the mean of the centered accuracies.
 
 Unlike nanochat (one forward per example), sequences of many examples go through the model together: sorted by
-length, right-padded with BOS to a power-of-two bucket, so one jitted function compiles once per (rows, bucket).
+length, right-padded with BOS to a bucket length (powers of two; 1.5x steps too above 256), so one jitted function
+compiles once per (rows, bucket).
 A prompt longer than the model's context keeps its last sequence_len tokens (the answer is at the end).
 The bundle (core.yaml, eval_meta_data.csv, eval_data/) is nanochat's eval_bundle.zip; see get_eval_bundle.
 """
@@ -139,16 +140,23 @@ def _pow2(n):
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
+def bucket_len(n, max_len):
+    """Padded length of an n-token row: the next power of two (at least MIN_BUCKET), or from 384 on the next of
+    2^k and 1.5·2^k (long rows then waste at most a third, not half), capped at max_len."""
+    p = max(MIN_BUCKET, _pow2(n))
+    return min(3 * p // 4 if p >= 512 and n <= 3 * p // 4 else p, max_len)
+
+
 def plan_batches(lengths, max_len, shards=1, batch_tokens=BATCH_TOKENS):
-    """Group row indices into (rows, bucket, [indices]) batches: longest first, a bucket is a power of two (capped at
-    max_len), a full batch holds shards·batch_tokens/bucket rows, and the last one of a bucket is padded to a power
-    of two of at least 1/8 of that (few shapes, so few compiles; little padding)."""
+    """Group row indices into (rows, bucket, [indices]) batches: longest first, a full batch of a bucket holds
+    shards·batch_tokens/bucket rows, and the last one of a bucket is padded to a power of two of at least 1/8 of
+    that (few shapes, so few compiles; little padding)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches, i = [], 0
     while i < len(order):
-        bucket = min(max(MIN_BUCKET, _pow2(lengths[order[i]])), max_len)
+        bucket = bucket_len(lengths[order[i]], max_len)
         full = shards * max(1, batch_tokens // bucket)
-        same = [j for j in order[i:i + full] if min(max(MIN_BUCKET, _pow2(lengths[j])), max_len) == bucket]
+        same = [j for j in order[i:i + full] if bucket_len(lengths[j], max_len) == bucket]
         rows = min(full, max(_pow2(len(same)), full // 8))
         batches.append((-(-rows // shards) * shards, bucket, same))
         i += len(same)

@@ -216,12 +216,14 @@ def nll_of(logits, tokens):
 
 
 def test_plan_batches_shapes():
-    lengths = [3, 200, 17, 16, 64, 65, 40, 1000] * 5
+    assert [core_eval.bucket_len(n, 2048) for n in (1, 17, 200, 257, 384, 385, 520, 769, 1500, 3000)] == [
+        16, 32, 256, 384, 384, 512, 768, 1024, 1536, 2048]
+    lengths = [3, 200, 17, 16, 64, 65, 40, 300, 1000] * 5
     plan = core_eval.plan_batches(lengths, 512, shards=2, batch_tokens=256)
     assert sorted(i for _, _, m in plan for i in m) == list(range(len(lengths)))
     for rows, bucket, members in plan:
         assert rows % 2 == 0 and len(members) <= rows and rows * bucket <= 2 * max(256, bucket)
-        assert bucket in (16, 32, 64, 128, 256, 512) and all(min(lengths[i], 512) <= bucket for i in members)
+        assert bucket in (16, 32, 64, 128, 256, 384, 512) and all(min(lengths[i], 512) <= bucket for i in members)
 
 
 # ---- the bundle ------------------------------------------------------------------------------------------------
