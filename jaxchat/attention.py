@@ -7,9 +7,11 @@ Scores, softmax and outputs are fp32; matmul inputs are cast to `dtype` (bf16 ma
 Training on GPU in 16-bit goes to cuDNN flash attention. Elsewhere (CPU) a small flash-style kernel: queries in
 blocks of ATTN_BLOCK attend only to keys up to the end of their block (skipping ~half of the masked work), a
 custom VJP keeps just the output and the log-sum-exp and recomputes probabilities in the backward pass (no
-(T, T) tensors saved), and sequences go through ATTN_SEQS at a time so one chunk's scores stay in cache.
-On the 2-core CPU (d4 shapes) its forward+backward is 1.6x faster than autodiff through block-masked attention,
-making the whole train step 11% (fp32) / 14% (bf16) faster.
+(T, T) tensors saved), and sequences go through ATTN_SEQS at a time so one chunk's scores stay in cache. It
+works heads-major, (B, H, T, D), and its backward on transposed scores (keys × queries), so XLA:CPU inserts no
+transposed copy per block. On the 2-core CPU, fp32, one d4 layer (16 × 512 tokens, 4 heads of 64), forward +
+backward: 125-133 ms, against 240 ms for autodiff through masked attention, 175 ms for the same kernel
+sequence-major, and 98 ms for torch's fused CPU SDPA kernel.
 """
 
 import jax
@@ -65,22 +67,23 @@ def causal_attention(q, k, v, dtype):
         q, k, v = (t.astype(dtype) for t in (q, k, v))
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn").astype(jnp.float32)
     B, T, H, D = q.shape
-    # GQA: repeat kv heads for the kernel (autodiff of the repeat sums the groups' gradients back).
+    # GQA: repeat kv heads for the kernel (autodiff of the repeat sums the groups' gradients back). The kernel works
+    # heads-major, (B, H, T, D): one transpose per tensor here instead of one per block and matmul inside.
     k, v = (jnp.repeat(t, H // t.shape[2], axis=2) for t in (k, v))
+    q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
     local = B // sharding.batch_shards()
     n = local // ATTN_SEQS if local % ATTN_SEQS == 0 else 1
     if n == 1:
-        return _block_causal(q, k, v, dtype)
+        return _block_causal(q, k, v, dtype).transpose(0, 2, 1, 3)
     # Interleaved split (row i·n + j -> chunk j): each device keeps its own rows, the mapped axis is unsharded.
     split = lambda t: t.reshape(B // n, n, *t.shape[1:]).swapaxes(0, 1)
     y = jax.lax.map(lambda c: _block_causal(*c, dtype), (split(q), split(k), split(v)))
-    return y.swapaxes(0, 1).reshape(q.shape)
+    return y.swapaxes(0, 1).reshape(B, H, T, D).transpose(0, 2, 1, 3)
 
 
 def _blocks(T):
-    """(start, end, mask) per query block: queries s..e−1 see keys 0..e−1, causally within the block."""
-    ends = [min(s + ATTN_BLOCK, T) for s in range(0, T, ATTN_BLOCK)]
-    return [(s, e, jnp.tril(jnp.ones((e - s, e), bool), k=s)) for s, e in zip(range(0, T, ATTN_BLOCK), ends)]
+    """(start, end) per query block: queries s..e−1 see keys 0..e−1 (causally within the block)."""
+    return [(s, min(s + ATTN_BLOCK, T)) for s in range(0, T, ATTN_BLOCK)]
 
 
 def _block_causal(q, k, v, dtype):
@@ -88,33 +91,37 @@ def _block_causal(q, k, v, dtype):
 
 
 def _block_causal_fwd(q, k, v, dtype):
-    """q, k, v (B, T, H, D) -> o (B, T, H, D); residuals: inputs, o, per-block log-sum-exp (B, H, block, 1)."""
+    """q, k, v (B, H, T, D) -> o (B, H, T, D); residuals: inputs, o, per-block log-sum-exp (B, H, block, 1)."""
     q = q * q.shape[-1] ** -0.5
     outs, lses = [], []
-    for s, e, mask in _blocks(q.shape[1]):
-        scores = jnp.where(mask, _mm("bthd,bshd->bhts", q[:, s:e], k[:, :e], dtype), NEG)
+    for s, e in _blocks(q.shape[2]):
+        mask = jnp.tril(jnp.ones((e - s, e), bool), k=s)
+        scores = jnp.where(mask, _mm("bhtd,bhsd->bhts", q[:, :, s:e], k[:, :, :e], dtype), NEG)
         m = jnp.max(scores, axis=-1, keepdims=True)
         p = jnp.exp(scores - m)
         l = jnp.sum(p, axis=-1, keepdims=True)
-        outs.append(_mm("bhts,bshd->bthd", p, v[:, :e], dtype) / jnp.swapaxes(l, 1, 2))
+        outs.append(_mm("bhts,bhsd->bhtd", p, v[:, :, :e], dtype) / l)
         lses.append(m + jnp.log(l))
-    o = jnp.concatenate(outs, axis=1)
+    o = jnp.concatenate(outs, axis=2)
     return o, (q, k, v, o, lses)
 
 
 def _block_causal_bwd(dtype, res, do):
-    """Flash-attention backward per block: P = exp(S − lse), dV = Pᵀ dO, dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O))."""
+    """Flash-attention backward per block, on transposed scores Sᵀ = K Qᵀ (keys × queries), so that
+    dV = Pᵀ dO and dK = dSᵀ Q are plain matmuls (no transposed copy of the block): Pᵀ = exp(Sᵀ − lse),
+    dSᵀ = Pᵀ ∘ (V dOᵀ − rowsum(dO ∘ O)), dQ = dSᵀᵀ K."""
     q, k, v, o, lses = res
-    delta = jnp.swapaxes(jnp.sum(do * o, axis=-1), 1, 2)[..., None]  # (B, H, T, 1)
+    delta = jnp.sum(do * o, axis=-1)[:, :, None, :]  # (B, H, 1, T)
     dq, dk, dv = [], jnp.zeros_like(k), jnp.zeros_like(v)
-    for (s, e, mask), lse in zip(_blocks(q.shape[1]), lses):
-        scores = jnp.where(mask, _mm("bthd,bshd->bhts", q[:, s:e], k[:, :e], dtype), NEG)
-        p = jnp.exp(scores - lse)
-        dv = dv.at[:, :e].add(_mm("bhts,bthd->bshd", p, do[:, s:e], dtype))
-        ds = p * (_mm("bthd,bshd->bhts", do[:, s:e], v[:, :e], dtype) - delta[:, :, s:e])
-        dq.append(_mm("bhts,bshd->bthd", ds, k[:, :e], dtype))
-        dk = dk.at[:, :e].add(_mm("bhts,bthd->bshd", ds, q[:, s:e], dtype))
-    return jnp.concatenate(dq, axis=1) * q.shape[-1] ** -0.5, dk, dv
+    for (s, e), lse in zip(_blocks(q.shape[2]), lses):
+        mask = jnp.triu(jnp.ones((e, e - s), bool), k=-s)  # key j sees query s + i when j <= s + i
+        p = jnp.exp(jnp.where(mask, _mm("bhsd,bhtd->bhst", k[:, :, :e], q[:, :, s:e], dtype), NEG)
+                    - jnp.swapaxes(lse, 2, 3))
+        dv = dv.at[:, :, :e].add(_mm("bhst,bhtd->bhsd", p, do[:, :, s:e], dtype))
+        ds = p * (_mm("bhsd,bhtd->bhst", v[:, :, :e], do[:, :, s:e], dtype) - delta[..., s:e])
+        dk = dk.at[:, :, :e].add(_mm("bhst,bhtd->bhsd", ds, q[:, :, s:e], dtype))
+        dq.append(_mm("bhst,bhsd->bhtd", ds, k[:, :, :e], dtype))
+    return jnp.concatenate(dq, axis=2) * q.shape[-1] ** -0.5, dk, dv
 
 
 _block_causal = jax.custom_vjp(_block_causal, nondiff_argnums=(3,))
