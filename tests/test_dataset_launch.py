@@ -113,3 +113,31 @@ def test_data_stage_uses_your_own_directory(tmp_path, capsys):
     dataset.main([f"--data-dir={d}"])
     assert "using your 2 data files" in capsys.readouterr().out
     assert sorted(os.listdir(d)) == ["a.txt", "b.txt"]  # nothing written into the user's directory
+
+
+CACHE_PROBE = """
+import os, jax, jax.numpy as jnp
+from jaxchat.common import run_main
+def main():
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # cache even this small program
+    print(jax.jit(lambda x: jnp.sin(x) * 3)(jnp.arange(8.0)).sum())
+    print("cache:", jax.config.jax_compilation_cache_dir)
+run_main(main)
+"""
+
+
+def test_stage_entry_points_keep_compiled_programs(tmp_path):
+    """run_main points XLA's persistent compilation cache at $JAXCHAT_BASE_DIR/xla_cache (a re-run loads instead of
+    compiling); JAX_COMPILATION_CACHE_DIR wins, and JAXCHAT_XLA_CACHE=0 turns it off."""
+    def probe(**env):
+        env = {**{k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"},
+               "JAXCHAT_BASE_DIR": str(tmp_path), "JAX_PLATFORMS": "cpu", **env}
+        out = subprocess.run([sys.executable, "-c", CACHE_PROBE], env=env, capture_output=True, text=True, check=True)
+        return out.stdout.splitlines()[-1].removeprefix("cache: ")
+
+    cache = tmp_path / "xla_cache"
+    assert probe() == str(cache) and any(cache.iterdir())  # the compiled program was written there
+    written = sorted(p.name for p in cache.iterdir())
+    assert probe() == str(cache) and sorted(p.name for p in cache.iterdir()) == written  # loaded, not added again
+    assert probe(JAXCHAT_XLA_CACHE="0") in ("", "None")
+    assert probe(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "mine")) == str(tmp_path / "mine")
