@@ -100,18 +100,6 @@ def _bucket(n, cap):
     return min(max(MIN_BUCKET, 1 << (n - 1).bit_length()), cap)
 
 
-def _constrain_rows(tree):
-    """Rows (dim 0) over the batch axes; a shared prefix's prompts likewise when they divide the shards, else
-    replicated."""
-    def pin(path, x):
-        if not x.ndim:
-            return x
-        prefix = "prefix" in jax.tree_util.keystr(path) and x.shape[0] % sharding.batch_shards() != 0
-        return sharding.constrain(x, (None if prefix else "batch",) + (None,) * (x.ndim - 1))
-
-    return jax.tree_util.tree_map_with_path(pin, tree)
-
-
 @partial(jax.jit, static_argnames=("graphdef", "rows", "max_len"))
 def _prefill(graphdef, state, tokens, start, rows, max_len):
     """Left-padded prompts (P, T) into a fresh cache (attention over the T prompt slots only), which becomes the
@@ -125,7 +113,7 @@ def _prefill(graphdef, state, tokens, start, rows, max_len):
     if P == 1:  # as with rows, a prefix of one prompt makes XLA:CPU copy it every step: hold it twice
         twice = lambda t: tuple(jnp.repeat(x, MIN_ROWS, axis=0) for x in t)
         cache = cache.replace(k=twice(cache.k), v=twice(cache.v), start=twice((cache.start,))[0])
-    return _constrain_rows((jnp.repeat(logits[:, -1], rows // P, axis=0), cache.as_prefix(rows, max_len)))
+    return jax.tree.map(sharding.constrain_rows, (jnp.repeat(logits[:, -1], rows // P, axis=0), cache.as_prefix(rows, max_len)))
 
 
 @partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
@@ -154,7 +142,7 @@ def _decode(graphdef, ids, state, ds, stop_n, temperature, top_k):
         tok = jnp.where(live, jnp.where(is_forced, forced_tok, sampled), end)
         logits, cache = model(tok[:, None], kv_cache=s.cache)
         column = lambda buf, x: jax.lax.dynamic_update_slice(buf, x.astype(jnp.int32)[:, None], (0, s.n))
-        return _constrain_rows(s.replace(
+        return jax.tree.map(sharding.constrain_rows, s.replace(
             cache=cache, logits=logits[:, 0], out=column(s.out, tok), out_mask=column(s.out_mask, live & ~is_forced),
             n=s.n + 1, done=s.done | (live & ((tok == end) | (tok == bos))),
             py_start=jnp.where(live & (tok == py_open), s.n, s.py_start),

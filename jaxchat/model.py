@@ -126,10 +126,8 @@ class KVCache:
         rows b·G..b·G+G−1 continue prompt b), each with an empty part of max_len slots of its own."""
         P, K, T, D = self.k[0].shape
         assert self.prefix_k is None and rows % P == 0
-        split = "batch" if P % sharding.batch_shards() == 0 else None  # else replicated
-        pin = lambda t: tuple(sharding.constrain(x, (split, "kv_heads", None, None)) for x in t)
-        zeros = lambda: sharding.constrain(jnp.zeros((rows, K, max_len, D), self.k[0].dtype),
-                                           ("batch", "kv_heads", None, None))
+        pin = lambda t: tuple(map(sharding.constrain_rows, t))  # prompts split over the batch axes when they divide
+        zeros = lambda: sharding.constrain_rows(jnp.zeros((rows, K, max_len, D), self.k[0].dtype))
         n = len(self.k)
         return KVCache(k=tuple(zeros() for _ in range(n)), v=tuple(zeros() for _ in range(n)),
                        start=jnp.zeros((rows,), jnp.int32), index=jnp.zeros((), jnp.int32),

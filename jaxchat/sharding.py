@@ -53,6 +53,14 @@ def constrain(x, names):
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
 
 
+def constrain_rows(x):
+    """Dim 0 over the batch axes when it divides them (decode rows; a shared prefix's prompts), else replicated;
+    a scalar as it is."""
+    if not x.ndim:
+        return x
+    return constrain(x, ("batch" if x.shape[0] % batch_shards() == 0 else None,) + (None,) * (x.ndim - 1))
+
+
 def batch_shards():
     """How many ways the batch axis is split under the active mesh (1 without one)."""
     mesh = jax.sharding.get_abstract_mesh()
