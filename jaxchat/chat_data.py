@@ -16,6 +16,8 @@ real token.
 """
 import numpy as np
 
+from jaxchat.common import pad_bucket
+
 
 class _Loader:
     """Walks the source by stream position (position p is conversation p mod len, in epoch p // len)."""
@@ -113,6 +115,6 @@ class PaddedLoader(_Loader):
         """(accum, B, W) with W the step's longest conversation rounded up to a power of two (at most T)."""
         rows = [self.render(self.next_position()) for _ in range(accum * self.B)]
         longest = max(len(ids) for ids, _ in rows) - 1
-        width = min(self.T, 1 << max(4, (longest - 1).bit_length()))
+        width = pad_bucket(longest, self.T)
         batch = self.rows_to_batch(rows, width)
         return {k: v.reshape(accum, self.B, width) for k, v in batch.items()}

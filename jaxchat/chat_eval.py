@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from jaxchat import sharding
 from jaxchat.checkpoint_manager import SOURCE_DIRS, load_model
-from jaxchat.common import UserError, get_base_dir, run_main
+from jaxchat.common import UserError, get_base_dir, pad_bucket, run_main
 from jaxchat.engine import Engine
 from jaxchat.tokenizer import get_tokenizer
 
@@ -80,7 +80,7 @@ def run_categorical_eval(task, tokenizer, model, batch_size=32, max_problems=Non
         conversations = [task[i] for i in range(i0, min(i0 + batch_size, n))]
         prompts = [completion_prompt(tokenizer, c, context) for c in conversations]
         rows = -(-batch_size // sharding.batch_shards()) * sharding.batch_shards()  # one shape for every batch
-        width = min(context, 1 << (max(map(len, prompts)) - 1).bit_length())  # bucket: one compile per length
+        width = pad_bucket(max(map(len, prompts)), context, minimum=1)  # one compile per bucket
         tokens = np.full((rows, width), bos, np.int32)
         for r, p in enumerate(prompts):
             tokens[r, :len(p)] = p

@@ -29,6 +29,13 @@ def file_lock(path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def pad_bucket(n, cap=None, minimum=16):
+    """The length to pad n up to: the next power of two, at least `minimum`, at most `cap`. Jitted functions see
+    few shapes, so they compile once per bucket instead of once per length."""
+    size = max(minimum, 1 << (max(n, 1) - 1).bit_length())
+    return size if cap is None else min(size, cap)
+
+
 class UserError(Exception):
     """Bad input from the user (missing file, bad flag, damaged data): the CLI prints the message, not a traceback."""
 

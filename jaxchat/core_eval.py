@@ -18,7 +18,6 @@ The bundle (core.yaml, eval_meta_data.csv, eval_data/) is nanochat's eval_bundle
 import contextlib
 import csv
 import json
-import math
 import os
 import random
 import shutil
@@ -35,7 +34,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from jaxchat import sharding
-from jaxchat.common import UserError, file_lock, get_base_dir
+from jaxchat.common import UserError, file_lock, get_base_dir, pad_bucket
 from jaxchat.download import BadFile, download_file
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -136,14 +135,10 @@ def _forward(graphdef, state, ids):
     return nll, jnp.argmax(logits, -1).astype(jnp.int32)
 
 
-def _pow2(n):
-    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
-
-
 def bucket_len(n, max_len):
     """Padded length of an n-token row: the next power of two (at least MIN_BUCKET), or from 384 on the next of
     2^k and 1.5·2^k (long rows then waste at most a third, not half), capped at max_len."""
-    p = max(MIN_BUCKET, _pow2(n))
+    p = pad_bucket(n, minimum=MIN_BUCKET)
     return min(3 * p // 4 if p >= 512 and n <= 3 * p // 4 else p, max_len)
 
 
@@ -157,7 +152,7 @@ def plan_batches(lengths, max_len, shards=1, batch_tokens=BATCH_TOKENS):
         bucket = bucket_len(lengths[order[i]], max_len)
         full = shards * max(1, batch_tokens // bucket)
         same = [j for j in order[i:i + full] if bucket_len(lengths[j], max_len) == bucket]
-        rows = min(full, max(_pow2(len(same)), full // 8))
+        rows = min(full, max(pad_bucket(len(same), minimum=1), full // 8))
         batches.append((-(-rows // shards) * shards, bucket, same))
         i += len(same)
     return batches

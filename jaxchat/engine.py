@@ -33,6 +33,7 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxchat import sharding
+from jaxchat.common import pad_bucket
 from jaxchat.model import KVCache
 
 MIN_BUCKET = 16  # shortest prefill length; prompts pad up to the next power of two
@@ -94,10 +95,6 @@ def _inverse_cdf(probs, u, block=128):
     i = b * block + jnp.minimum(jnp.sum(cdf <= target[:, None], -1), block - 1)
     chosen = jnp.take_along_axis(probs, jnp.minimum(i, V - 1)[:, None], axis=1)[:, 0]
     return jnp.where((i < V) & (chosen > 0), i, _argmax(probs)).astype(jnp.int32)  # rounding at the very end
-
-
-def _bucket(n, cap):
-    return min(max(MIN_BUCKET, 1 << (n - 1).bit_length()), cap)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "rows", "max_len"))
@@ -205,13 +202,13 @@ class Engine:
         held = self._reusable(prompts, num_samples) if keep_cache else None
         if held is not None:  # the next chat turn: prefill only the new tokens
             tail, cache = prompts[0][len(held[0]):], held[1].cache
-            tokens = np.full((cache.start.shape[0], _bucket(len(tail), cache.max_len - int(cache.index))),
+            tokens = np.full((cache.start.shape[0], pad_bucket(len(tail), cache.max_len - int(cache.index), MIN_BUCKET)),
                              self.bos, np.int32)
             tokens[:, :len(tail)] = tail  # row 0 is the chat; the others are padding rows, already done
             logits, cache = _extend(self.graphdef, self.state, cache, jnp.asarray(tokens), len(tail))
         else:
             shards = sharding.batch_shards()  # rows pad up to the mesh (the engine's, or the caller's)
-            P, T = -(-len(prompts) // shards) * shards, _bucket(longest, 1 << 30)
+            P, T = -(-len(prompts) // shards) * shards, pad_bucket(longest, minimum=MIN_BUCKET)
             rows = max(P * num_samples, -(-MIN_ROWS // shards) * shards)
             rows += -rows % (P * (MIN_ROWS if P == 1 else 1))  # whole groups of rows per prefix copy
             tokens = np.full((P, T), self.bos, np.int32)

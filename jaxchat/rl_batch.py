@@ -7,6 +7,8 @@ loss weight, so the step's loss Σ adv·CE / N is −(the token-level policy-gra
 
 import numpy as np
 
+from jaxchat.common import pad_bucket
+
 
 def advantages(rewards, num_samples):
     """reward − mean reward of its group; `rewards` flat, prompt-major groups of `num_samples` (no σ-scaling,
@@ -21,7 +23,7 @@ def rollout_batch(sequences, masks, advantages, pad_id, width=None):
     the target token's mask is 0 and on padding. W = `width`, else the longest sequence − 1 rounded up to a
     power of two (≥ 16), so that few shapes compile."""
     longest = max(len(s) for s in sequences) - 1
-    W = width or max(16, 1 << max(longest - 1, 0).bit_length())
+    W = width or pad_bucket(longest)
     if longest > W:
         raise ValueError(f"a sequence needs {longest} positions, more than width {W}")
     rows = len(sequences)
