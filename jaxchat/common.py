@@ -3,6 +3,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import sys
 
 
 def get_base_dir(create=True):
@@ -43,9 +44,10 @@ class UserError(Exception):
 def use_compilation_cache():
     """Keep XLA's compiled programs in $JAXCHAT_BASE_DIR/xla_cache, so a stage run again (a resume, the chat CLI's
     prefill and decode, CORE's batch shapes) loads them instead of compiling (d4 train step on CPU: 3.9 -> 1.4 s).
-    A cache set by JAX_COMPILATION_CACHE_DIR wins; JAXCHAT_XLA_CACHE=0 turns it off."""
-    import jax
-    if os.environ.get("JAXCHAT_XLA_CACHE", "1") == "0" or jax.config.jax_compilation_cache_dir:
+    A cache set by JAX_COMPILATION_CACHE_DIR wins; JAXCHAT_XLA_CACHE=0 turns it off. Stages that never import
+    jax (data, tokenizer) are left alone: importing it would only slow their start."""
+    jax = sys.modules.get("jax")
+    if jax is None or os.environ.get("JAXCHAT_XLA_CACHE", "1") == "0" or jax.config.jax_compilation_cache_dir:
         return
     jax.config.update("jax_compilation_cache_dir", os.path.join(get_base_dir(create=False), "xla_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -53,7 +55,6 @@ def use_compilation_cache():
 
 def run_main(main):
     """Entry point of a stage: run main(); bad user input ends with one 'error: ...' line, not a traceback."""
-    import sys
     use_compilation_cache()
     try:
         main()
