@@ -39,10 +39,9 @@ def core_jaxchat(args):
     import jax
     from jaxchat import core_eval
     from jaxchat.checkpoint_manager import load_model
-    from jaxchat.tokenizer import get_tokenizer
 
-    model, meta = load_model("base", args.model_tag)
-    tokenizer, cfg = get_tokenizer(), model.config
+    model, tokenizer, meta = load_model("base", args.model_tag)
+    cfg = model.config
     print(f"jaxchat {meta['model_tag']} step {meta['step']} | depth {cfg.n_layer} dim {cfg.n_embd} vocab "
           f"{cfg.vocab_size} seq {cfg.sequence_len} | {cfg.compute_dtype} | {jax.devices()[0]} | load {loadavg()}")
     tasks, _ = core_eval.load_bundle(core_eval.get_eval_bundle(args.eval_bundle, download=False))

@@ -57,11 +57,12 @@ def main():
     accum, rem = divmod(args.total_batch_size, rows * args.seq_len)
     assert accum >= 1 and rem == 0, "total batch size must be a multiple of device batch × seq len × devices"
 
-    state = init_train_state(config, OptimConfig(), mesh)
+    tokens = np.random.default_rng(0).integers(0, args.vocab_size, (accum, rows, args.seq_len + 1), np.int32)
+    with jax.set_mesh(mesh):
+        state = init_train_state(config, OptimConfig())
+        batch = sharding.shard_batch({"inputs": tokens[..., :-1], "targets": tokens[..., 1:]}, batch_axis=1)
     model = state.model
     n_params, flops_per_token = model.num_params(), model.estimate_flops()
-    tokens = np.random.default_rng(0).integers(0, args.vocab_size, (accum, rows, args.seq_len + 1), np.int32)
-    batch = sharding.shard_batch({"inputs": tokens[..., :-1], "targets": tokens[..., 1:]}, mesh, batch_axis=1)
     hyper = hyperparams(1.0, 0.95)
     print(f"{jax.default_backend()} × {len(devices)} ({devices[0].device_kind}) | d{args.depth}: {config}")
     print(f"params {n_params:,} | FLOPs/token {flops_per_token:.4g} = 6·(N − N_wte) + 12·L·H·head_dim·T "

@@ -12,20 +12,20 @@ import os
 
 import jax
 
-from jaxchat import core_eval, sharding
-from jaxchat.base_train import SAMPLE_PROMPTS, sample_greedy
+from jaxchat import core_eval
 from jaxchat.checkpoint_manager import load_model
-from jaxchat.common import UserError, get_base_dir, run_main
+from jaxchat.common import UserError, flag_adder, get_base_dir, run_main
 from jaxchat.dataloader import DataLoader
+from jaxchat.engine import SAMPLE_PROMPTS, sample_greedy
 from jaxchat.loss_eval import evaluate_bpb
-from jaxchat.tokenizer import get_token_bytes, get_tokenizer
+from jaxchat.run import make_mesh
 
 EVALS = ("core", "bpb", "sample")
 
 
 def build_parser():
     p = argparse.ArgumentParser(description="Evaluate a jaxchat base model.")
-    add = lambda name, **kw: p.add_argument(f"--{name.replace('_', '-')}", f"--{name}", **kw)
+    add = flag_adder(p)
     add("eval", default="core,bpb,sample", help=f"comma-separated: {', '.join(EVALS)}")
     add("model_tag", default="", help="default: the largest d<N> in base_checkpoints")
     add("step", type=int, default=-1, help="default: the last")
@@ -45,10 +45,6 @@ def main(argv=None):
     evals = [e for e in args.eval.split(",") if e]
     if unknown := [e for e in evals if e not in EVALS]:
         raise UserError(f"--eval: unknown {unknown}; choose from {', '.join(EVALS)}")
-    try:
-        mesh = sharding.make_mesh((args.mesh_data, -1))
-    except ValueError as e:
-        raise UserError(f"--mesh_data={args.mesh_data}: {e}") from None
     if "core" in evals:  # find (or fetch) the bundle before any compute: a problem shows at once
         try:
             bundle = core_eval.get_eval_bundle(args.eval_bundle or None, download=bool(args.download_bundle))
@@ -56,28 +52,25 @@ def main(argv=None):
         except core_eval.BundleMissing as e:
             print(f"CORE skipped: {e}")
             evals.remove("core")
-    model, meta = load_model("base", args.model_tag or None, None if args.step < 0 else args.step, mesh=mesh)
-    tokenizer = get_tokenizer()
-    if tokenizer.get_vocab_size() != model.config.vocab_size:
-        raise UserError(f"tokenizer vocab {tokenizer.get_vocab_size()} != model vocab {model.config.vocab_size}")
-    tag = meta["model_tag"]
-    results = {"step": meta["step"], "model_config": meta["model_config"]}
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(make_mesh(args)):
+        model, tokenizer, meta = load_model("base", args.model_tag or None, None if args.step < 0 else args.step)
+        tag = meta["model_tag"]
+        results = {"step": meta["step"], "model_config": meta["model_config"]}
         if "bpb" in evals:
             T = args.max_seq_len or model.config.sequence_len
-            rows = args.device_batch_size * mesh.devices.size
+            rows = args.device_batch_size * jax.device_count()
             steps = max(1, args.split_tokens // (rows * T))
-            token_bytes = get_token_bytes()
+            token_bytes = tokenizer.token_bytes()
             for split in ("train", "val"):
                 with DataLoader(tokenizer, rows, T, split, args.data_dir or None) as loader:
-                    results[f"{split}_bpb"] = evaluate_bpb(model, iter(loader), steps, token_bytes, mesh)
+                    results[f"{split}_bpb"] = evaluate_bpb(model, iter(loader), steps, token_bytes)
                 print(f"{split} bpb: {results[f'{split}_bpb']:.6f} ({steps} × {rows} × {T} tokens)")
         if "sample" in evals:
             results["samples"] = sample_greedy(model, tokenizer, SAMPLE_PROMPTS, max_tokens=16)
             for text in results["samples"]:
                 print(f"  {text!r}")
         if "core" in evals:
-            results["core"] = core_eval.evaluate_model(model, tokenizer, args.max_per_task, bundle, mesh=mesh)
+            results["core"] = core_eval.evaluate_model(model, tokenizer, args.max_per_task, bundle)
     out_dir = os.path.join(get_base_dir(), "base_eval")
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"{tag}_{meta['step']:06d}")

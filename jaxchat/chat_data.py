@@ -60,7 +60,7 @@ class _Loader:
             targets[r, :n - 1] = np.where(np.asarray(supervised[1:n]) == 1, ids[1:n], -1)
         return {"inputs": inputs, "targets": targets}
 
-    def state(self):
+    def get_state(self):
         return {"position": self.position, "cropped": self.cropped, "seen": self.seen}
 
 
@@ -103,8 +103,8 @@ class PackedLoader(_Loader):
         batches = [next(self) for _ in range(accum)]
         return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
-    def state(self):
-        return {**super().state(), "buffer": sorted(self.buffer)}
+    def get_state(self):
+        return {**super().get_state(), "buffer": sorted(self.buffer)}
 
 
 class PaddedLoader(_Loader):

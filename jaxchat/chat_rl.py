@@ -1,13 +1,15 @@
 """Reinforcement learning on GSM8K: `python -m jaxchat.chat_rl [--source sft] [--model_tag d20]` (nanochat's chat_rl).
 
-nanochat's "GRPO", effectively REINFORCE with a group baseline (spec §8.4): each step takes `examples_per_step`
-training problems, samples `num_samples` completions of each through the engine (calculator tool on; all problems in
-one on-device decode, rows sharded over the mesh), rewards 1 for a correct '#### n' answer, and takes one optimizer
-step on −Σ advantage · log p(token) over the sampled tokens, divided by their number (prompt and forced tool-output
-tokens carry no gradient); advantage = reward − the mean reward of the problem's group. Learning rates × `init_lr_frac`
-then linearly to 0. pass@k on held-out problems every `eval_every` steps. Offline without GSM8K, the synthetic
-calculator problems (Arithmetic) stand in, and the run says so. Sampling seeds derive from the step, so
-`--resume=1` continues exactly.
+nanochat's "GRPO", effectively REINFORCE with a group baseline: each step takes `examples_per_step` training
+problems, samples `num_samples` completions of each through the engine (calculator tool on; all problems in one
+on-device decode, rows sharded over the mesh), rewards 1 for a correct '#### n' answer, and takes one optimizer
+step on −Σ advantage · log p(token) over the sampled tokens, divided by their number; advantage = reward − the mean
+reward of the problem's group. Only tokens the model sampled are supervised: the engine's mask is 0 on the prompt
+and on forced tool-output tokens, and padding is never supervised. Every supervised token of a row carries the
+row's advantage as its loss weight in the one `train.train_step`, so the step's loss Σ adv·CE / N is −(the
+token-level policy-gradient objective). Learning rates × `init_lr_frac`, then linearly to 0. pass@k on held-out
+problems every `eval_every` steps. Offline without GSM8K, the synthetic calculator problems (Arithmetic) stand in,
+and the run says so. Sampling seeds derive from the step, so `--resume=1` continues exactly.
 """
 import argparse
 
@@ -16,20 +18,16 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxchat import sharding
-from jaxchat.chat_eval import completion_prompt
-from jaxchat.common import UserError, run_main
+from jaxchat.common import UserError, pad_bucket, run_main
 from jaxchat.engine import Engine
-from jaxchat.finetune import StageRun, add_flags, flag_adder, batch_shape, devices_line, make_mesh
 from jaxchat.optim import hyperparams
-from jaxchat.rl_batch import advantages, rollout_batch
-from jaxchat.tokenizer import get_tokenizer
+from jaxchat.run import add_chat_flags, batch_rows, chat_run, devices_line, make_mesh
 from jaxchat.train import check_finite, train_step
 
 
 def build_parser():
-    p = add_flags(argparse.ArgumentParser(description="RL of a jaxchat chat model on GSM8K."), "sft",
-                  device_batch_size=8, init_lr_frac=0.05, eval_every=60)
-    add = flag_adder(p)
+    p = argparse.ArgumentParser(description="RL of a jaxchat chat model on GSM8K.")
+    add = add_chat_flags(p, "sft", device_batch_size=8, init_lr_frac=0.05, eval_every=60)
     add("num_epochs", type=int, default=1)
     add("examples_per_step", type=int, default=16, help="problems per optimizer step")
     add("num_samples", type=int, default=16, help="completions per problem (the group)")
@@ -54,10 +52,10 @@ def load_tasks():
 
 def rollouts(engine, tokenizer, task, indices, num_samples, args, seed):
     """Sample num_samples completions of each problem (one batched engine call); returns the engine's
-    (sequences, masks), the rewards, and the prompt lengths."""
+    (sequences, masks) and the rewards."""
     conversations = [task[i] for i in indices]
     room = engine.model.config.sequence_len - args.max_new_tokens  # a long problem keeps its end (cropped left)
-    prompts = [completion_prompt(tokenizer, c, max(room, 2)) for c in conversations]
+    prompts = [tokenizer.render_for_completion(c, max(room, 2)) for c in conversations]
     sequences, masks = engine.generate_batch(prompts, num_samples=num_samples, max_tokens=args.max_new_tokens,
                                              temperature=args.temperature, top_k=args.top_k, seed=seed)
     rewards = [task.reward(conversations[r // num_samples], tokenizer.decode(seq[len(prompts[r // num_samples]):]))
@@ -75,56 +73,95 @@ def pass_at_k(engine, tokenizer, task, n, samples, args, seed):
     return {k: float(np.mean(solved[:, :k].any(axis=1))) for k in range(1, samples + 1)}
 
 
+def advantages(rewards, num_samples):
+    """reward − mean reward of its group; `rewards` flat, prompt-major groups of `num_samples` (no σ-scaling,
+    as nanochat). float32 (rows,)."""
+    r = np.asarray(rewards, np.float32).reshape(-1, num_samples)
+    return (r - r.mean(axis=1, keepdims=True)).reshape(-1)
+
+
+def rollout_batch(sequences, masks, advantages, pad_id, width=None):
+    """{"inputs", "targets", "weights"}: int32, int32, float32 (rows, W). `sequences`/`masks` as from
+    `Engine.generate_batch` (prompt + sampled tokens; mask 0 on prompt and forced tokens). Targets are −1 where
+    the target token's mask is 0 and on padding. W = `width`, else the longest sequence − 1 rounded up to a
+    power of two (≥ 16), so that few shapes compile."""
+    longest = max(len(s) for s in sequences) - 1
+    W = width or pad_bucket(longest)
+    if longest > W:
+        raise ValueError(f"a sequence needs {longest} positions, more than width {W}")
+    rows = len(sequences)
+    inputs = np.full((rows, W), pad_id, np.int32)
+    targets = np.full((rows, W), -1, np.int32)
+    for r, (seq, mask) in enumerate(zip(sequences, masks)):
+        assert len(seq) == len(mask), (len(seq), len(mask))
+        seq, mask = np.asarray(seq, np.int32), np.asarray(mask)
+        n = len(seq) - 1
+        inputs[r, :n] = seq[:-1]
+        targets[r, :n] = np.where(mask[1:] == 1, seq[1:], -1)  # position t predicts token t+1
+    # The whole row carries its advantage; only supervised positions reach the loss.
+    weights = np.repeat(np.asarray(advantages, np.float32)[:, None], W, axis=1)
+    return {"inputs": inputs, "targets": targets, "weights": weights}
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    tokenizer = get_tokenizer()
-    mesh = make_mesh(args)
-    rows, accum = batch_shape(args, mesh, args.examples_per_step * args.num_samples)
-    train, test, data_name = load_tasks()
-    run = StageRun("rl", args, mesh, {"reward": None, "pass@1": None}, rows)
-    num_steps = args.num_iterations if args.num_iterations > 0 else \
-        max(1, len(train) // args.examples_per_step * args.num_epochs)
-    eval_n = min(args.eval_examples, len(test))
-    pad = tokenizer.encode_special("<|assistant_end|>")
-    print(f"{devices_line(mesh)} | rl {run.model_tag} from {args.source} step {run.source_step} on {data_name} | "
-          f"{num_steps} steps × {args.examples_per_step} problems × {args.num_samples} samples "
-          f"({accum} micro-batches of {rows} rows)")
-    rewards_log = {}
-    bar = tqdm(total=num_steps, initial=run.step, desc=f"chat_rl {run.model_tag}", unit="step")
-    step, start = run.step, run.step
-    with jax.set_mesh(mesh):
-        while True:
-            last = step >= num_steps
-            engine = Engine(run.state.model, tokenizer, mesh=mesh)  # this step's weights
-            if last or (args.eval_every > 0 and step % args.eval_every == 0):
-                passes = pass_at_k(engine, tokenizer, test, eval_n, args.eval_samples, args, seed=1_000_000)
-                run.loop["pass@1"] = passes[1]
-                run.writer.scalars(step, {f"val/pass@{k}": v for k, v in passes.items()})
-                tqdm.write(f"step {step:05d} | {data_name} pass@1 {passes[1]:.4f} | pass@{args.eval_samples} "
-                           f"{passes[args.eval_samples]:.4f} ({eval_n} problems)")
-            if last or (args.save_every > 0 and step % args.save_every == 0 and step != start):
+    with jax.set_mesh(make_mesh(args)):
+        return train(args)
+
+
+def train(args):
+    rows, accum = batch_rows(args, args.examples_per_step * args.num_samples)
+    train_task, test_task, data_name = load_tasks()
+    settings = {"device_batch_size": args.device_batch_size, "examples_per_step": args.examples_per_step,
+                "num_samples": args.num_samples, "batch_rows": rows}
+    with chat_run("rl", args, settings, {"reward": None, "pass@1": None}) as run:
+        tokenizer, loop = run.tokenizer, run.loop_state
+        num_steps = args.num_iterations if args.num_iterations > 0 else \
+            max(1, len(train_task) // args.examples_per_step * args.num_epochs)
+        eval_n = min(args.eval_examples, len(test_task))
+        pad = tokenizer.encode_special("<|assistant_end|>")
+        print(f"{devices_line()} | rl {run.model_tag} from {args.source} step {run.meta['source_step']} on "
+              f"{data_name} | {num_steps} steps × {args.examples_per_step} problems × {args.num_samples} samples "
+              f"({accum} micro-batches of {rows} rows)")
+
+        def evaluate(step):
+            engine = Engine(run.model, tokenizer)
+            passes = pass_at_k(engine, tokenizer, test_task, eval_n, args.eval_samples, args, seed=1_000_000)
+            loop["pass@1"] = passes[1]
+            run.writer.scalars(step, {f"val/pass@{k}": v for k, v in passes.items()})
+            tqdm.write(f"step {step:05d} | {data_name} pass@1 {passes[1]:.4f} | pass@{args.eval_samples} "
+                       f"{passes[args.eval_samples]:.4f} ({eval_n} problems)")
+
+        rewards_log = {}
+        bar = tqdm(total=num_steps, initial=run.step, desc=f"chat_rl {run.model_tag}", unit="step")
+        step = run.step
+        while step < num_steps:
+            if args.eval_every > 0 and step % args.eval_every == 0:
+                evaluate(step)
+            if args.save_every > 0 and step % args.save_every == 0 and step != run.start_step:
                 run.save(step, {"step": step})
-            if last:
-                break
-            indices = [(step * args.examples_per_step + i) % len(train) for i in range(args.examples_per_step)]
-            sequences, masks, rewards = rollouts(engine, tokenizer, train, indices, args.num_samples, args, seed=step)
+            indices = [(step * args.examples_per_step + i) % len(train_task) for i in range(args.examples_per_step)]
+            engine = Engine(run.model, tokenizer)  # this step's weights
+            sequences, masks, rewards = rollouts(engine, tokenizer, train_task, indices, args.num_samples, args,
+                                                 seed=step)
             batch = rollout_batch(sequences, masks, advantages(rewards, args.num_samples), pad)
             batch = {k: v.reshape(accum, rows, *v.shape[1:]) for k, v in batch.items()}
             lrm = args.init_lr_frac * (1 - step / num_steps)
-            run.state, metrics = train_step(run.state, sharding.shard_batch(batch, mesh, batch_axis=1),
+            run.state, metrics = train_step(run.state, sharding.shard_batch(batch, batch_axis=1),
                                             hyperparams(lrm, 0.95))
             check_finite(metrics["loss"], step)
-            rewards_log[step] = run.loop["reward"] = float(rewards.mean())
+            rewards_log[step] = loop["reward"] = float(rewards.mean())
             seq_len = float(np.mean([len(s) for s in sequences]))
-            run.writer.scalars(step, {"train/reward": rewards.mean(), "train/sequence_length": seq_len, "train/lrm": lrm,
-                                      "train/objective": -float(metrics["loss"])})
+            run.writer.scalars(step, {"train/reward": rewards.mean(), "train/sequence_length": seq_len,
+                                      "train/lrm": lrm, "train/objective": -float(metrics["loss"])})
             bar.set_postfix_str(f"reward {rewards.mean():.3f} | len {seq_len:.0f}")
             bar.update(1)
             step += 1
-    bar.close()
-    run.close()
-    print(f"done: {num_steps} steps | {data_name} pass@1 {run.loop['pass@1']:.4f} | checkpoints in {run.ckpt.directory}")
-    return {"rewards": rewards_log, "pass@1": run.loop["pass@1"], "num_steps": num_steps, "data": data_name}
+        run.save(step, {"step": step})  # before the final evaluation: a crash there loses nothing
+        evaluate(step)
+        bar.close()
+    print(f"done: {num_steps} steps | {data_name} pass@1 {loop['pass@1']:.4f} | checkpoints in {run.ckpt.directory}")
+    return {"rewards": rewards_log, "pass@1": loop["pass@1"], "num_steps": num_steps, "data": data_name}
 
 
 if __name__ == "__main__":

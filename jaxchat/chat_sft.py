@@ -17,17 +17,16 @@ from tqdm import tqdm
 from jaxchat import sharding
 from jaxchat.chat_data import PaddedLoader
 from jaxchat.common import UserError, run_main
-from jaxchat.finetune import StageRun, add_flags, flag_adder, batch_shape, devices_line, make_mesh
 from jaxchat.mixtures import build_mixture, describe
 from jaxchat.optim import hyperparams
-from jaxchat.tokenizer import get_tokenizer
+from jaxchat.run import add_chat_flags, batch_rows, chat_run, devices_line, make_mesh
+from jaxchat.task_eval import run_chat_eval
 from jaxchat.train import check_finite, train_step
 
 
 def build_parser():
-    p = add_flags(argparse.ArgumentParser(description="Supervised fine-tuning of a jaxchat model."), "mid",
-                  device_batch_size=4, init_lr_frac=0.02, eval_every=100)
-    add = flag_adder(p)
+    p = argparse.ArgumentParser(description="Supervised fine-tuning of a jaxchat model.")
+    add = add_chat_flags(p, "mid", device_batch_size=4, init_lr_frac=0.02, eval_every=100)
     add("num_epochs", type=int, default=1)
     add("target_examples_per_step", type=int, default=32, help="conversations per optimizer step")
     add("max_seq_len", type=int, default=0, help="longest conversation in tokens (default: the model's context)")
@@ -41,28 +40,27 @@ def build_parser():
 @nnx.jit
 def loss_sum(model, inputs, targets):
     """(Σ loss, supervised tokens) of a batch (accum, B, T), for val loss over many batches."""
-    total = jax.lax.map(lambda b: model(b[0], b[1], loss_reduction="sum"), (inputs, targets))
+    total = jax.lax.map(lambda b: model.loss(b[0], b[1], reduction="sum"), (inputs, targets))
     return jnp.sum(total), jnp.sum(targets != -1)
 
 
-def val_loss(model, loader, steps, accum, mesh):
+def val_loss(model, loader, steps):
     total, count = 0.0, 0
-    for _ in range(steps):
-        batch = sharding.shard_batch(loader.next_stacked(accum), mesh, batch_axis=1)
+    for _ in tqdm(range(steps), desc="val loss", unit="batch", leave=False):
+        batch = sharding.shard_batch(loader.next_stacked(1), batch_axis=1)
         s, n = loss_sum(model, batch["inputs"], batch["targets"])
         total, count = total + float(s), count + int(n)
     return total / max(count, 1)
 
 
-def chat_metrics(model, tokenizer, max_problems, mesh, unavailable):
+def chat_metrics(model, tokenizer, max_problems, unavailable):
     """MMLU and ARC-Easy accuracy (nanochat's quick SFT metrics); tasks that cannot be had are noted once."""
-    from jaxchat.chat_eval import run_chat_eval
     out = {}
     for name in ("MMLU", "ARC-Easy"):
         if name in unavailable:
             continue
         try:
-            out[name] = run_chat_eval(name, model, tokenizer, None, batch_size=32, max_problems=max_problems, mesh=mesh)
+            out[name] = run_chat_eval(name, model, tokenizer, None, batch_size=32, max_problems=max_problems)
         except UserError as e:
             unavailable[name] = str(e).splitlines()[0]
             tqdm.write(f"{name} accuracy not measured: {unavailable[name]}")
@@ -71,60 +69,66 @@ def chat_metrics(model, tokenizer, max_problems, mesh, unavailable):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    tokenizer = get_tokenizer()
-    mesh = make_mesh(args)
-    rows, accum = batch_shape(args, mesh, args.target_examples_per_step)
+    with jax.set_mesh(make_mesh(args)):
+        return train(args)
+
+
+def train(args):
+    rows, accum = batch_rows(args, args.target_examples_per_step)
     train_task, sizes, missing = build_mixture("sft", "train", args.extra_jsonl)
     val_task, val_sizes, val_missing = build_mixture("sft", "val")
     print(describe("sft", "train", sizes, missing) + "\n" + describe("sft", "val", val_sizes, val_missing))
-    run = StageRun("sft", args, mesh, {"smooth_loss": 0.0, "val_loss": None}, rows)
-    T = args.max_seq_len or run.config.sequence_len
-    num_iterations = args.num_iterations if args.num_iterations > 0 else \
-        max(1, len(train_task) // args.target_examples_per_step * args.num_epochs)
-    loader = PaddedLoader(tokenizer, train_task, rows, T, "assistant", state=run.loader_state)
-    print(f"{devices_line(mesh)} | sft {run.model_tag} from {args.source} step {run.source_step} | {num_iterations} "
-          f"steps × {args.target_examples_per_step} conversations ({accum} micro-batches of {rows}) | T ≤ {T}")
-    unavailable, losses = {}, {}
-    bar = tqdm(total=num_iterations, initial=run.step, desc=f"chat_sft {run.model_tag}", unit="step")
-    step, start = run.step, run.step
-    with jax.set_mesh(mesh):
-        while True:
-            last = step >= num_iterations
+    settings = {"device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
+                "target_examples_per_step": args.target_examples_per_step, "batch_rows": rows}
+    with chat_run("sft", args, settings, {"val_loss": None}) as run:
+        tokenizer = run.tokenizer
+        T = args.max_seq_len or run.model.config.sequence_len
+        num_iterations = args.num_iterations if args.num_iterations > 0 else \
+            max(1, len(train_task) // args.target_examples_per_step * args.num_epochs)
+        loader = PaddedLoader(tokenizer, train_task, rows, T, "assistant", state=run.dataloader_state_dict)
+        print(f"{devices_line()} | sft {run.model_tag} from {args.source} step {run.meta['source_step']} | "
+              f"{num_iterations} steps × {args.target_examples_per_step} conversations ({accum} micro-batches of "
+              f"{rows}) | T ≤ {T}")
+        unavailable, losses = {}, {}
+
+        def evaluate(step, last):
             if last or (args.eval_every > 0 and step % args.eval_every == 0):
                 val = PaddedLoader(tokenizer, val_task, rows, T, "assistant")
-                run.loop["val_loss"] = val_loss(run.state.model, val, args.eval_steps, 1, mesh)
-                run.writer.scalars(step, {"val/loss": run.loop["val_loss"]})
-                tqdm.write(f"step {step:05d} | val loss {run.loop['val_loss']:.4f}")
+                run.loop_state["val_loss"] = val_loss(run.model, val, args.eval_steps)
+                run.writer.scalars(step, {"val/loss": run.loop_state["val_loss"]})
+                tqdm.write(f"step {step:05d} | val loss {run.loop_state['val_loss']:.4f}")
             if args.eval_metrics_every > 0 and (last or step % args.eval_metrics_every == 0):
-                metrics = chat_metrics(run.state.model, tokenizer, args.eval_metrics_max_problems, mesh, unavailable)
+                metrics = chat_metrics(run.model, tokenizer, args.eval_metrics_max_problems, unavailable)
                 run.writer.scalars(step, {f"val/{k.lower().replace('-', '_')}_acc": v for k, v in metrics.items()})
                 if metrics:
                     tqdm.write(f"step {step:05d} | " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in metrics.items()))
-            if last or (args.save_every > 0 and step % args.save_every == 0 and step != start):
-                run.save(step, loader.state())
-            if last:
-                break
+
+        bar = tqdm(total=num_iterations, initial=run.step, desc=f"chat_sft {run.model_tag}", unit="step")
+        step = run.step
+        while step < num_iterations:
+            evaluate(step, last=False)
+            if args.save_every > 0 and step % args.save_every == 0 and step != run.start_step:
+                run.save(step, loader.get_state())
             t0 = time.perf_counter()
             batch = loader.next_stacked(accum)
             tokens = int((batch["targets"] != -1).sum())
-            batch = sharding.shard_batch(batch, mesh, batch_axis=1)
             lrm = args.init_lr_frac * (1 - step / num_iterations)
-            run.state, metrics = train_step(run.state, batch, hyperparams(lrm, 0.95))
+            run.state, metrics = train_step(run.state, sharding.shard_batch(batch, batch_axis=1), hyperparams(lrm, 0.95))
             loss = losses[step] = check_finite(metrics["loss"], step)
             tok_s = tokens / (time.perf_counter() - t0)
-            run.loop["smooth_loss"] = 0.9 * run.loop["smooth_loss"] + 0.1 * loss
-            smooth = run.loop["smooth_loss"] / (1 - 0.9 ** (step + 1))
+            smooth = run.smooth_loss(step, loss)
             run.writer.scalars(step, {"train/loss": smooth, "train/lrm": lrm, "train/num_tokens": tokens,
                                       "train/tok_per_sec": tok_s, "train/epoch": loader.epoch,
                                       "train/cropped": loader.cropped})
             bar.set_postfix_str(f"loss {smooth:.4f} | lrm {lrm:.4f} | {tok_s:,.0f} supervised tok/s")
             bar.update(1)
             step += 1
-    bar.close()
-    run.close()
-    print(f"done: {num_iterations} steps | val loss {run.loop['val_loss']:.4f} | cropped conversations "
+        run.save(step, loader.get_state())  # before the final evaluation: a crash there loses nothing
+        evaluate(step, last=True)
+        bar.close()
+    print(f"done: {num_iterations} steps | val loss {run.loop_state['val_loss']:.4f} | cropped conversations "
           f"{loader.cropped} of {loader.seen} | checkpoints in {run.ckpt.directory}")
-    return {"losses": losses, "val_loss": run.loop["val_loss"], "num_iterations": num_iterations,
+    return {"losses": losses, "val_loss": run.loop_state["val_loss"], "num_iterations": num_iterations,
             "cropped": loader.cropped, "missing": missing}
 
 

@@ -1,19 +1,41 @@
-"""Checkpoints: a stage's whole state saved with orbax, restored exactly, onto any mesh.
+"""Checkpoints: a stage's whole state saved with orbax, restored exactly onto the current mesh, with the tokenizer
+it was trained with.
 
 Layout (nanochat's, one directory per step instead of three files):
 
-    $JAXCHAT_BASE_DIR/{base,mid,chatsft,chatrl}_checkpoints/<model_tag>/<step:06d>/
-        model/  the parameters (fp32): all that a later stage, an eval or the engine needs
-        optim/  the optimizer state (Adam moments, Muon momentum, step count)
-        meta/   JSON: step, model_config, user_config, data-loader state, loop state, metrics
+    $JAXCHAT_BASE_DIR/{base,mid,chatsft,chatrl}_checkpoints/<model_tag>/
+        .lock           flock'ed by the one run writing here; holds its pid, host, start time and command line
+        tokenizer/      the run's tokenizer (the files `tokenizer.save` writes), copied at its first save
+        <step:06d>/
+            model/      the parameters (fp32): all that a later stage, an eval or the engine needs
+            optim/      the optimizer state (Adam moments, Muon momentum, step count)
+            meta/       JSON: the caller's keys (model_config, loop_state, ...), `step`, `tokenizer_fingerprint`
 
-orbax writes each step into a temporary directory and renames it when complete, so a crash mid-write never damages
-an earlier checkpoint; at most `max_to_keep` are kept. Restoring takes the shardings of the *current* mesh, so a
-checkpoint saved on one mesh shape loads onto another (orbax re-shards).
+A run writes through one Checkpointer: `with Checkpointer(dir, keep).lock() as ckpt:`, then
+`ckpt.save(step, model_state, optim_state, meta, tokenizer)`. The lock refuses a second run on the same
+directory (both would write, and delete, the same steps); the kernel drops it when its process ends, so a
+crashed run never leaves it behind. Passing the tokenizer to every save is the one way a checkpoint learns it:
+its files are copied once per run, its fingerprint goes into every step's meta, and `load_model` returns the
+copy and refuses any tokenizer whose fingerprint differs. Readers (`load_model`, evals) never lock.
+
+orbax writes each step into a temporary directory and renames it when complete, so a crash mid-write never
+damages an earlier checkpoint; a file damaged afterwards (a full disk, a bad copy) makes its step fail to restore
+with one line, and `restore_latest` (resume) falls back to the newest intact step. Arrays land with the
+shardings of the mesh set by `jax.set_mesh` (one device without one), so a checkpoint saved on one mesh shape
+loads onto another (orbax re-shards).
 """
+import asyncio
+import contextlib
 import dataclasses
+import fcntl
+import json
 import os
 import re
+import shlex
+import shutil
+import socket
+import sys
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -22,9 +44,11 @@ from flax import nnx
 from jaxchat import sharding
 from jaxchat.common import UserError, get_base_dir
 from jaxchat.model import GPT, GPTConfig
+from jaxchat.tokenizer import get_tokenizer
 
 SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
                "rl": "chatrl_checkpoints"}
+LOCK_FILE, TOKENIZER_DIR = ".lock", "tokenizer"
 
 
 def checkpoint_dir(source, model_tag):
@@ -45,8 +69,17 @@ def find_largest_model(checkpoints_dir):
     return max(tags, key=lambda t: os.path.getmtime(os.path.join(checkpoints_dir, t)))
 
 
+class DamagedCheckpoint(UserError):
+    """A step that cannot be restored (a file missing, truncated or garbled); `reason` says which item and why."""
+
+    def __init__(self, message, reason):
+        super().__init__(message)
+        self.reason = reason
+
+
 class Checkpointer:
-    """Save/restore the steps of one run directory. Saves are asynchronous: call `wait()` before exiting."""
+    """The steps of one run directory. Saves are asynchronous: `close()` (or leaving a `with` block) waits for
+    them and releases the lock."""
 
     def __init__(self, directory, max_to_keep=2, create=True):
         self.directory = os.path.abspath(directory)
@@ -54,28 +87,137 @@ class Checkpointer:
             raise UserError(f"no checkpoint directory {self.directory}")
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create, step_format_fixed_length=6)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._lock_file = None
+        self._fingerprint = None  # of the tokenizer this run saves with, once its copy is on disk
 
-    def latest_step(self):
-        return self.manager.latest_step()
+    def __enter__(self):
+        return self
 
-    def all_steps(self):
-        return list(self.manager.all_steps())
+    def __exit__(self, *exc_info):
+        self.close()
 
-    def save(self, step, model_state, optim_state, meta):
-        """model_state/optim_state: NNX states (or pure dicts) of the model and the optimizer; meta: JSON-able."""
+    # ---- the one writer --------------------------------------------------------------------------------------
+    def lock(self):
+        """Make this the directory's only writer until close(). Another run holding it (another process, or
+        another Checkpointer in this one: flock locks an open file, not a process) is named in one UserError.
+        Returns self."""
+        if self._lock_file is not None:
+            return self
+        os.makedirs(self.directory, exist_ok=True)
+        f = open(os.path.join(self.directory, LOCK_FILE), "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read()
+            f.close()
+            raise UserError(f"{self.directory} is in use by another run ({_describe_holder(holder)}); wait for it "
+                            f"to end or use another --model_tag") from None
+        f.truncate(0)
+        argv = list(sys.orig_argv)
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                   "command": shlex.join([os.path.basename(argv[0])] + argv[1:])}, f)
+        f.flush()
+        self._lock_file = f
+        return self
+
+    def clear(self):
+        """Delete every step and the tokenizer copy, for a fresh run over an old one (takes the lock)."""
+        self.lock()
+        for step in self.all_steps():
+            self.manager.delete(step)
+        shutil.rmtree(os.path.join(self.directory, TOKENIZER_DIR), ignore_errors=True)
+        self._fingerprint = None
+
+    def save(self, step, model_state, optim_state, meta, tokenizer):
+        """Write one step: the model's and the optimizer's NNX states (or pure dicts), the caller's JSON-able meta,
+        and the tokenizer the run trains with (its files once, its fingerprint in the meta). Takes the lock."""
+        self.lock()
+        if self._fingerprint is None:
+            self._fingerprint = tokenizer.fingerprint()
+            path = os.path.join(self.directory, TOKENIZER_DIR)
+            if not os.path.isdir(path):  # a resumed run's copy is already there (resume checked it: check_tokenizer)
+                shutil.rmtree(path + ".tmp", ignore_errors=True)
+                tokenizer.save(path + ".tmp")
+                os.rename(path + ".tmp", path)  # atomic: a reader sees the whole copy or none
         saved = self.manager.save(step, args=ocp.args.Composite(
             model=ocp.args.StandardSave(_pure(model_state)), optim=ocp.args.StandardSave(_pure(optim_state)),
-            meta=ocp.args.JsonSave({**meta, "step": step})))
+            meta=ocp.args.JsonSave({**meta, "step": step, "tokenizer_fingerprint": self._fingerprint})))
         if not saved:  # orbax declines (returns False) when a step at or after this one is already on disk
             raise UserError(f"checkpoint step {step} was not written to {self.directory} (steps there: "
                             f"{self.all_steps()})")
+
+    def load_tokenizer(self, meta, where):
+        """The tokenizer this run trained with (its copy; $JAXCHAT_BASE_DIR/tokenizer for checkpoints older than
+        copies), checked against the step's `meta`."""
+        tokenizer_dir = os.path.join(self.directory, TOKENIZER_DIR)
+        if not os.path.isdir(tokenizer_dir):
+            tokenizer_dir = os.path.join(get_base_dir(), "tokenizer")
+        tokenizer = get_tokenizer(tokenizer_dir)
+        check_tokenizer(meta, tokenizer, where, tokenizer_dir)
+        return tokenizer
 
     def wait(self):
         self.manager.wait_until_finished()
 
     def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Wait for pending saves, then release the lock (closing the file drops the flock)."""
+        try:
+            self.manager.wait_until_finished()
+            self.manager.close()
+        finally:
+            if self._lock_file is not None:
+                self._lock_file.close()
+                self._lock_file = None
+
+    # ---- reading ---------------------------------------------------------------------------------------------
+    def latest_step(self):
+        return self.manager.latest_step()
+
+    def all_steps(self):
+        return sorted(self.manager.all_steps())
+
+    def restore_meta(self, step=None):
+        """The meta of `step` (default: the latest)."""
+        step = self._step(step)
+        return self._restore_item(step, "meta", ocp.args.JsonRestore())
+
+    def restore(self, step, abstract_model_state, abstract_optim_state=None):
+        """Restore `step` (None: the latest) into the given abstract NNX states, sharded on the current mesh.
+        Returns (model_state, optim_state or None, meta); a damaged step raises DamagedCheckpoint."""
+        step = self._step(step)
+        meta = self._restore_item(step, "meta", ocp.args.JsonRestore())
+        model_state = _fill(abstract_model_state, self._restore_item(
+            step, "model", ocp.args.StandardRestore(_target(abstract_model_state))))
+        optim_state = None
+        if abstract_optim_state is not None:
+            optim_state = _fill(abstract_optim_state, self._restore_item(
+                step, "optim", ocp.args.StandardRestore(_target(abstract_optim_state))))
+        return model_state, optim_state, meta
+
+    def restore_latest(self, abstract_model_state, abstract_optim_state=None):
+        """restore() of the newest intact step, for resuming a run (takes the lock). A damaged newer step is
+        named in one line and moved aside to <step>.damaged, kept for a person to look at and out of the way
+        of the resumed run, which saves that step again."""
+        self.lock()
+        damaged = []
+        for step in reversed(self.all_steps()):
+            try:
+                restored = self.restore(step, abstract_model_state, abstract_optim_state)
+            except DamagedCheckpoint as e:
+                damaged.append(f"step {step} is damaged ({e.reason})")
+                continue
+            for bad in self.all_steps():
+                if bad > step:
+                    _move_aside(self._step_dir(bad))
+            self.manager.reload()
+            if damaged:
+                print(f"{self.directory}: {', '.join(damaged)}: resuming from step {step} (damaged steps moved "
+                      f"to <step>.damaged)", file=sys.stderr)
+            return restored
+        if not damaged:
+            raise UserError(f"no checkpoint to resume in {self.directory}")
+        raise UserError(f"no intact checkpoint to resume in {self.directory}: {', '.join(damaged)}")
 
     def _step(self, step):
         step = self.latest_step() if step is None else step
@@ -84,39 +226,89 @@ class Checkpointer:
                             f" (steps present: {self.all_steps() or 'none'})")
         return step
 
-    def restore_meta(self, step=None):
-        step = self._step(step)
-        try:
-            return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        except Exception as e:  # orbax raises many kinds for damaged files
-            raise UserError(f"damaged checkpoint {self.directory}/{step:06d} (meta): {type(e).__name__}: {e}") from None
+    def _step_dir(self, step):
+        return os.path.join(self.directory, f"{step:06d}")
 
-    def restore(self, step, abstract_model_state, abstract_optim_state=None, mesh=None):
-        """Restore into the given abstract NNX states (shapes; shardings from `mesh` and the logical names).
-        Returns (model_state, optim_state or None, meta)."""
-        step = self._step(step)
-        items = {"model": ocp.args.StandardRestore(_target(abstract_model_state, mesh)),
-                 "meta": ocp.args.JsonRestore()}
-        if abstract_optim_state is not None:
-            items["optim"] = ocp.args.StandardRestore(_target(abstract_optim_state, mesh))
+    def _restore_item(self, step, name, args):
+        """One item of a step (meta, model or optim); any failure of orbax or TensorStore reading it means a
+        damaged file, reported in one line."""
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except Exception as e:
-            raise UserError(f"cannot restore checkpoint {self.directory}/{step:06d}: {type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:300]}") from None
-        model_state = _fill(abstract_model_state, restored.model)
-        optim_state = _fill(abstract_optim_state, restored.optim) if abstract_optim_state is not None else None
-        return model_state, optim_state, restored.meta
+            with _reads_finish_before_loop_close():
+                return getattr(self.manager.restore(step, args=ocp.args.Composite(**{name: args})), name)
+        except Exception as e:  # orbax and TensorStore raise many kinds of errors for a damaged file
+            reason = f"{name}: {_short_reason(e, self._step_dir(step))}"
+            raise DamagedCheckpoint(f"checkpoint {self._step_dir(step)} is damaged ({reason})", reason) from None
+
+
+def _move_aside(path):
+    target, n = path + ".damaged", 1
+    while os.path.exists(target):  # damaged before: keep both
+        target, n = f"{path}.damaged{n}", n + 1
+    os.rename(path, target)
+
+
+def _describe_holder(text):
+    try:
+        h = json.loads(text)
+        return f"pid {h['pid']} on {h['host']}, since {h['since']}: {h['command']}"
+    except (ValueError, KeyError, TypeError):  # the holder has not written its details yet
+        return "holder unknown"
+
+
+def _short_reason(e, step_dir):
+    """The root error's first line, without the step's path (the message names it) and without orbax's wrapper,
+    which prints the repr of a TensorStore method."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    lines = str(e.args[0] if isinstance(e, KeyError) and e.args else e).strip().splitlines()
+    text = lines[0] if lines else ""
+    if type(e) not in (ValueError, Exception):  # TensorStore's ValueErrors start with a status (NOT_FOUND: ...)
+        text = f"{type(e).__name__}: {text}"
+    text = text.split(" See full TensorStore details")[0].split(" [tensorstore_spec=")[0]
+    text = text.replace(f' at local file "{step_dir}/', ' in "').replace(step_dir + "/", "")
+    return text if len(text) <= 240 else text[:237] + "..."
+
+
+class _DrainingLoop(asyncio.SelectorEventLoop):
+    """An event loop that, asked to close, first lets its pending tasks finish.
+
+    orbax runs a restore on a fresh loop and closes it as soon as one read fails, while TensorStore is still
+    completing the item's other reads on its own threads. Each of those then reports to the closed loop and
+    prints a 'RuntimeError: Event loop is closed' traceback, at a moment that depends on timing (even at exit).
+    Waiting for them before closing leaves nothing to report."""
+
+    def close(self):
+        pending = asyncio.all_tasks(self)
+        if pending and not self.is_running() and not self.is_closed():
+            self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        super().close()
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self):
+        return _DrainingLoop()
+
+
+@contextlib.contextmanager
+def _reads_finish_before_loop_close():
+    """Loops that orbax creates meanwhile (it calls asyncio.new_event_loop) are _DrainingLoops."""
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_DrainingPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(previous)
 
 
 def _pure(state):
     return nnx.to_pure_dict(state) if isinstance(state, nnx.State) else state
 
 
-def _target(abstract_state, mesh):
-    """ShapeDtypeStructs carrying the shardings the arrays should land with (on the concrete mesh)."""
-    pure = _pure(abstract_state)
-    if mesh is None:
+def _target(abstract_state):
+    """ShapeDtypeStructs carrying the shardings the arrays should land with: from the logical names on the mesh
+    set by `jax.set_mesh`, or one device when none is set."""
+    pure, mesh = _pure(abstract_state), jax.sharding.get_mesh()
+    if mesh.empty:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), pure)
     shardings = _pure(sharding.state_shardings(abstract_state, mesh))
@@ -138,14 +330,33 @@ def check_model_config(meta, config, where):
                         + ", ".join(f"{k} saved {a} vs requested {b}" for k, (a, b) in mismatched.items()))
 
 
-def load_model(source, model_tag=None, step=None, mesh=None, compute_dtype=None):
-    """nanochat's load_model: the model of a stage's checkpoint (model tag: the largest d<N>; step: the last).
-    Returns (model, meta); weights land sharded on `mesh` (or on one device)."""
+def check_tokenizer(meta, tokenizer, where, tokenizer_dir=None):
+    """Refuse a tokenizer that the checkpoint `where` was not trained with: a fingerprint other than the one its
+    meta records (checkpoints older than fingerprints record none), or a vocabulary size other than its model's.
+    `tokenizer_dir`: where the tokenizer came from, for the message (default: $JAXCHAT_BASE_DIR/tokenizer)."""
+    tokenizer_dir = tokenizer_dir or os.path.join(get_base_dir(), "tokenizer")
+    saved, actual = meta.get("tokenizer_fingerprint"), tokenizer.fingerprint()
+    if saved is not None and saved != actual:
+        raise UserError(f"the tokenizer at {tokenizer_dir} is not the one {where} was trained with (fingerprint "
+                        f"{actual} vs {saved}): was it retrained or replaced? Use the tokenizer the model was "
+                        f"trained with, or train the model again")
+    vocab_size = meta.get("model_config", {}).get("vocab_size")
+    if vocab_size is not None and vocab_size != tokenizer.get_vocab_size():
+        raise UserError(f"the tokenizer at {tokenizer_dir} has {tokenizer.get_vocab_size()} tokens but the model of "
+                        f"{where} has a vocabulary of {vocab_size}: use the tokenizer the model was trained with")
+    # the BOS token needs no check: a tokenizer cannot be built without one (RustBPETokenizer.__init__)
+
+
+def load_model(source, model_tag=None, step=None, compute_dtype=None):
+    """nanochat's load_model: a stage's model (tag: the largest d<N>; step: the last), the tokenizer it was trained
+    with (the checkpoint's copy; $JAXCHAT_BASE_DIR/tokenizer for checkpoints older than copies), checked against
+    it, and the meta. Returns (model, tokenizer, meta); the weights land on the mesh set by `jax.set_mesh`."""
     root = os.path.dirname(checkpoint_dir(source, "x"))
     model_tag = model_tag or find_largest_model(root)
-    ckpt = Checkpointer(os.path.join(root, model_tag), max_to_keep=None, create=False)
-    meta = ckpt.restore_meta(step)
-    config = GPTConfig(**{**meta["model_config"], **({"compute_dtype": compute_dtype} if compute_dtype else {})})
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0))))
-    model_state, _, meta = ckpt.restore(meta["step"], abstract, mesh=mesh)
-    return nnx.merge(graphdef, model_state), {**meta, "model_tag": model_tag}
+    with Checkpointer(os.path.join(root, model_tag), max_to_keep=None, create=False) as ckpt:
+        meta = ckpt.restore_meta(step)
+        tokenizer = ckpt.load_tokenizer(meta, f"{source}/{model_tag} step {meta['step']}")
+        config = GPTConfig(**{**meta["model_config"], **({"compute_dtype": compute_dtype} if compute_dtype else {})})
+        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0))))
+        model_state, _, meta = ckpt.restore(meta["step"], abstract)
+    return nnx.merge(graphdef, model_state), tokenizer, {**meta, "model_tag": model_tag}

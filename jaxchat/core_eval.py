@@ -1,4 +1,4 @@
-"""CORE: the base-model benchmark of DCLM (arXiv 2406.11794) as nanochat scores it (spec §7.2).
+"""CORE: the base-model benchmark of DCLM (arXiv 2406.11794) as nanochat scores it.
 
 22 in-context tasks of three kinds, each example scored from one forward pass over its prompts:
   multiple_choice   one prompt per choice ("{query}{delim}{choice}"); the answer span is what follows the choices'
@@ -15,7 +15,6 @@ compiles once per (rows, bucket).
 A prompt longer than the model's context keeps its last sequence_len tokens (the answer is at the end).
 The bundle (core.yaml, eval_meta_data.csv, eval_data/) is nanochat's eval_bundle.zip; see get_eval_bundle.
 """
-import contextlib
 import csv
 import json
 import os
@@ -38,7 +37,7 @@ from jaxchat.common import UserError, file_lock, get_base_dir, pad_bucket
 from jaxchat.download import BadFile, download_file
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
-BATCH_TOKENS = 16384  # tokens per forward per batch shard: bounds the (rows, bucket, vocab) fp32 logits
+BATCH_TOKENS = 16384  # tokens per forward per batch shard: bounds the activations of one forward
 MIN_BUCKET = 16
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 
@@ -128,11 +127,9 @@ def prepare_task(tokenizer, data, task_meta, max_len, chunk=1024):
 
 @partial(jax.jit, static_argnums=0)
 def _forward(graphdef, state, ids):
-    """Next-token cross-entropy and argmax at every position of (B, T) ids (the last column is meaningless)."""
-    logits = nnx.merge(graphdef, state)(ids)
-    targets = jnp.roll(ids, -1, axis=1)
-    nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-    return nll, jnp.argmax(logits, -1).astype(jnp.int32)
+    """Next-token cross-entropy and greedy (argmax) prediction at every position of (B, T) ids (the last column is
+    meaningless), from the model's chunked loss: no (B, T, V) logits."""
+    return nnx.merge(graphdef, state).loss(ids, jnp.roll(ids, -1, axis=1), reduction="none")
 
 
 def bucket_len(n, max_len):
@@ -158,14 +155,9 @@ def plan_batches(lengths, max_len, shards=1, batch_tokens=BATCH_TOKENS):
     return batches
 
 
-def score_rows(model, rows, pad_id, max_len, batch_tokens=BATCH_TOKENS, mesh=None, desc=None):
-    """Mean cross-entropy and greedy exact match over each row's span: two arrays (n_rows,). With a mesh, the rows
-    of a batch are split over its batch axes."""
-    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        return _score_rows(model, rows, pad_id, max_len, batch_tokens, mesh, desc)
-
-
-def _score_rows(model, rows, pad_id, max_len, batch_tokens, mesh, desc):
+def score_rows(model, rows, pad_id, max_len, batch_tokens=BATCH_TOKENS, desc=None):
+    """Mean cross-entropy and greedy exact match over each row's span: two arrays (n_rows,). Under a mesh
+    (`jax.set_mesh`), the rows of a batch are split over its batch axes."""
     graphdef, state = nnx.split(model)
     shards = sharding.batch_shards()
     mean_loss, exact = np.zeros(len(rows), np.float64), np.zeros(len(rows), bool)
@@ -185,8 +177,8 @@ def _score_rows(model, rows, pad_id, max_len, batch_tokens, mesh, desc):
             ids = np.full((n_rows, bucket), pad_id, np.int32)
             for b, r in enumerate(members):
                 ids[b, :len(rows[r][0])] = rows[r][0]
-            batch = sharding.shard_batch(ids, mesh) if mesh is not None else ids
-            out = _forward(graphdef, state, batch)  # dispatched asynchronously: the host prepares the next batch
+            # dispatched asynchronously: the host prepares the next batch meanwhile
+            out = _forward(graphdef, state, sharding.shard_batch(ids))
             if pending is not None:
                 collect(pending)
             pending = (out, members, ids)
@@ -195,19 +187,11 @@ def _score_rows(model, rows, pad_id, max_len, batch_tokens, mesh, desc):
     return mean_loss, exact
 
 
-def _active_mesh(mesh):
-    if mesh is None and not (active := jax.sharding.get_mesh()).empty:
-        return active
-    return mesh
-
-
-def example_correct(model, tokenizer, data, task_meta, max_len=None, batch_tokens=BATCH_TOKENS, mesh=None,
-                    desc=None):
+def example_correct(model, tokenizer, data, task_meta, max_len=None, batch_tokens=BATCH_TOKENS, desc=None):
     """0/1 per example of `data` (float array)."""
-    mesh = _active_mesh(mesh)
     max_len = max_len or model.config.sequence_len
     rows = prepare_task(tokenizer, data, task_meta, max_len)
-    mean_loss, exact = score_rows(model, rows, tokenizer.get_bos_token_id(), max_len, batch_tokens, mesh, desc)
+    mean_loss, exact = score_rows(model, rows, tokenizer.get_bos_token_id(), max_len, batch_tokens, desc)
     correct = np.zeros(len(data))
     if task_meta["task_type"] == "language_modeling":
         for (_, _, _, idx), ok in zip(rows, exact):
@@ -223,7 +207,7 @@ def example_correct(model, tokenizer, data, task_meta, max_len=None, batch_token
 
 def evaluate_task(model, tokenizer, data, task_meta, **kw):
     """Accuracy of the model on one task's examples (nanochat's name; task_meta: task_type, num_fewshot,
-    continuation_delimiter). Keywords: max_len (default the model's sequence_len), batch_tokens, mesh, desc."""
+    continuation_delimiter). Keywords: max_len (default the model's sequence_len), batch_tokens, desc."""
     return float(example_correct(model, tokenizer, data, task_meta, **kw).mean()) if data else 0.0
 
 
@@ -339,7 +323,7 @@ def centered(accuracy, baseline_percent):
 
 def evaluate_model(model, tokenizer, max_per_task=-1, bundle_dir=None, download=True, **kw):
     """CORE of a base model: {"results": {label: accuracy}, "centered_results": {label: centered},
-    "core_metric": mean centered}. Prints one line per task. Keywords as evaluate_task's (mesh, max_len, ...)."""
+    "core_metric": mean centered}. Prints one line per task. Keywords as evaluate_task's (max_len, ...)."""
     tasks, baselines = load_bundle(get_eval_bundle(bundle_dir, download))
     results, centered_results = {}, {}
     print(f"{'task':<35} {'shots':>5} {'type':<17} {'n':>6} {'accuracy':>9} {'centered':>9} {'time':>8}")

@@ -10,7 +10,7 @@ Pipeline (one per process):
       .batch(B).map(split)                        {"inputs": (B, T), "targets": (B, T)} int32
       [ThreadPrefetchIterDataset]                 optional: batches built ahead in a background thread
 
-Packing (nanochat HEAD, spec §5.3): a buffer of at least `buffer_size` tokenized documents, refilled
+Packing (nanochat HEAD's): a buffer of at least `buffer_size` tokenized documents, refilled
 `tokenizer_batch_size` documents at a time from the current row group; each row of capacity T+1 repeatedly takes the
 largest buffered document that fits the remaining space (the earliest one on ties); when none fits, the shortest
 (earliest on ties) is cropped to fill the row exactly and its remainder discarded. Every row starts with BOS; no

@@ -22,7 +22,6 @@ One path serves sampling during training, evaluation, RL rollouts, the CLI and t
 """
 
 import ast
-import contextlib
 import operator
 from functools import partial
 
@@ -106,7 +105,7 @@ def _prefill(graphdef, state, tokens, start, rows, max_len):
     model = nnx.merge(graphdef.value, state)
     P, T = tokens.shape
     cache = KVCache.create(model.config, P, T, jnp.dtype(model.config.compute_dtype), start)
-    logits, cache = model(tokens, kv_cache=cache)
+    logits, cache = model.decode(tokens, cache)
     if P == 1:  # as with rows, a prefix of one prompt makes XLA:CPU copy it every step: hold it twice
         twice = lambda t: tuple(jnp.repeat(x, MIN_ROWS, axis=0) for x in t)
         cache = cache.replace(k=twice(cache.k), v=twice(cache.v), start=twice((cache.start,))[0])
@@ -117,7 +116,7 @@ def _prefill(graphdef, state, tokens, start, rows, max_len):
 def _extend(graphdef, state, cache, tokens, n_real):
     """Feed tokens (B, T) at the cache's next slot; the first n_real columns are real, the rest right-padding
     (written, but overwritten before anything reads them)."""
-    logits, cache = nnx.merge(graphdef.value, state)(tokens, kv_cache=cache)
+    logits, cache = nnx.merge(graphdef.value, state).decode(tokens, cache)
     last = jax.lax.dynamic_index_in_dim(logits, n_real - 1, axis=1, keepdims=False)
     return last, cache.replace(index=cache.index - tokens.shape[1] + n_real)
 
@@ -137,7 +136,7 @@ def _decode(graphdef, ids, state, ds, stop_n, temperature, top_k):
         forced_tok = jnp.take_along_axis(s.forced, jnp.minimum(s.forced_pos, MAX_FORCED - 1)[:, None], 1)[:, 0]
         live = ~s.done
         tok = jnp.where(live, jnp.where(is_forced, forced_tok, sampled), end)
-        logits, cache = model(tok[:, None], kv_cache=s.cache)
+        logits, cache = model.decode(tok[:, None], s.cache)
         column = lambda buf, x: jax.lax.dynamic_update_slice(buf, x.astype(jnp.int32)[:, None], (0, s.n))
         return jax.tree.map(sharding.constrain_rows, s.replace(
             cache=cache, logits=logits[:, 0], out=column(s.out, tok), out_mask=column(s.out_mask, live & ~is_forced),
@@ -167,20 +166,20 @@ class _HashedOnce:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, tool=None, mesh=None, replicate_weights=False):
+    def __init__(self, model, tokenizer, tool=None, replicate_weights=False):
         """tool(code: str) -> str | None runs a closed python block (default: nanochat's calculator).
-        Under `mesh`, rows are sharded over the batch axes; weights stay as the model holds them (FSDP), or are
-        replicated on every device with replicate_weights (no per-token all-gathers; fits models up to a few B)."""
+        Calls run under the caller's mesh (`jax.set_mesh`), if any: rows are sharded over its batch axes; weights
+        stay as the model holds them (FSDP), or, with replicate_weights, are replicated on every device of the mesh
+        set when the engine is built (no per-token all-gathers; fits models up to a few B)."""
         self.model, self.tokenizer = model, tokenizer
         self.tool = tool or use_calculator
-        self.mesh = mesh
         graphdef, self.state = nnx.split(model)
         self.graphdef = _HashedOnce(graphdef)
         dtype = jnp.dtype(model.config.compute_dtype)
         if dtype.itemsize < 4:  # decoding reads every matrix per token: hold them in the 16-bit compute dtype
             cast = lambda path, x: x.astype(dtype) if "kernel" in jax.tree_util.keystr(path) else x
             self.state = jax.tree_util.tree_map_with_path(cast, self.state)
-        if mesh is not None and replicate_weights:
+        if replicate_weights and not (mesh := jax.sharding.get_mesh()).empty:
             self.state = jax.device_put(self.state, NamedSharding(mesh, PartitionSpec()))
         special = tokenizer.encode_special
         self.bos, self.assistant_end = tokenizer.get_bos_token_id(), special("<|assistant_end|>")
@@ -207,7 +206,7 @@ class Engine:
             tokens[:, :len(tail)] = tail  # row 0 is the chat; the others are padding rows, already done
             logits, cache = _extend(self.graphdef, self.state, cache, jnp.asarray(tokens), len(tail))
         else:
-            shards = sharding.batch_shards()  # rows pad up to the mesh (the engine's, or the caller's)
+            shards = sharding.batch_shards()  # rows pad up to the caller's mesh
             P, T = -(-len(prompts) // shards) * shards, pad_bucket(longest, minimum=MIN_BUCKET)
             rows = max(P * num_samples, -(-MIN_ROWS // shards) * shards)
             rows += -rows % (P * (MIN_ROWS if P == 1 else 1))  # whole groups of rows per prefix copy
@@ -265,21 +264,16 @@ class Engine:
                           forced_pos=jnp.asarray(forced_pos), py_start=jnp.asarray(py_start),
                           needs_tool=jnp.zeros_like(ds.needs_tool))
 
-    def _mesh(self):
-        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
-
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42, stream_every=1):
         """Stream (token_column, token_masks), lists of num_samples ints (mask 1 sampled, 0 forced or finished);
         finished rows repeat <|assistant_end|>. Ends when every row is done or after max_tokens columns.
         stream_every: decode steps per device call (1 = token by token)."""
         single = num_samples == 1
-        with self._mesh():
-            ds, n_cols = self._start([list(tokens)], num_samples, max_tokens, seed, keep_cache=single)
+        ds, n_cols = self._start([list(tokens)], num_samples, max_tokens, seed, keep_cache=single)
         self._held, shown = None, 0  # a reused cache now lives in ds
         done, out = False, None
         while shown < n_cols and not done:
-            with self._mesh():
-                ds = self._run(ds, min(shown + stream_every, n_cols), temperature, top_k)
+            ds = self._run(ds, min(shown + stream_every, n_cols), temperature, top_k)
             out, mask, n, done_rows = jax.device_get((ds.out, ds.out_mask, ds.n, ds.done))
             for t in range(shown, n):
                 yield out[:num_samples, t].tolist(), mask[:num_samples, t].tolist()
@@ -293,9 +287,8 @@ class Engine:
         prompt (num_samples rows) or a list of prompts (num_samples rows each, prompt-major)."""
         several = len(tokens) > 0 and not isinstance(tokens[0], (int, np.integer))
         prompts = [list(p) for p in tokens] if several else [list(tokens)]
-        with self._mesh():
-            ds, n_cols = self._start(prompts, num_samples, max_tokens, seed)
-            ds = self._run(ds, n_cols, temperature, top_k)
+        ds, n_cols = self._start(prompts, num_samples, max_tokens, seed)
+        ds = self._run(ds, n_cols, temperature, top_k)
         out, mask, n = jax.device_get((ds.out, ds.out_mask, ds.n))
         results, masks = [], []
         for row in range(len(prompts) * num_samples):
@@ -304,6 +297,18 @@ class Engine:
             results.append(prompt + gen[:stop])
             masks.append([0] * len(prompt) + mask[row, :stop].tolist())
         return results, masks
+
+
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then "
+                  "tomorrow will be", "The opposite of hot is", "My lord, I", "To be, or not to be"]
+
+
+def sample_greedy(model, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens=16):
+    """Each prompt continued greedily, all in one batch (what base training and base_eval print); returns
+    prompt + continuation texts."""
+    ids = [tokenizer.encode(p, prepend=tokenizer.get_bos_token_id()) for p in prompts]
+    results, _ = Engine(model, tokenizer).generate_batch(ids, max_tokens=max_tokens, temperature=0.0)
+    return [tokenizer.decode(r[1:]) for r in results]
 
 
 # ------------------------------------------------------------------------------------------- the calculator

@@ -1,8 +1,10 @@
 """The whole pipeline: `python -m jaxchat.launch --config=NAME [--key=value ...]`.
 
-A config (`configs/NAME.toml`, or a path) lists the stages to run, in order, and the flags of each stage in a table
-named after it; `--stages=a,b` runs only some of them (e.g. `--stages=base_train --resume=1`). Overrides on the command line: `--stage.key=value` for one stage, or `--key=value` for every stage of
-the config that has that flag. Every key is checked against the stage's own flags before anything runs.
+A config (`jaxchat/configs/NAME.toml`, shipped in the package, or a path) lists the stages to run, in order, and
+the flags of each stage in a table named after it; `--stages=a,b` runs only some of them (e.g. `--stages=base_train
+--resume=1`). Overrides on the command line: `--stage.key=value` for one stage, or `--key=value` for every stage of
+the config that has that flag. Every key and the type of every value are checked against the stage's own flags
+before anything runs.
 """
 import argparse
 import functools
@@ -25,7 +27,8 @@ STAGES = {
     "chat_rl": "jaxchat.chat_rl",
     "chat_eval": "jaxchat.chat_eval",
 }
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+# inside the package, so that `--config=tiny` works from any directory after a plain `pip install .`
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
 def load_config(name):
@@ -44,6 +47,8 @@ def load_config(name):
     for stage in list(stages) + [k for k in config if k != "stages"]:
         if stage not in STAGES:
             raise UserError(f"config {path}: unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        if stage in config and not isinstance(config[stage], dict):
+            raise UserError(f"config {path}: {stage} must be a table of flags ([{stage}]), not {config[stage]!r}")
     return config
 
 
@@ -55,16 +60,32 @@ def stage_flags(stage):
 
 
 def check_value(stage, key, value, flags):
+    """The value converted to the type of the stage's flag (int, float or str), or one line naming stage.key.
+
+    Command-line values arrive as strings and must parse as that type; a config's values arrive typed by TOML and
+    must already have it: no float for an int, no number for a string, no list or table. A TOML bool is always
+    refused: on/off flags are ints (1 or 0), and reading true as 1 would turn a slip such as
+    `num_iterations = true` into a one-step run instead of an error."""
     if key not in flags:
         raise UserError(f"unknown key {stage}.{key}; valid keys for {stage}: {', '.join(sorted(flags)) or '(none)'}")
     action = flags[key]
-    if action.type is not None and not isinstance(value, bool):
+    kind = action.type or str  # argparse's default type is the string itself
+
+    def wrong(hint=""):
+        shown = str(value).lower() if isinstance(value, bool) else repr(value)  # as written in TOML: true, not True
+        return UserError(f"{stage}.{key}={shown}: expected {kind.__name__}{hint}")
+
+    if isinstance(value, bool):  # before the int case: bool is a subclass of int
+        raise wrong(": write 1 or 0, not true/false" if kind is int else "")
+    if isinstance(value, str):
         try:
-            if action.type is int and isinstance(value, float):
-                raise ValueError("a float for an int flag")
-            value = action.type(value)
-        except (TypeError, ValueError):
-            raise UserError(f"{stage}.{key}={value!r}: expected {action.type.__name__}") from None
+            value = kind(value)
+        except ValueError:
+            raise wrong() from None
+    elif isinstance(value, kind) or (kind is float and isinstance(value, int)):
+        value = kind(value)
+    else:
+        raise wrong(" (in quotes)" if kind is str else "")
     if action.choices is not None and value not in action.choices:
         raise UserError(f"{stage}.{key}={value!r}: expected one of {', '.join(map(str, action.choices))}")
     return value
@@ -106,7 +127,8 @@ def stage_argv(stage, settings):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="a name in configs/ (tiny, ...) or a path to a .toml file")
+    parser.add_argument("--config", required=True,
+                        help="a name in jaxchat/configs/ (tiny, d20, ...) or a path to a .toml file")
     parser.add_argument("--stages", default="", help="run only these of the config's stages, e.g. base_train,base_eval")
     args, rest = parser.parse_known_args(argv)
     config = load_config(args.config)

@@ -3,10 +3,8 @@
 bpb = Σ nats over target tokens that stand for bytes / (ln 2 · Σ their bytes). Special tokens (0 bytes) and ignored
 targets (−1) count in neither sum, so models with different vocabularies compare fairly.
 """
-import contextlib
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -17,21 +15,19 @@ from jaxchat import sharding
 @nnx.jit
 def bpb_sums(model, inputs, targets, token_bytes):
     """(nats, bytes) of one batch: per-token losses summed where the target has bytes."""
-    losses = model(inputs, targets, loss_reduction="none")
+    losses, _ = model.loss(inputs, targets, reduction="none")
     nbytes = jnp.where(targets < 0, 0, token_bytes[jnp.maximum(targets, 0)])
     return jnp.sum(jnp.where(nbytes > 0, losses, 0.0)), jnp.sum(nbytes)
 
 
-def evaluate_bpb(model, batches, steps, token_bytes, mesh=None):
-    """Mean bpb over `steps` batches ({"inputs", "targets"} int arrays (B, T)) from the iterator `batches`."""
+def evaluate_bpb(model, batches, steps, token_bytes):
+    """Mean bpb over `steps` batches ({"inputs", "targets"} int arrays (B, T)) from the iterator `batches`, with
+    the rows split over the mesh the caller set (`jax.set_mesh`), if any."""
     token_bytes = jnp.asarray(np.asarray(token_bytes, dtype=np.int32))
     nats, nbytes = 0.0, 0
     for _ in range(steps):
-        batch = next(batches)
-        if mesh is not None:
-            batch = sharding.shard_batch(batch, mesh)
-        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-            n, b = bpb_sums(model, batch["inputs"], batch["targets"], token_bytes)
+        batch = sharding.shard_batch(next(batches))
+        n, b = bpb_sums(model, batch["inputs"], batch["targets"], token_bytes)
         nats += float(n)
         nbytes += int(b)
     return nats / (math.log(2) * nbytes) if nbytes > 0 else float("inf")

@@ -1,10 +1,17 @@
-"""Fused lm_head + softcap + cross-entropy, summed over supervised tokens.
+"""The one cross-entropy of jaxchat: lm_head + softcap + cross-entropy, fused and run over chunks of the sequence.
+
+The (B, T, V) logits are never held at once: a `lax.scan` walks the sequence in chunks and each chunk's logits
+live only inside its step. Chunks run along T, so the batch axis keeps its sharding. Two forms share the chunk
+math (`_chunk_logits`, `_token_losses`):
+
+- `softcap_cross_entropy_sum`: Σ weight·CE over supervised tokens (training). The loss is a sum with a scalar
+  cotangent, so its custom VJP computes the gradients for x and the head kernel in the same pass as the loss
+  (one logits matmul per chunk instead of two).
+- `softcap_cross_entropy_per_token`: each token's (weighted) CE and the argmax of its logits (evaluation, RL's
+  log-probs). Differentiable by plain autodiff: each step is rematerialised, so the backward pass recomputes one
+  chunk's logits at a time instead of saving them all.
 
 Optional per-token weights (RL: the advantages) scale each token's loss and gradient.
-
-The (B, T, V) logits are never held at once: a `lax.scan` walks the sequence in chunks and, since the loss is a
-sum with a scalar cotangent, computes the gradients for x and the head kernel in the same pass (one logits
-matmul instead of two; toolchain.md B10). Chunks run along T, so the batch axis keeps its sharding.
 """
 
 from functools import partial
@@ -12,7 +19,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-CHUNK_ROWS = {"cpu": 512, "gpu": 8192}  # rows (batch × positions) per chunk; 256-1024 best on the 2-core CPU
+CHUNK_ROWS = {"cpu": 512, "gpu": 8192}  # rows (batch × positions) per chunk; 256-1024 best on a 2-core CPU
 
 
 def _chunk_len(B, T):
@@ -21,35 +28,59 @@ def _chunk_len(B, T):
     return max(c for c in range(1, min(T, limit) + 1) if T % c == 0)
 
 
+def _to_chunks(a, c):
+    """(B, T, ...) -> (T // c, B, c, ...): the scan runs over the leading axis."""
+    B, T = a.shape[:2]
+    return a.reshape(B, T // c, c, *a.shape[2:]).swapaxes(0, 1)
+
+
+def _from_chunks(a):
+    """(T // c, B, c, ...) -> (B, T, ...)."""
+    n, B, c = a.shape[:3]
+    return a.swapaxes(0, 1).reshape(B, n * c, *a.shape[3:])
+
+
+def _chunk_logits(xc, w_c, softcap):
+    """Softcapped logits z = softcap·tanh(x @ w / softcap) of one chunk (fp32), and t = tanh(...), which the
+    backward of the softcap reuses. xc and w_c are already in the compute dtype."""
+    logits = jnp.einsum("bcd,dv->bcv", xc, w_c, preferred_element_type=jnp.float32)
+    t = jnp.tanh(logits / softcap)
+    return softcap * t, t
+
+
+def _token_losses(z, tc):
+    """Each token's CE (0 where the target is −1), with the pieces its gradient reuses: (losses, lse, valid,
+    safe targets)."""
+    valid = tc != -1
+    safe = jnp.where(valid, tc, 0)
+    lse = jax.nn.logsumexp(z, axis=-1)
+    z_target = jnp.take_along_axis(z, safe[..., None], -1)[..., 0]
+    return jnp.where(valid, lse - z_target, 0.0), lse, valid, safe
+
+
+# ---- the sum, with its gradient computed in the forward pass ---------------------------------------------------
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _fused_loss(x, w, targets, weights, softcap, dtype):
-    return _forward(x, w, targets, weights, softcap, dtype)[0]
+def _fused_sum(x, w, targets, weights, softcap, dtype):
+    return _sum_and_grads(x, w, targets, weights, softcap, dtype)[0]
 
 
 def softcap_cross_entropy_sum(x, w, targets, softcap, dtype, weights=None):
-    """Σ over targets ≠ −1 of weight·CE(softcap·tanh(x @ w / softcap), target). x (B,T,D), w (D,V), targets (B,T),
-    weights (B,T) fp32 or None (= 1, and then no weights array exists in the graph)."""
-    return _fused_loss(x, w, targets, weights, softcap, dtype)
+    """Σ over targets ≠ −1 of weight·CE(softcap·tanh(x @ w / softcap), target). x (B,T,D), w (D,V),
+    targets (B,T), weights (B,T) fp32 or None (= 1, and then no weights array exists in the graph)."""
+    return _fused_sum(x, w, targets, weights, softcap, dtype)
 
 
-def _forward(x, w, targets, weights, softcap, dtype):
-    B, T, D = x.shape
-    c = _chunk_len(B, T)
-    to_chunks = lambda a: a.reshape(B, T // c, c, *a.shape[2:]).swapaxes(0, 1)
-    from_chunks = lambda a: a.swapaxes(0, 1).reshape(B, T, *a.shape[3:])
+def _sum_and_grads(x, w, targets, weights, softcap, dtype):
+    c = _chunk_len(*x.shape[:2])
     w_c = w.astype(dtype)
 
     def step(dw, chunk):
         xc, tc, wc = chunk
         xc = xc.astype(dtype)
-        logits = jnp.einsum("bcd,dv->bcv", xc, w_c, preferred_element_type=jnp.float32)
-        t = jnp.tanh(logits / softcap)
-        z = softcap * t
-        valid = tc != -1
-        safe = jnp.where(valid, tc, 0)
-        lse = jax.nn.logsumexp(z, axis=-1)
-        z_target = jnp.take_along_axis(z, safe[..., None], -1)[..., 0]
-        token_loss = jnp.where(valid, lse - z_target, 0.0)  # its CE is also d loss / d weight
+        z, t = _chunk_logits(xc, w_c, softcap)
+        token_loss, lse, valid, safe = _token_losses(z, tc)  # a token's CE is also d loss / d its weight
         loss = jnp.sum(token_loss if wc is None else wc * token_loss)
         # d loss / d z = softmax(z) − onehot(target); through the softcap, dz/dlogits = 1 − t².
         dz = jnp.exp(z - lse[..., None]) - jax.nn.one_hot(safe, z.shape[-1], dtype=z.dtype)
@@ -61,14 +92,34 @@ def _forward(x, w, targets, weights, softcap, dtype):
         return dw, (loss, dx, None if wc is None else token_loss)
 
     dw, (losses, dx, token_losses) = jax.lax.scan(step, jnp.zeros(w.shape, jnp.float32), (
-        to_chunks(x), to_chunks(targets), None if weights is None else to_chunks(weights)))
-    dweights = None if weights is None else from_chunks(token_losses)
-    return jnp.sum(losses), (from_chunks(dx), dw, dweights)
+        _to_chunks(x, c), _to_chunks(targets, c), None if weights is None else _to_chunks(weights, c)))
+    dweights = None if weights is None else _from_chunks(token_losses)
+    return jnp.sum(losses), (_from_chunks(dx), dw, dweights)
 
 
-def _bwd(softcap, dtype, grads, g):
+def _sum_bwd(softcap, dtype, grads, g):
     dx, dw, dweights = grads
     return g * dx, g * dw, None, None if dweights is None else g * dweights
 
 
-_fused_loss.defvjp(_forward, _bwd)
+_fused_sum.defvjp(_sum_and_grads, _sum_bwd)
+
+
+# ---- per token ---------------------------------------------------------------------------------------------------
+
+
+def softcap_cross_entropy_per_token(x, w, targets, softcap, dtype, weights=None):
+    """Per token of (B, T): (weight·CE, 0 where the target is −1; argmax of the softcapped logits, int32).
+    Same arguments as `softcap_cross_entropy_sum`; differentiable in x, w and weights."""
+    c = _chunk_len(*x.shape[:2])
+    w_c = w.astype(dtype)
+
+    @jax.checkpoint  # the backward recomputes this chunk's logits rather than keeping every chunk's
+    def step(_, chunk):
+        xc, tc = chunk
+        z, _ = _chunk_logits(xc.astype(dtype), w_c, softcap)
+        return None, (_token_losses(z, tc)[0], jnp.argmax(z, axis=-1).astype(jnp.int32))
+
+    _, (losses, argmax) = jax.lax.scan(step, None, (_to_chunks(x, c), _to_chunks(targets, c)))
+    losses = _from_chunks(losses)
+    return losses if weights is None else weights * losses, _from_chunks(argmax)

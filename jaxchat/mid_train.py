@@ -3,8 +3,8 @@ format, special tokens and tool calls from a mixture of conversations.
 
 Conversations are rendered and packed whole into rows of max_seq_len + 1 tokens (BOS-aligned best fit, padding
 instead of splitting); every real token is a target (nanochat's midtraining), except padding and a row's next BOS.
-Schedule (nanochat with its LR-ramp bug fixed, spec §4.5): learning-rate multiplier 1.0 for the first 80% of the run,
-then linearly to 0; Muon momentum 0.85 -> 0.95 over 300 steps. The run is one pass over the mixture (or
+Schedule: learning-rate multiplier 1.0 for the first 80% of the run, then linearly to 0 (nanochat intends this; its
+code ramps the wrong way); Muon momentum 0.85 -> 0.95 over 300 steps. The run is one pass over the mixture (or
 `--num_iterations`). Val bpb on the validation mixture every `eval_every` steps. `--resume=1` continues exactly.
 """
 import argparse
@@ -16,21 +16,20 @@ from tqdm import tqdm
 from jaxchat import sharding
 from jaxchat.chat_data import PackedLoader
 from jaxchat.common import UserError, run_main
-from jaxchat.finetune import StageRun, add_flags, flag_adder, batch_shape, devices_line, make_mesh, source_config
 from jaxchat.loss_eval import evaluate_bpb
 from jaxchat.mixtures import build_mixture, describe
 from jaxchat.optim import get_muon_momentum, hyperparams
-from jaxchat.tokenizer import get_token_bytes, get_tokenizer
+from jaxchat.run import add_chat_flags, batch_rows, chat_run, devices_line, eval_tokens, make_mesh, source_config
 from jaxchat.train import check_finite, train_step
 
 
 def build_parser():
-    p = add_flags(argparse.ArgumentParser(description="Midtrain a jaxchat base model on conversations."), "base",
-                  device_batch_size=32, init_lr_frac=1.0, eval_every=150)
-    add = flag_adder(p)
+    p = argparse.ArgumentParser(description="Midtrain a jaxchat base model on conversations.")
+    add = add_chat_flags(p, "base", device_batch_size=32, init_lr_frac=1.0, eval_every=150)
     add("max_seq_len", type=int, default=0, help="row length (default: the model's context)")
     add("total_batch_size", type=int, default=524288, help="tokens per optimizer step")
-    add("eval_tokens", type=int, default=20 * 524288, help="val tokens per val-bpb evaluation")
+    add("eval_tokens", type=int, default=-1, help="val tokens per val-bpb evaluation (-1: a tenth of the run's "
+                                                  "tokens, at most nanochat's 20 × 524,288)")
     add("extra_jsonl", default="", help="your own conversations (JSONL files, comma-separated) to add to the mix")
     return p
 
@@ -42,57 +41,63 @@ def get_lr_multiplier(progress):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    tokenizer, token_bytes = get_tokenizer(), get_token_bytes()
-    mesh = make_mesh(args)
+    with jax.set_mesh(make_mesh(args)):
+        return train(args)
+
+
+def train(args):
     train_task, sizes, missing = build_mixture("mid", "train", args.extra_jsonl)
     val_task, val_sizes, val_missing = build_mixture("mid", "val")
     print(describe("mid", "train", sizes, missing) + "\n" + describe("mid", "val", val_sizes, val_missing))
     T = args.max_seq_len or source_config(args)["sequence_len"]
     if args.total_batch_size % T:
         raise UserError(f"total_batch_size {args.total_batch_size} must be a multiple of the row length {T}")
-    rows, accum = batch_shape(args, mesh, args.total_batch_size // T)
-    run = StageRun("mid", args, mesh, {"smooth_loss": 0.0, "val_bpb": None}, rows)
-    loader = PackedLoader(tokenizer, train_task, rows, T, "all", state=run.loader_state)
-    epoch_len = len(train_task)
-    progress = lambda step: step / args.num_iterations if args.num_iterations > 0 else loader.position / epoch_len
-    eval_steps = max(1, args.eval_tokens // (rows * T))
-    print(f"{devices_line(mesh)} | mid {run.model_tag} from {args.source} step {run.source_step} | "
-          f"{'%d steps' % args.num_iterations if args.num_iterations > 0 else 'one pass'} × {args.total_batch_size:,} "
-          f"tokens ({accum} micro-batches of {rows}×{T})")
-    losses = {}
-    bar = tqdm(total=1.0, initial=progress(run.step), desc=f"mid_train {run.model_tag}", unit="epoch",
-               bar_format="{l_bar}{bar}| {n:.3f}/{total} [{elapsed}<{remaining}{postfix}]")
-    step, start = run.step, run.step
-    with jax.set_mesh(mesh):
-        while True:
-            last = progress(step) >= 1.0
-            if last or (args.eval_every > 0 and step % args.eval_every == 0):
-                val = PackedLoader(tokenizer, val_task, rows, T, "all")
-                run.loop["val_bpb"] = evaluate_bpb(run.state.model, val, eval_steps, token_bytes, mesh)
-                run.writer.scalars(step, {"val/bpb": run.loop["val_bpb"]})
-                tqdm.write(f"step {step:05d} | val bpb {run.loop['val_bpb']:.4f}")
-            if last or (args.save_every > 0 and step % args.save_every == 0 and step != start):
-                run.save(step, loader.state())
-            if last:
-                break
+    rows, accum = batch_rows(args, args.total_batch_size // T)
+    settings = {"device_batch_size": args.device_batch_size, "max_seq_len": T, "total_batch_size": args.total_batch_size,
+                "batch_rows": rows}
+    with chat_run("mid", args, settings, {"val_bpb": None}) as run:
+        tokenizer, token_bytes = run.tokenizer, run.tokenizer.token_bytes()
+        loader = PackedLoader(tokenizer, train_task, rows, T, "all", state=run.dataloader_state_dict)
+        epoch_len = len(train_task)
+        progress = lambda step: step / args.num_iterations if args.num_iterations > 0 else loader.position / epoch_len
+        val_steps = max(1, eval_tokens(args.eval_tokens, args.total_batch_size, args.num_iterations) // (rows * T))
+        print(f"{devices_line()} | mid {run.model_tag} from {args.source} step {run.meta['source_step']} | "
+              f"{'%d steps' % args.num_iterations if args.num_iterations > 0 else 'one pass'} × "
+              f"{args.total_batch_size:,} tokens ({accum} micro-batches of {rows}×{T})")
+
+        def evaluate(step):
+            val = PackedLoader(tokenizer, val_task, rows, T, "all")
+            run.loop_state["val_bpb"] = evaluate_bpb(run.model, val, val_steps, token_bytes)
+            run.writer.scalars(step, {"val/bpb": run.loop_state["val_bpb"]})
+            tqdm.write(f"step {step:05d} | val bpb {run.loop_state['val_bpb']:.4f}")
+
+        losses = {}
+        bar = tqdm(total=1.0, initial=progress(run.step), desc=f"mid_train {run.model_tag}", unit="epoch",
+                   bar_format="{l_bar}{bar}| {n:.3f}/{total} [{elapsed}<{remaining}{postfix}]")
+        step = run.step
+        while progress(step) < 1.0:
+            if args.eval_every > 0 and step % args.eval_every == 0:
+                evaluate(step)
+            if args.save_every > 0 and step % args.save_every == 0 and step != run.start_step:
+                run.save(step, loader.get_state())
             lrm = args.init_lr_frac * get_lr_multiplier(progress(step))
             t0 = time.perf_counter()
-            batch = sharding.shard_batch(loader.next_stacked(accum), mesh, batch_axis=1)
+            batch = sharding.shard_batch(loader.next_stacked(accum), batch_axis=1)
             run.state, metrics = train_step(run.state, batch, hyperparams(lrm, get_muon_momentum(step)))
             loss = losses[step] = check_finite(metrics["loss"], step)
             tok_s = args.total_batch_size / (time.perf_counter() - t0)
-            run.loop["smooth_loss"] = 0.9 * run.loop["smooth_loss"] + 0.1 * loss
-            smooth = run.loop["smooth_loss"] / (1 - 0.9 ** (step + 1))
+            smooth = run.smooth_loss(step, loss)
             run.writer.scalars(step, {"train/loss": smooth, "train/lrm": lrm, "train/progress": progress(step + 1),
                                       "train/tok_per_sec": tok_s, "train/cropped": loader.cropped})
             bar.set_postfix_str(f"step {step} | loss {smooth:.4f} | lrm {lrm:.3f} | {tok_s:,.0f} tok/s")
             bar.update(min(1.0, progress(step + 1)) - bar.n)
             step += 1
-    bar.close()
-    run.close()
-    print(f"done: {step} steps | val bpb {run.loop['val_bpb']:.4f} | cropped conversations {loader.cropped} of "
+        run.save(step, loader.get_state())  # before the final evaluation: a crash there loses nothing
+        evaluate(step)
+        bar.close()
+    print(f"done: {step} steps | val bpb {run.loop_state['val_bpb']:.4f} | cropped conversations {loader.cropped} of "
           f"{loader.seen} | checkpoints in {run.ckpt.directory}")
-    return {"losses": losses, "val_bpb": run.loop["val_bpb"], "num_steps": step, "cropped": loader.cropped}
+    return {"losses": losses, "val_bpb": run.loop_state["val_bpb"], "num_steps": step, "cropped": loader.cropped}
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The data mixtures of the chat stages: nanochat's (spec §8.1, §8.2), made of whatever parts can be had.
+"""The data mixtures of the chat stages: nanochat's, made of whatever parts can be had.
 
 Each part is built when the mixture is; a part whose data cannot be had (offline, no local copy) is left out with the
 reason, which the stage prints and logs: a mixture never silently shrinks. Offline, what remains is the shipped

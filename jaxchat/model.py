@@ -1,10 +1,15 @@
-"""The GPT of nanochat (OCT, spec §3.1) as a Flax NNX module.
+"""The GPT of nanochat as a Flax NNX module.
 
 Token embedding -> parameter-free RMSNorm -> n_layer pre-norm blocks (rotary + QK-norm causal attention with
 optional grouped-query heads, ReLU² MLP) -> RMSNorm -> untied lm_head -> logit softcap 15·tanh(x/15).
 Weights are fp32; matmuls run in `config.compute_dtype` with fp32 results (autocast-style); norms, softmax,
 logits and the loss are fp32. Kernels are stored (in, out) as in JAX, i.e. transposed w.r.t. torch's weights.
 Every parameter carries logical axis names; `sharding.py` alone maps them onto the mesh.
+
+Entry points: `model(idx)` -> logits and `model(idx, targets)` -> mean loss (nanochat's spelling);
+`model.loss(idx, targets, weights, reduction)` -> mean, sum or per-token losses, always through the fused, chunked
+head of losses.py (no (B, T, V) logits); `model.decode(idx, kv_cache)` -> (logits, kv_cache). They share
+`hidden` (the trunk) and `logits` (the head), which callers may also use to take logits at a few positions.
 """
 
 import dataclasses
@@ -17,7 +22,7 @@ from flax import nnx, struct
 
 from jaxchat import sharding
 from jaxchat.attention import cached_attention, causal_attention
-from jaxchat.losses import softcap_cross_entropy_sum
+from jaxchat.losses import softcap_cross_entropy_per_token, softcap_cross_entropy_sum
 
 SOFTCAP = 15.0
 ROPE_BASE = 10_000
@@ -35,7 +40,7 @@ class GPTConfig:
 
 
 def config_for_depth(depth, vocab_size, sequence_len, n_kv_head=None, head_dim=128, compute_dtype="float32"):
-    """nanochat's one dial (spec §3.2): model_dim = 64·depth, n_head = ceil(model_dim / head_dim)."""
+    """nanochat's one dial: model_dim = 64·depth, n_head = ceil(model_dim / head_dim)."""
     model_dim = depth * 64
     n_head = max(1, -(-model_dim // head_dim))
     return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
@@ -45,7 +50,7 @@ def config_for_depth(depth, vocab_size, sequence_len, n_kv_head=None, head_dim=1
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
 def linear(x, w, dtype):
     """x (B, T, in) @ w (in, out): inputs cast to `dtype`, fp32 result (autocast-style), and a backward that does
-    the same. (Autodiff of a bf16 matmul gives bf16-output matmuls: slow on CPU, toolchain.md B10.)"""
+    the same. (Autodiff of a bf16 matmul gives bf16-output matmuls, which are slow on CPU.)"""
     return _linear_fwd(x, w, dtype)[0]
 
 
@@ -165,8 +170,11 @@ class KVCache:
 
 
 def _param(init, key, shape, axes):
-    # eager_sharding=False: a model can be built without a mesh; sharding.py places the arrays from `axes`.
-    return nnx.Param(init(key, shape, jnp.float32), out_sharding=axes, eager_sharding=False)
+    # Logical names `axes`, which Flax resolves to mesh axes with the rules the parameter carries (the optimizer's
+    # buffers inherit both). eager_sharding=False: Flax would shard at creation and refuse to build without a mesh;
+    # sharding.create_sharded places the arrays instead, so a model can also be built on one device.
+    return nnx.Param(init(key, shape, jnp.float32), out_sharding=axes, sharding_rules=sharding.RULES,
+                     eager_sharding=False)
 
 
 class Linear(nnx.Module):
@@ -239,30 +247,50 @@ class GPT(nnx.Module):
         self.lm_head = Linear(config.n_embd, config.vocab_size, ("embed", "vocab"), dtype=dtype, rngs=rngs,
                               zero=True)
 
-    def __call__(self, idx, targets=None, *, positions=None, kv_cache=None, loss_reduction="mean", weights=None):
-        """idx (B, T) int. Returns logits (B, T, V) fp32; with `kv_cache`, (logits, updated cache);
-        with `targets` (−1 = ignore), the loss: "mean" over supervised tokens (0 if none), "sum", or "none" (B, T);
-        `weights` (B, T) fp32 scale each token's loss (RL: the advantages; the mean still divides by the count).
-        `positions` (B|1, T) default to 0..T−1, or continue each row from `kv_cache.pos`."""
-        B, T = idx.shape
-        if positions is None:
-            positions = jnp.arange(T)[None] + (0 if kv_cache is None else kv_cache.pos[:, None])
+    def __call__(self, idx, targets=None):
+        """idx (B, T) int -> logits (B, T, V) fp32, softcapped; with `targets` (B, T) (−1 = ignore), the mean loss
+        over supervised tokens instead (nanochat's spelling)."""
+        if targets is not None:
+            return self.loss(idx, targets)
+        return self.logits(self.hidden(idx))
+
+    def loss(self, idx, targets, weights=None, reduction="mean"):
+        """Cross-entropy of the next tokens `targets` (B, T) (−1 = ignore), through the fused, chunked head
+        (no (B, T, V) logits). `weights` (B, T) fp32 scale each token's loss (RL: the advantages).
+        reduction "mean": over supervised tokens (0 if none; weights do not change the count); "sum";
+        "none": per token, (losses (B, T), 0 where ignored; argmax of each position's logits (B, T) int32)."""
+        x, kernel, dtype = self.hidden(idx), self.lm_head.kernel[...], self.lm_head.dtype
+        if reduction == "none":
+            return softcap_cross_entropy_per_token(x, kernel, targets, SOFTCAP, dtype, weights)
+        loss_sum = softcap_cross_entropy_sum(x, kernel, targets, SOFTCAP, dtype, weights)
+        if reduction == "sum":
+            return loss_sum
+        if reduction != "mean":
+            raise ValueError(f"reduction {reduction!r}: one of 'mean', 'sum', 'none'")
+        return loss_sum / jnp.maximum(jnp.sum(targets != -1), 1)
+
+    def decode(self, idx, kv_cache):
+        """Feed idx (B, T) at the cache's next slot (each row's positions continue from `kv_cache.pos`):
+        (logits (B, T, V) fp32, the cache holding them)."""
+        x, kv_cache = self._trunk(idx, kv_cache.pos[:, None] + jnp.arange(idx.shape[1])[None], kv_cache)
+        return self.logits(x), kv_cache.replace(index=kv_cache.index + idx.shape[1])
+
+    def hidden(self, idx, positions=None):
+        """The final (normed) hidden states (B, T, D) fp32 that the head reads; `positions` (B|1, T) default to
+        0..T−1. With `logits`, lets a caller take logits at a few positions only."""
+        return self._trunk(idx, jnp.arange(idx.shape[1])[None] if positions is None else positions)[0]
+
+    def logits(self, x):
+        """Softcapped logits 15·tanh(head(x)/15) (B, T, V) fp32 of hidden states x (B, T, D)."""
+        return SOFTCAP * jnp.tanh(self.lm_head(x) / SOFTCAP)
+
+    def _trunk(self, idx, positions, kv_cache=None):
+        """Embedding, the blocks and the final norm: (hidden states, the cache with this chunk's K/V written)."""
         cos, sin = rotary(positions, self.config.n_embd // self.config.n_head)
         x = sharding.constrain(norm(jnp.take(self.wte[...], idx, axis=0)), ("batch", None, None))
         for layer, block in enumerate(self.h):
             x, kv_cache = block(x, cos, sin, kv_cache, layer)
-        x = norm(x)
-        if targets is not None and loss_reduction != "none":
-            loss_sum = softcap_cross_entropy_sum(x, self.lm_head.kernel[...], targets, SOFTCAP, self.lm_head.dtype,
-                                                 weights)
-            count = jnp.sum(targets != -1)
-            return loss_sum if loss_reduction == "sum" else loss_sum / jnp.maximum(count, 1)
-        logits = SOFTCAP * jnp.tanh(self.lm_head(x) / SOFTCAP)
-        if targets is not None:  # per-token losses, differentiable (RL's log-probs), 0 where ignored
-            safe = jnp.where(targets == -1, 0, targets)
-            nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, safe[..., None], -1)[..., 0]
-            return jnp.where(targets == -1, 0.0, nll if weights is None else weights * nll)
-        return logits if kv_cache is None else (logits, kv_cache.replace(index=kv_cache.index + T))
+        return norm(x), kv_cache
 
     def num_params(self):
         return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(self, nnx.Param)))

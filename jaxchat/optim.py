@@ -1,4 +1,4 @@
-"""nanochat's optimizer (spec §4.1-4.3) from Optax parts, and its schedules.
+"""nanochat's optimizer from Optax parts, and its schedules.
 
 Groups: Muon for every 2-D block matrix (`h.*`), AdamW for `wte` (embedding_lr) and `lm_head` (unembedding_lr),
 both AdamW LRs × (model_dim/768)^−0.5, betas (0.8, 0.95), eps 1e-10. The LR multiplier and Muon momentum are
@@ -12,7 +12,7 @@ Where Optax's `contrib.muon` differs from nanochat and what is used instead:
   5-7% (Frobenius) from the exact iteration, vs ~3.5% for nanochat's torch bf16 (fp32 accumulation, exact
   scalars). Here: matmul inputs in `ns_dtype` (bf16 by default, as nanochat's `X = G.bfloat16()` on every
   device), fp32 accumulation and elementwise math, X and the Gram matrices rounded to `ns_dtype`: 1.1-1.6%
-  (and 2x faster than optax's bf16 version on CPU).
+  (and faster than optax's bf16 version on CPU).
 - scale: √max(1, rows/cols) of torch's (out, in) weight = √max(1, out/in) of our (in, out) kernels.
 - Adam branch: optax.contrib.muon's is NAdamW b2=0.999 sharing Muon's eps; here two plain `optax.adamw`.
 Muon acts on whole matrices: under FSDP the arrays are sharded, but inside jit GSPMD computes the global

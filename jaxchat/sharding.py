@@ -1,9 +1,10 @@
-"""Sharding, declared once: the mesh, the logical-axis table, and the helpers that apply it.
+"""Sharding, declared once: the mesh, the logical-axis rules, and the helpers that apply them.
 
-Parameters are born with logical axis names (model.py: `out_sharding=("embed", "mlp")`, ...); RULES below is
-the only place that says which mesh axis each name lands on. Default: FSDP — every weight split along its
-model-width ("embed") axis over `fsdp`, the batch split over all devices, GSPMD (Auto axes) inserting the
-all-gathers / reduce-scatters.
+Parameters are born with logical axis names (model.py: `out_sharding=("embed", "mlp")`, ...) and carry RULES,
+the only place that says which mesh axes each name lands on. Flax resolves the names with them: for any model or
+optimizer state, `nnx.get_partition_spec` gives the mesh specs and `nnx.get_named_sharding` the shardings that
+jaxchat places and pins the arrays with. Default: FSDP — every weight split along its model-width ("embed") axis
+over `fsdp`, the batch split over all devices, GSPMD (Auto axes) inserting the all-gathers / reduce-scatters.
 """
 
 import math
@@ -12,17 +13,22 @@ from functools import partial
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from flax.core import spmd as flax_spmd
+from jax.sharding import AxisType, NamedSharding
 
 AXES = ("data", "fsdp")
-RULES = {
-    "batch": ("data", "fsdp"),  # data (and activations' batch dim) over every device
-    "embed": "fsdp",  # FSDP: each weight is split along its model-width axis
-    "vocab": None,
-    "mlp": None,
-    "heads": None,
-    "kv_heads": None,
-}
+# (logical name, mesh axes) pairs: Flax's rule format. Every parameter holds them in its `sharding_rules` metadata
+# rather than relying on an `nnx.logical_axis_rules` context, which is per thread and would have to be entered
+# around every use; an enclosing context still composes with them, and Flax refuses one that disagrees.
+# A tuple, not a dict: the metadata is part of the model's graph definition, which must be hashable.
+RULES = (
+    ("batch", ("data", "fsdp")),  # data (and activations' batch dim) over every device
+    ("embed", "fsdp"),  # FSDP: each weight is split along its model-width axis
+    ("vocab", None),
+    ("mlp", None),
+    ("heads", None),
+    ("kv_heads", None),
+)
 
 
 def make_mesh(shape=None, devices=None):
@@ -37,13 +43,10 @@ def make_mesh(shape=None, devices=None):
 
 
 def logical_to_spec(names):
-    return P(*(RULES[n] if n is not None else None for n in names))
-
-
-def variable_spec(v):
-    """PartitionSpec of an nnx.Variable from its logical `out_sharding` names (replicated if it has none)."""
-    names = v.get_metadata().get("out_sharding")
-    return logical_to_spec(names) if names else P()
+    """Mesh spec of an array that is no Variable (an activation, a batch) from its logical names. Flax's metadata
+    machinery only covers Variables, so this applies Flax's own renaming with RULES, the one
+    `nnx.get_partition_spec` applies to parameters: both always agree."""
+    return flax_spmd.get_pspec(tuple(names), RULES)
 
 
 def constrain(x, names):
@@ -64,36 +67,39 @@ def constrain_rows(x):
 def batch_shards():
     """How many ways the batch axis is split under the active mesh (1 without one)."""
     mesh = jax.sharding.get_abstract_mesh()
-    return 1 if mesh.empty else math.prod(mesh.shape[a] for a in RULES["batch"])
+    return 1 if mesh.empty else math.prod(mesh.shape[a] for a in dict(RULES)["batch"])
 
 
 def constrain_state(tree):
-    """Pin every Variable in an NNX state to its logical sharding (e.g. the new state inside a jitted step)."""
+    """Pin every Variable in an NNX state to the spec Flax resolves from its metadata (e.g. the new state inside a
+    jitted step); one without logical names (a step count) replicated."""
     if jax.sharding.get_abstract_mesh().empty:
         return tree
-    is_var = lambda x: isinstance(x, nnx.Variable)
-    return jax.tree.map(lambda v: jax.lax.with_sharding_constraint(v, variable_spec(v)) if is_var(v) else v,
-                        tree, is_leaf=is_var)
+    return jax.tree.map(jax.lax.with_sharding_constraint, tree, nnx.get_partition_spec(tree))
 
 
 def state_shardings(tree, mesh):
-    """NamedSharding for every Variable (or plain array) of an NNX state tree."""
-    is_var = lambda x: isinstance(x, nnx.Variable)
-    to_sharding = lambda v: NamedSharding(mesh, variable_spec(v) if is_var(v) else P())
-    return jax.tree.map(to_sharding, tree, is_leaf=is_var)
+    """NamedSharding for every Variable (or plain array) of an NNX state tree, as Flax resolves it."""
+    return nnx.get_named_sharding(tree, mesh)
 
 
-def create_sharded(fn, mesh):
-    """Run `fn` (which builds NNX objects: a model, or (model, optimizer)) under jit with every Variable created
-    directly in its shard: no device ever holds a full copy."""
+def create_sharded(fn):
+    """Run `fn` (which builds NNX objects: a model, or (model, optimizer)) with every Variable created directly in
+    its shard of the mesh set by `jax.set_mesh`: no device ever holds a full copy. Without a mesh, just fn().
+
+    Flax could shard each Variable as it is created (`eager_sharding`), but then refuses to create one without a
+    mesh; jaxchat also builds models on one device with no mesh, so parameters are created plain and placed here
+    by jit's output shardings, read from the same metadata."""
+    mesh = jax.sharding.get_mesh()
+    if mesh.empty:
+        return fn()
     graphdef, abstract = nnx.split(nnx.eval_shape(fn))
 
     @partial(jax.jit, out_shardings=state_shardings(abstract, mesh))
     def init():
         return nnx.split(fn())[1]
 
-    with jax.set_mesh(mesh):
-        return nnx.merge(graphdef, init())
+    return nnx.merge(graphdef, init())
 
 
 def batch_spec(ndim, batch_axis=0):
@@ -102,28 +108,35 @@ def batch_spec(ndim, batch_axis=0):
     return logical_to_spec(names)
 
 
-def shard_batch(batch, mesh, batch_axis=0):
-    """device_put every array of `batch` with its `batch_axis` split over ("data", "fsdp")."""
+def shard_batch(batch, batch_axis=0):
+    """device_put every array of `batch` with its `batch_axis` split over the batch axes of the mesh set by
+    `jax.set_mesh`; without one, onto the default device."""
+    mesh = jax.sharding.get_mesh()
+    if mesh.empty:
+        return jax.device_put(batch)
     put = lambda x: jax.device_put(x, NamedSharding(mesh, batch_spec(np.ndim(x), batch_axis)))
     return jax.tree.map(put, batch)
 
 
 def sharding_table(model, mesh=None):
-    """Rows (parameter, shape, spec, bytes per device) for every nnx.Param, from the logical names (works on
-    abstract models too), and the fraction of parameter bytes sharded over `fsdp`. Mesh: default the active one."""
+    """Rows (parameter, shape, mesh spec, bytes per device, logical names) for every nnx.Param, the mesh spec as
+    Flax resolves the logical names (abstract models too), and the fraction of parameter bytes sharded over
+    `fsdp`. Mesh: default the active one."""
     mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
     sizes = {} if mesh.empty else dict(mesh.shape)
     rows, total, on_fsdp = [], 0, 0
     params = nnx.state(model, nnx.Param)
     for path, v in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
-        spec, shape = variable_spec(v), v.shape
+        spec, shape = nnx.get_partition_spec(v).get_value(), v.shape
         axes = [(a,) if isinstance(a, str) else (a or ()) for a in tuple(spec) + (None,) * (len(shape) - len(spec))]
+        # Ceiling division: a dimension that does not divide its axes still gets a (padded) size.
         local = [-(-n // math.prod(sizes.get(a, 1) for a in ax)) for n, ax in zip(shape, axes)]
         nbytes = math.prod(shape) * np.dtype(v.dtype).itemsize
         total += nbytes
         on_fsdp += nbytes if any("fsdp" in ax for ax in axes) else 0
         name = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-        rows.append((name, tuple(shape), spec, math.prod(local) * np.dtype(v.dtype).itemsize))
+        logical = tuple(v.get_metadata().get("out_sharding") or ())
+        rows.append((name, tuple(shape), spec, math.prod(local) * np.dtype(v.dtype).itemsize, logical))
     return rows, on_fsdp / max(total, 1)
 
 
@@ -132,7 +145,7 @@ def print_sharding_table(model, mesh=None):
     width = max(len(r[0]) for r in rows)
     mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
     print(f"mesh {dict(mesh.shape) if not mesh.empty else 'none (1 device)'}")
-    print(f"{'parameter':<{width}}  {'shape':<16} {'spec':<28} {'bytes/device':>14}")
-    for name, shape, spec, nbytes in rows:
-        print(f"{name:<{width}}  {str(shape):<16} {str(spec):<28} {nbytes:>14,}")
+    print(f"{'parameter':<{width}}  {'shape':<16} {'logical':<24} {'mesh spec':<20} {'bytes/device':>14}")
+    for name, shape, spec, nbytes, logical in rows:
+        print(f"{name:<{width}}  {str(shape):<16} {str(logical):<24} {str(spec):<20} {nbytes:>14,}")
     print(f"total {sum(r[3] for r in rows):,} bytes/device; {100 * fraction:.1f}% of parameter bytes sharded on fsdp")

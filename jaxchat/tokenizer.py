@@ -202,15 +202,17 @@ class RustBPETokenizer:
             add(special("<|assistant_end|>"), 1)
         return ids[:max_tokens], mask[:max_tokens]
 
-    def render_for_completion(self, conversation):
+    def render_for_completion(self, conversation, max_tokens=None):
         """Ids that prime the assistant's reply: the conversation minus its last (assistant) message, then
-        <|assistant_start|>. Used for RL and generative evals."""
+        <|assistant_start|>. Used for RL and the chat evals. With max_tokens (the room a model has), a longer
+        prompt keeps <|bos|> and its last max_tokens − 1 ids: the question and the reply's start are at the end."""
         messages = copy.deepcopy(_messages_of(conversation))
         if messages[-1].get("role") != "assistant":
             raise ValueError("render_for_completion needs a conversation that ends with an assistant message")
         messages.pop()
-        ids, _ = self.render_conversation({**conversation, "messages": messages})
-        return ids + [self.encode_special("<|assistant_start|>")]
+        ids, _ = self.render_conversation({**conversation, "messages": messages}, max_tokens=1 << 30)
+        ids = ids + [self.encode_special("<|assistant_start|>")]
+        return ids if max_tokens is None or len(ids) <= max_tokens else ids[:1] + ids[len(ids) - max_tokens + 1:]
 
     def visualize_tokenization(self, ids, mask, with_token_id=False):
         """Tokens coloured green (supervised) or red (not), for eyeballing a rendered conversation."""
@@ -220,6 +222,20 @@ class RustBPETokenizer:
             text = self.decode([token_id]) + (f"({token_id})" if with_token_id else "")
             out.append((green if m == 1 else red) + text + reset)
         return "|".join(out)
+
+    # ---- identity ---------------------------------------------------------------------------------------------
+    def fingerprint(self):
+        """16 hex digits that change whenever a text's token ids could: a hash of the merge ranks, the split
+        pattern, the special tokens with their ids and the BOS id. Computed from the object, not its files, so
+        every saved copy of one tokenizer has the same fingerprint (checkpoints record it)."""
+        import hashlib
+        h = hashlib.sha256()
+        h.update(json.dumps({"pattern": self.enc._pat_str, "special_tokens": sorted(self.enc._special_tokens.items()),
+                             "bos": self.bos_token_id}).encode())
+        for token, rank in sorted(self.enc._mergeable_ranks.items(), key=lambda item: item[1]):
+            # length-prefixed so that no two different rank tables hash the same byte stream
+            h.update(rank.to_bytes(4, "little") + len(token).to_bytes(4, "little") + token)
+        return h.hexdigest()[:16]
 
 
 def _messages_of(conversation):

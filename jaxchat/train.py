@@ -1,8 +1,8 @@
 """The train state and the pure, jitted train step.
 
-    state = init_train_state(model_config, OptimConfig(), mesh)
     with jax.set_mesh(mesh):
-        state, metrics = train_step(state, sharding.shard_batch(batch, mesh, batch_axis=1), hyperparams(lrm, mom))
+        state = init_train_state(model_config, OptimConfig())
+        state, metrics = train_step(state, sharding.shard_batch(batch, batch_axis=1), hyperparams(lrm, mom))
 
 `batch` = {"inputs", "targets"}: int32 (accum, B, T); targets −1 are not supervised. The step scans over the
 accum micro-batches, sums token losses and gradients, and divides once by the supervised tokens of the whole
@@ -24,30 +24,26 @@ from jaxchat.optim import OptimConfig, build_optimizer
 
 @struct.dataclass
 class TrainState:
-    """(model, nnx.Optimizer) as one pytree: the NNX graph is static, the arrays (params, Adam/Muon buffers,
-    step) are the leaves."""
-    graphdef: nnx.GraphDef = struct.field(pytree_node=False)
-    state: nnx.State
+    """A model and its optimizer as one pytree: their NNX graphs are static, their arrays are the leaves.
+    `params`: the model's parameters; `opt_state`: the optimizer's (Adam moments, Muon momentum, step count)."""
+    model_graph: nnx.GraphDef = struct.field(pytree_node=False)
+    optimizer_graph: nnx.GraphDef = struct.field(pytree_node=False)
+    params: nnx.State
+    opt_state: nnx.State
 
     @classmethod
-    def create(cls, model, tx):
-        return cls(*nnx.split((model, nnx.Optimizer(model, tx, wrt=nnx.Param))))
-
-    @classmethod
-    def from_objects(cls, model_and_optimizer):
-        return cls(*nnx.split(model_and_optimizer))
-
-    def merge(self):
-        """(model, optimizer) objects viewing this state's arrays (invalid once the state is donated)."""
-        return nnx.merge(self.graphdef, self.state)
+    def create(cls, model, optimizer):
+        (model_graph, params), (optimizer_graph, opt_state) = nnx.split(model), nnx.split(optimizer)
+        return cls(model_graph, optimizer_graph, params, opt_state)
 
     @property
     def model(self):
-        return self.merge()[0]
+        """A GPT viewing this state's parameters (invalid once the state is donated to `train_step`)."""
+        return nnx.merge(self.model_graph, self.params)
 
     @property
-    def step(self):
-        return self.merge()[1].step[...]
+    def optimizer(self):
+        return nnx.merge(self.optimizer_graph, self.opt_state)
 
 
 def model_and_optimizer(model_config, optim_config=OptimConfig(), seed=0):
@@ -61,10 +57,14 @@ def model_and_optimizer(model_config, optim_config=OptimConfig(), seed=0):
     return make
 
 
-def init_train_state(model_config, optim_config=OptimConfig(), mesh=None, seed=0):
-    """Fresh model and optimizer; with a mesh, every array is created directly in its shard."""
-    make = model_and_optimizer(model_config, optim_config, seed)
-    return TrainState.from_objects(make() if mesh is None else sharding.create_sharded(make, mesh))
+def init_train_state(model_config, optim_config=OptimConfig(), seed=0):
+    """Fresh model and optimizer; under a mesh (`jax.set_mesh`), every array is created directly in its shard."""
+    return TrainState.create(*sharding.create_sharded(model_and_optimizer(model_config, optim_config, seed)))
+
+
+def abstract_train_state(model_config, optim_config=OptimConfig(), seed=0):
+    """The TrainState's shapes and dtypes, no arrays: the target a checkpoint is restored into."""
+    return TrainState.create(*nnx.eval_shape(model_and_optimizer(model_config, optim_config, seed)))
 
 
 @partial(jax.jit, donate_argnums=0)
@@ -74,11 +74,11 @@ def train_step(state: TrainState, batch, hyper):
     supervised tokens; grad_norm before clipping). An optional batch["weights"] (accum, B, T) fp32 scales each
     token's loss. RL: weights = advantages, so Σ adv·CE / N = −Σ adv·logp / N is nanochat's token-level
     policy-gradient loss (−objective), normalised by the step's supervised (sampled) tokens."""
-    model, opt = state.merge()
+    model, opt = state.model, state.optimizer
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss_sum(params, inputs, targets, weights):
-        return nnx.merge(graphdef, params, rest)(inputs, targets, loss_reduction="sum", weights=weights)
+        return nnx.merge(graphdef, params, rest).loss(inputs, targets, weights, reduction="sum")
 
     def micro_step(carry, micro_batch):
         grads, total = carry
@@ -94,9 +94,9 @@ def train_step(state: TrainState, batch, hyper):
     grads = jax.tree.map(lambda g: g * scale, grads)
     grad_norm = optax.tree.norm(grads)
     opt.update(model, grads, **hyper)
-    new_state = sharding.constrain_state(nnx.split((model, opt))[1])
     metrics = {"loss": total * scale, "grad_norm": grad_norm, "num_tokens": num_tokens}
-    return state.replace(state=new_state), metrics
+    return state.replace(params=sharding.constrain_state(nnx.state(model)),
+                         opt_state=sharding.constrain_state(nnx.state(opt))), metrics
 
 
 def check_finite(loss, step):

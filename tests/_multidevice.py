@@ -34,19 +34,59 @@ def check_param_shardings():
     from jaxchat.train import init_train_state
 
     mesh = sharding.make_mesh((1, 8))
-    state = init_train_state(GPTConfig(**TINY), mesh=mesh)
+    with jax.set_mesh(mesh):
+        state = init_train_state(GPTConfig(**TINY))
     is_var = lambda x: isinstance(x, nnx.Variable)
     mismatches, checked = [], 0
-    for path, v in jax.tree_util.tree_flatten_with_path(state.state, is_leaf=is_var)[0]:
-        want = jax.sharding.NamedSharding(mesh, sharding.variable_spec(v))
+    arrays = (state.params, state.opt_state)
+    for path, v in jax.tree_util.tree_flatten_with_path(arrays, is_leaf=is_var)[0]:
+        want = nnx.get_named_sharding(v, mesh).get_value()  # as Flax resolves the logical names
         checked += 1
         if not v[...].sharding.is_equivalent_to(want, v[...].ndim):
             mismatches.append(f"{jax.tree_util.keystr(path)}: {v[...].sharding.spec} != {want.spec}")
-    sharded_buffers = sum("fsdp" in str(v[...].sharding.spec) for v in jax.tree.leaves(state.state, is_leaf=is_var))
+    sharded_buffers = sum("fsdp" in str(v[...].sharding.spec) for v in jax.tree.leaves(arrays, is_leaf=is_var))
     with jax.set_mesh(sharding.make_mesh((2, 4))):
         batch_shards = sharding.batch_shards()
     return {"checked": checked, "mismatches": mismatches, "fsdp_sharded_arrays": sharded_buffers,
             "batch_shards": batch_shards}
+
+
+def check_flax_specs():
+    """Per parameter and optimizer buffer of a (model, optimizer) built on a (1, 8) mesh: its logical names, the
+    spec and sharding Flax's own API reports (nnx.get_partition_spec, nnx.get_named_sharding, the same under an
+    nnx.logical_axis_rules context, nnx.get_abstract_model) and the sharding jaxchat placed it with; and per
+    parameter, jaxchat's table beside Flax's answer."""
+    import jax
+    from flax import nnx
+    from jaxchat import sharding
+    from jaxchat.model import GPTConfig
+    from jaxchat.train import model_and_optimizer
+
+    mesh = sharding.make_mesh((1, 8))
+    make = model_and_optimizer(GPTConfig(**TINY))
+    with jax.set_mesh(mesh):
+        model, opt = sharding.create_sharded(make)
+    state, params = nnx.state((model, opt)), nnx.state(model, nnx.Param)
+    is_var = lambda x: isinstance(x, nnx.Variable)
+    leaves = lambda tree: [v.get_value() for v in jax.tree.leaves(tree, is_leaf=is_var)]
+    with nnx.logical_axis_rules(sharding.RULES):
+        in_context = leaves(nnx.get_partition_spec(state))
+    rows = []
+    for (path, v), spec, named, ctx, abstract in zip(
+            jax.tree_util.tree_flatten_with_path(state, is_leaf=is_var)[0], leaves(nnx.get_partition_spec(state)),
+            leaves(nnx.get_named_sharding(state, mesh)), in_context, leaves(nnx.get_abstract_model(make, mesh)[1])):
+        placed = v.get_value().sharding
+        rows.append({"path": jax.tree_util.keystr(path), "logical": list(v.get_metadata().get("out_sharding") or ()),
+                     "flax_spec": str(spec), "placed_spec": str(placed.spec),
+                     "placed_as_flax": placed.is_equivalent_to(named, v.ndim),
+                     "abstract_as_flax": abstract.sharding.is_equivalent_to(named, v.ndim),
+                     "context_as_flax": ctx == spec})
+    table = [{"name": name, "logical": list(logical), "spec": str(spec),
+              "flax_logical": list(v.out_sharding), "flax_spec": str(flax_spec)}
+             for (name, _, spec, _, logical), v, flax_spec in zip(
+                 sharding.sharding_table(model, mesh)[0], jax.tree.leaves(params, is_leaf=is_var),
+                 leaves(nnx.get_partition_spec(params)))]
+    return {"rows": rows, "table": table}
 
 
 def check_fsdp_fraction():
@@ -81,14 +121,14 @@ def check_mesh_equivalence():
         return jax.device_get(nnx.to_pure_dict(nnx.state(state.model, nnx.Param)))
 
     def run(mesh):
-        state = init_train_state(GPTConfig(**TINY), OptimConfig(ns_dtype="float32"), mesh)  # fp32 throughout
-        init = params_of(state)
-        losses = []
         with jax.set_mesh(mesh):
+            state = init_train_state(GPTConfig(**TINY), OptimConfig(ns_dtype="float32"))  # fp32 throughout
+            init = params_of(state)
+            losses = []
             for step in range(5):
                 batch = {"inputs": tokens[step, ..., :-1], "targets": tokens[step, ..., 1:]}
                 hyper = hyperparams(1.0 - 0.1 * step, get_muon_momentum(step))
-                state, metrics = train_step(state, sharding.shard_batch(batch, mesh, batch_axis=1), hyper)
+                state, metrics = train_step(state, sharding.shard_batch(batch, batch_axis=1), hyper)
                 losses.append(float(metrics["loss"]))
         return losses, init, params_of(state)
 
@@ -153,10 +193,9 @@ def check_engine_sharded():
     nnx.update(model, jax.tree.unflatten(treedef, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]))
     prompts = [tok.encode(t, prepend="<|bos|>") for t in ("hello", "the cat sat on the mat", "number 7")]
 
-    def run(engine):
+    def run(engine):  # under the caller's mesh, if any
         results, _ = engine.generate_batch(prompts, num_samples=2, max_tokens=24, temperature=0.0)
-        with engine._mesh():
-            ds, _ = engine._start(prompts, 2, 24, 0)
+        ds, _ = engine._start(prompts, 2, 24, 0)
         return results, jnp.asarray(jax.device_get(ds.logits))[:6], str(getattr(ds.cache.k[0].sharding, "spec", None))
 
     ref_tokens, ref_logits, _ = run(E.Engine(model, tok))
@@ -166,7 +205,8 @@ def check_engine_sharded():
         state = nnx.state(model)
         sharded = nnx.merge(nnx.graphdef(model), jax.device_put(state, sharding.state_shardings(state, mesh)))
         for replicate in (False, True):
-            tokens, logits, spec = run(E.Engine(sharded, tok, mesh=mesh, replicate_weights=replicate))
+            with jax.set_mesh(mesh):
+                tokens, logits, spec = run(E.Engine(sharded, tok, replicate_weights=replicate))
             out[f"{shape} replicate={replicate}"] = {"same_tokens": tokens == ref_tokens, "cache_spec": spec,
                                                      "logits_diff": float(jnp.abs(logits - ref_logits).max())}
     return out

@@ -33,7 +33,7 @@ def env(base_dir, monkeypatch):
 
 
 def params_of(tag, step=None):
-    model, meta = load_model("base", tag, step)
+    model, _, meta = load_model("base", tag, step)
     return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param))), meta
 
 
@@ -50,7 +50,10 @@ def test_resume_is_exact(env):
     a, meta_a = params_of("straight", 6)
     b, meta_b = params_of("resumed", 6)
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-    assert meta_a["loader_state"] == meta_b["loader_state"] and meta_a["loop"]["smooth_loss"] == meta_b["loop"]["smooth_loss"]
+    assert meta_a["dataloader_state_dict"] == meta_b["dataloader_state_dict"]
+    assert meta_a["loop_state"]["smooth_train_loss"] == meta_b["loop_state"]["smooth_train_loss"]
+    assert meta_a["loop_state"]["min_val_bpb"] == meta_b["loop_state"]["min_val_bpb"]
+    assert meta_a["device_batch_size"] == 4 and meta_a["max_seq_len"] == 32 and meta_a["model_config"]["n_layer"] == 1
     assert straight["losses"][5] < straight["losses"][0]  # it learns
 
 
@@ -106,3 +109,70 @@ def test_tiny_pipeline_through_the_launcher(env, capsys):
         assert Checkpointer(os.path.join(get_base_dir(), stage, "tinyrun")).all_steps() == [2, 4], stage
     assert "ChatCORE: not computed" in out and "Arithmetic" in out and "HumanEval" in out
     assert os.listdir(os.path.join(get_base_dir(), "runs"))  # TensorBoard events
+
+
+def test_second_run_on_a_model_tag_is_refused(env):
+    """While a run holds a model tag's checkpoint directory, another run on it stops at once, naming the holder."""
+    holder = Checkpointer(os.path.join(get_base_dir(), "base_checkpoints", "busy")).lock()
+    try:
+        with pytest.raises(UserError, match=r"busy is in use by another run \(pid %d" % os.getpid()):
+            base_train.main(TINY + ["--num_iterations=1", "--model_tag=busy", "--overwrite=1"])
+    finally:
+        holder.close()
+    base_train.main(TINY + ["--num_iterations=1", "--model_tag=busy", "--overwrite=1"])  # free again
+
+
+def test_resume_skips_a_damaged_latest_checkpoint(env, capsys):
+    """Step 6's arrays truncated: --resume names it, continues from step 3, and ends where the straight run did."""
+    straight = base_train.main(TINY + ["--num_iterations=6", "--save_every=3", "--keep=5", "--model_tag=whole"])
+    root = os.path.join(get_base_dir(), "base_checkpoints")
+    shutil.copytree(os.path.join(root, "whole"), os.path.join(root, "damaged"))
+    files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(root, "damaged", "000006", "model")) for f in fs]
+    biggest = max(files, key=os.path.getsize)
+    with open(biggest, "r+b") as f:
+        f.truncate(os.path.getsize(biggest) // 2)
+    resumed = base_train.main(TINY + ["--num_iterations=6", "--save_every=3", "--model_tag=damaged", "--resume=1"])
+    assert "step 6 is damaged" in capsys.readouterr().err
+    assert sorted(resumed["losses"]) == [3, 4, 5]
+    assert all(resumed["losses"][s] == straight["losses"][s] for s in (3, 4, 5))
+    a, _ = params_of("whole", 6)
+    b, _ = params_of("damaged", 6)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_final_save_comes_before_the_final_evaluation(env, monkeypatch):
+    """A crash in the last evaluation loses nothing: the last step is already on disk."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(base_train, "evaluate_bpb", interrupted)  # with eval_every=-1, only the final one runs
+    with pytest.raises(KeyboardInterrupt):
+        base_train.main(TINY + ["--num_iterations=2", "--eval_every=-1", "--model_tag=crash", "--overwrite=1"])
+    assert Checkpointer(os.path.join(get_base_dir(), "base_checkpoints", "crash")).all_steps() == [2]
+
+
+def test_default_eval_tokens_are_proportionate():
+    from jaxchat.run import NANOCHAT_EVAL_TOKENS, eval_tokens
+    assert eval_tokens(-1, 524288, 30) == 3 * 524288  # a tenth of a 30-step run, not nanochat's 20 steps' worth
+    assert eval_tokens(-1, 4096, 5) == 4096  # at least one step's worth
+    assert eval_tokens(-1, 524288, 21400) == NANOCHAT_EVAL_TOKENS  # a real run: nanochat's
+    assert eval_tokens(1234, 524288, 30) == 1234
+
+
+def test_resume_refuses_a_retrained_tokenizer(env):
+    """A base run resumed after $JAXCHAT_BASE_DIR/tokenizer was retrained would read other token ids: refused."""
+    from jaxchat.tokenizer import RustBPETokenizer
+    base_train.main(TINY + ["--num_iterations=1", "--model_tag=tok_a", "--overwrite=1"])
+    tok_dir = os.path.join(get_base_dir(), "tokenizer")
+    shutil.copytree(tok_dir, tok_dir + ".orig")
+    try:
+        from jaxchat.dataset import iter_texts
+        texts = [t[::-1] for t in iter_texts("train", max_chars=400_000)]  # the corpus backwards: other merges
+        RustBPETokenizer.train_from_iterator(texts, 512).save(tok_dir)
+        with pytest.raises(UserError, match="is not the one .*tok_a.* was trained with"):
+            base_train.main(TINY + ["--num_iterations=1", "--model_tag=tok_a", "--resume=1"])
+        _, tokenizer, _ = load_model("base", "tok_a")  # the checkpoint still brings its own
+        assert tokenizer.fingerprint() != RustBPETokenizer.from_directory(tok_dir).fingerprint()
+    finally:
+        shutil.rmtree(tok_dir)
+        os.rename(tok_dir + ".orig", tok_dir)

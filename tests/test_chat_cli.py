@@ -10,7 +10,7 @@ from flax import nnx
 
 from jaxchat import chat_cli
 from jaxchat.checkpoint_manager import Checkpointer, checkpoint_dir
-from jaxchat.common import get_base_dir
+from jaxchat.common import UserError, get_base_dir
 from jaxchat.engine import Engine
 from jaxchat.model import GPT, GPTConfig
 from jaxchat.tokenizer import RustBPETokenizer
@@ -29,7 +29,7 @@ def model_and_tokenizer():
     config = GPTConfig(sequence_len=64, vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
     model = randomize(GPT(config, rngs=nnx.Rngs(0)), seed=4, scale=0.5)
     ckpt = Checkpointer(checkpoint_dir("base", "tiny"))
-    ckpt.save(1, nnx.state(model), {"dummy": jnp.zeros(())}, {"model_config": dataclasses.asdict(config)})
+    ckpt.save(1, nnx.state(model), {"dummy": jnp.zeros(())}, {"model_config": dataclasses.asdict(config)}, tok)
     ckpt.close()
     return model, tok
 
@@ -65,6 +65,17 @@ def test_interactive_turns_clear_and_overlong(model_and_tokenizer):
     assert replies == [text1, text2, text3]
     assert "over the model's context of 64" in out.getvalue() and "Conversation cleared." in out.getvalue()
     assert out.getvalue().rstrip().endswith("Goodbye!")
+
+
+def test_one_shot_errors_fit_the_mode(model_and_tokenizer):
+    # an explicitly empty -p is an error, not a silent switch to interactive mode (refused before the model loads)
+    for empty in ("", "  "):
+        with pytest.raises(UserError, match="-p: the prompt is empty"):
+            chat_cli.main(["-i", "base", "-g", "no_such_model", "-p", empty])
+    # over the context with -p: nothing to type, so no 'clear' in the message
+    with pytest.raises(UserError, match="over the model's context of 64 with no room for a reply") as e:
+        chat_cli.main(GREEDY + ["-p", "number " * 80], out=io.StringIO())
+    assert "clear" not in str(e.value)
 
 
 def test_python_tool_runs_in_the_sandbox():

@@ -98,18 +98,18 @@ def test_packed_resume_is_exact(tok):
     straight = PackedLoader(tok, task, B=2, T=64, buffer_size=6)
     for _ in range(7):
         next(straight)
-    state = straight.state()
+    state = straight.get_state()
     resumed = PackedLoader(tok, task, B=2, T=64, buffer_size=6, state=state)
     for _ in range(30):  # across epochs too
         a, b = next(straight), next(resumed)
         assert all(np.array_equal(a[k], b[k]) for k in a)
-    assert straight.state() == resumed.state() and straight.epoch >= 1
+    assert straight.get_state() == resumed.get_state() and straight.epoch >= 1
 
 
 def test_padded_resume_is_exact(tok):
     straight = PaddedLoader(tok, Conversations(), B=2, T=64)
     straight.next_stacked(3)
-    resumed = PaddedLoader(tok, Conversations(), B=2, T=64, state=straight.state())
+    resumed = PaddedLoader(tok, Conversations(), B=2, T=64, state=straight.get_state())
     for _ in range(10):
         a, b = straight.next_stacked(2), resumed.next_stacked(2)
         assert all(np.array_equal(a[k], b[k]) for k in a)

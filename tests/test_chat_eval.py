@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxchat import chat_eval
+from jaxchat import chat_eval, task_eval
 from jaxchat.checkpoint_manager import Checkpointer, checkpoint_dir
 from jaxchat.common import UserError, get_base_dir
 from jaxchat.engine import Engine
@@ -70,9 +70,9 @@ class EchoTask:
 def test_chatcore_reproduces_nanochats_readme():
     """nanochat README (SFT column): ARC-E 0.3876, ARC-C 0.2807, MMLU 0.3151, GSM8K 0.0455, HumanEval 0.0854."""
     sft = {"ARC-Easy": 0.3876, "ARC-Challenge": 0.2807, "MMLU": 0.3151, "GSM8K": 0.0455, "HumanEval": 0.0854}
-    assert round(chat_eval.chatcore(sft), 4) == 0.0884
+    assert round(task_eval.chatcore(sft), 4) == 0.0884
     mid = {"ARC-Easy": 0.3561, "ARC-Challenge": 0.2875, "MMLU": 0.3111, "GSM8K": 0.0250, "HumanEval": 0.0671}
-    assert round(chat_eval.chatcore(mid), 4) == 0.0730
+    assert round(task_eval.chatcore(mid), 4) == 0.0730
 
 
 def test_categorical_restricts_to_the_letters(tok):
@@ -89,14 +89,14 @@ def test_categorical_restricts_to_the_letters(tok):
         want += task.evaluate(conversation, letter)
     assert off_letters > 0  # the unrestricted argmax is some other token: the restriction matters
     for batch_size in (1, 3, 8):
-        assert chat_eval.run_categorical_eval(task, tok, model, batch_size=batch_size) == want / len(task)
-    assert chat_eval.run_categorical_eval(task, tok, model, batch_size=3, max_problems=2) == \
-        chat_eval.run_categorical_eval(task, tok, model, batch_size=1, max_problems=2)
+        assert task_eval.run_categorical_eval(task, tok, model, batch_size=batch_size) == want / len(task)
+    assert task_eval.run_categorical_eval(task, tok, model, batch_size=3, max_problems=2) == \
+        task_eval.run_categorical_eval(task, tok, model, batch_size=1, max_problems=2)
 
 
 def test_categorical_needs_single_token_letters(tok):
     with pytest.raises(UserError, match="not 1"):
-        chat_eval.run_categorical_eval(LetterTask(n=2, letters=("A", "the answer")), tok, make_model(), 2)
+        task_eval.run_categorical_eval(LetterTask(n=2, letters=("A", "the answer")), tok, make_model(), 2)
 
 
 class FakeEngine:
@@ -119,9 +119,9 @@ class FakeEngine:
 def test_generative_pass_at_k_is_any_of(tok):
     engine = FakeEngine(make_model(), tok)
     task = EchoTask(n=5)
-    assert chat_eval.run_generative_eval(task, tok, engine, num_samples=3, batch_size=2) == 1.0
+    assert task_eval.run_generative_eval(task, tok, engine, num_samples=3, batch_size=2) == 1.0
     assert engine.calls == [2, 2, 1]  # problems batched into the engine
-    assert chat_eval.run_generative_eval(task, tok, FakeEngine(make_model(), tok), num_samples=1) == 2 / 5  # problems 0 and 3
+    assert task_eval.run_generative_eval(task, tok, FakeEngine(make_model(), tok), num_samples=1) == 2 / 5  # problems 0 and 3
 
 
 def test_generative_batched_equals_one_at_a_time(tok):
@@ -134,9 +134,9 @@ def test_generative_batched_equals_one_at_a_time(tok):
             return int(len(completion) % 2 == 0)
 
     task = Greedy(n=5)
-    one = [chat_eval.run_generative_eval(task, tok, engine, max_new_tokens=8, max_problems=i + 1, batch_size=1)
+    one = [task_eval.run_generative_eval(task, tok, engine, max_new_tokens=8, max_problems=i + 1, batch_size=1)
            for i in range(5)]
-    batched = chat_eval.run_generative_eval(task, tok, engine, max_new_tokens=8, batch_size=4)
+    batched = task_eval.run_generative_eval(task, tok, engine, max_new_tokens=8, batch_size=4)
     assert batched == one[-1]
 
 
@@ -145,13 +145,13 @@ def test_cli_reports_skipped_tasks_and_no_chatcore(tok, monkeypatch, capsys):
     model = make_model()
     ckpt = Checkpointer(checkpoint_dir("sft", "tiny"))
     ckpt.save(3, nnx.state(model), {"dummy": jnp.zeros(())},
-              {"model_config": dataclasses.asdict(model.config)})
+              {"model_config": dataclasses.asdict(model.config)}, tok)
     ckpt.close()
 
     def unavailable():
         raise UserError("no data for this task here (offline)")
 
-    monkeypatch.setattr(chat_eval, "_task_registry", lambda: {
+    monkeypatch.setattr(task_eval, "_task_registry", lambda: {
         "ARC-Easy": lambda: LetterTask(n=4), "GSM8K": lambda: EchoTask(n=3), "MMLU": unavailable})
     out = chat_eval.main(["-g", "tiny", "-a", "ARC-Easy|GSM8K|MMLU", "-m", "4"])
     assert set(out["results"]) == {"ARC-Easy", "GSM8K"} and out["skipped"] == {"MMLU": "no data for this task here (offline)"}

@@ -31,7 +31,7 @@ def base_dir(tmp_path_factory):
     config = GPTConfig(sequence_len=64, vocab_size=350, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
     model = randomize(GPT(config, rngs=nnx.Rngs(0)), scale=0.1)
     ckpt = Checkpointer(checkpoint_dir("base", "tiny"))
-    ckpt.save(5, nnx.state(model), {"dummy": jnp.zeros(())}, {"model_config": dataclasses.asdict(config)})
+    ckpt.save(5, nnx.state(model), {"dummy": jnp.zeros(())}, {"model_config": dataclasses.asdict(config)}, tok)
     ckpt.close()
     return d
 
@@ -44,7 +44,7 @@ def env(base_dir, monkeypatch):
 
 
 def params(source, tag, step):
-    model, _ = load_model(source, tag, step)
+    model, _, _ = load_model(source, tag, step)
     return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
 
 

@@ -12,6 +12,7 @@ import sys
 import threading
 import zipfile
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -67,6 +68,13 @@ class Bigram(nnx.Module):
 
     def __call__(self, ids):
         return self.table[...][ids]
+
+    def loss(self, ids, targets, reduction):
+        """Per token (cross-entropy, argmax), as GPT.loss(..., reduction="none") returns them."""
+        assert reduction == "none"
+        logits = self(ids)
+        nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+        return nll, jnp.argmax(logits, -1).astype(jnp.int32)
 
 
 def correct(model, data, meta, **kw):
@@ -379,7 +387,7 @@ def test_base_eval_core_end_to_end(tmp_path, capsys):
     config = GPTConfig(sequence_len=32, vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
     model = randomize(GPT(config, rngs=nnx.Rngs(0)), seed=2)
     ckpt = Checkpointer(checkpoint_dir("base", "toy"))
-    ckpt.save(5, nnx.state(model), {"dummy": jnp.zeros(())}, {"model_config": dataclasses.asdict(config)})
+    ckpt.save(5, nnx.state(model), {"dummy": jnp.zeros(())}, {"model_config": dataclasses.asdict(config)}, tok)
     ckpt.close()
     bundle = make_bundle(tmp_path / "b")
     res = base_eval.main(["--eval=core", "--max-per-task=3", f"--eval-bundle={bundle}", "--model-tag=toy"])
@@ -407,17 +415,20 @@ from test_model import randomize
 config = GPTConfig(sequence_len=48, vocab_size=128, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
 make = lambda: randomize(GPT(config, rngs=nnx.Rngs(0)), seed=3, scale=0.5)
 mesh = sharding.make_mesh((2, 2))
-sharded, plain = sharding.create_sharded(make, mesh), make()
+with jax.set_mesh(mesh):
+    sharded = sharding.create_sharded(make)
+plain = make()
 data = [{"query": "q" * i, "choices": ["ab", "c", "dd"], "gold": i % 3} for i in range(1, 12)]
 rows = core_eval.prepare_task(CharTokenizer(), data, MC, 48)
 with jax.set_mesh(mesh):
     assert sharding.batch_shards() == 4
-got = core_eval.score_rows(sharded, rows, 0, 48, 32, mesh)[0]
+    got = core_eval.score_rows(sharded, rows, 0, 48, 32)[0]
 want = core_eval.score_rows(plain, rows, 0, 48, 32)[0]
 np.testing.assert_allclose(got, want, rtol=1e-4)
 lm = [{"context": "x" * i, "continuation": "yz"} for i in range(9)]
 for d, m in ((data, MC), (lm, LM)):
-    a = core_eval.example_correct(sharded, CharTokenizer(), d, m, mesh=mesh)
+    with jax.set_mesh(mesh):
+        a = core_eval.example_correct(sharded, CharTokenizer(), d, m)
     assert a.tolist() == core_eval.example_correct(plain, CharTokenizer(), d, m).tolist()
 print("ok")
 """

@@ -74,6 +74,34 @@ def test_launch_overrides_are_checked():
         launch.load_config("no_such_config")
 
 
+def test_launch_checks_every_value_type_before_any_stage(tmp_path, capsys):
+    # the converted value goes on to the stage, not the raw string or TOML value
+    assert launch.stage_argv("base_train", {"depth": " 6", "matrix_lr": 1, "embedding_lr": "2e-1", "model_tag": "d6"}) \
+        == ["--depth=6", "--matrix-lr=1.0", "--embedding-lr=0.2", "--model-tag=d6"]
+    wrong = [("num_iterations", True, "base_train.num_iterations=true: expected int: write 1 or 0"),
+             ("matrix_lr", False, "base_train.matrix_lr=false: expected float"),
+             ("model_tag", True, "base_train.model_tag=true: expected str"),
+             ("model_tag", 20, r"base_train.model_tag=20: expected str \(in quotes\)"),
+             ("depth", 4.0, "base_train.depth=4.0: expected int"),
+             ("depth", [4], r"base_train.depth=\[4\]: expected int"),
+             ("matrix_lr", {"lr": 0.02}, "base_train.matrix_lr={'lr': 0.02}: expected float"),
+             ("matrix_lr", "fast", "base_train.matrix_lr='fast': expected float")]
+    for key, value, message in wrong:
+        with pytest.raises(UserError, match=message):
+            launch.stage_argv("base_train", {key: value})
+    # in a config or on the command line: refused before the first stage runs
+    bad = tmp_path / "bad.toml"
+    bad.write_text('stages = ["data", "tok_train"]\n[tok_train]\nvocab_size = true\n')
+    with pytest.raises(UserError, match="tok_train.vocab_size=true: expected int: write 1 or 0"):
+        launch.main([f"--config={bad}"])
+    with pytest.raises(UserError, match="tok_train.max_chars='lots': expected int"):
+        launch.main([f"--config={bad}", "--tok_train.vocab_size=300", "--max_chars=lots"])
+    assert "===" not in capsys.readouterr().out
+    bad.write_text('stages = ["data"]\ndata = 3\n')
+    with pytest.raises(UserError, match=r"data must be a table of flags \(\[data\]\)"):
+        launch.load_config(str(bad))
+
+
 def test_launch_runs_only_chosen_stages(tmp_path, capsys):
     launch.main(["--config=tiny", "--stages=data"])
     out = capsys.readouterr().out

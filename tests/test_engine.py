@@ -69,7 +69,7 @@ def test_decode_logits_match_full_forward(tok):
     logits, cache = E._prefill(engine.graphdef, engine.state, seq[:, :16], jnp.zeros((1,), jnp.int32), 2, 24)
     np.testing.assert_allclose(logits, jnp.repeat(full[:, 15], 2, axis=0), atol=1e-4)  # one prompt, two rows
     for t in range(16, 40):
-        logits, cache = model(jnp.repeat(seq[:, t:t + 1], 2, axis=0), kv_cache=cache)
+        logits, cache = model.decode(jnp.repeat(seq[:, t:t + 1], 2, axis=0), cache)
         np.testing.assert_allclose(logits[:, 0], jnp.repeat(full[:, t], 2, axis=0), atol=1e-4)
 
 
@@ -105,7 +105,7 @@ class Scripted(nnx.Module):
         self.config = config
         self.script = nnx.Variable(jnp.asarray(script, jnp.int32))
 
-    def __call__(self, idx, kv_cache=None):
+    def decode(self, idx, kv_cache):
         B, T = idx.shape
         positions = kv_cache.pos[:, None] + jnp.arange(T)[None]
         nxt = self.script[...][jnp.minimum(positions + 1, self.script.shape[0] - 1)]
@@ -172,7 +172,7 @@ def test_shared_prefix_rows_match_full_forward(tok):
     ds, _ = engine._start(prompts, 4, 16, 0)
     assert ds.cache.prefix_k[0].shape[0] == 2 and ds.cache.k[0].shape[:3] == (8, 2, 16)
     cont = np.asarray(jax.random.randint(jax.random.key(2), (8, 6), 0, VOCAB))
-    step = nnx.jit(lambda model, tokens, cache: model(tokens, kv_cache=cache))
+    step = nnx.jit(lambda model, tokens, cache: model.decode(tokens, cache))
     logits, cache = [ds.logits], ds.cache
     for t in range(6):
         out, cache = step(model, jnp.asarray(cont[:, t:t + 1]), cache)

@@ -1,6 +1,7 @@
 """The GPT: sizes, initial loss, GQA, the fused loss, attention, the KV-cache forward."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ import pytest
 from flax import nnx
 
 from jaxchat import attention as A
+from jaxchat import losses as L
 from jaxchat import model as M
 from jaxchat.model import GPT, GPTConfig, KVCache, config_for_depth
 
@@ -85,18 +87,50 @@ def test_gqa_equals_full_attention_with_repeated_kv():
     np.testing.assert_allclose(gqa(idx), full(idx), atol=2e-5)
 
 
-def test_fused_loss_matches_plain_loss_and_grads():
+def reference_losses(model, idx, targets, weights=None):
+    """Plain cross-entropy per token from the full logits of model(idx): 0 where the target is −1."""
+    logp = jax.nn.log_softmax(model(idx), axis=-1)
+    ce = -jnp.take_along_axis(logp, jnp.where(targets == -1, 0, targets)[..., None], -1)[..., 0]
+    return jnp.where(targets == -1, 0.0, ce if weights is None else weights * ce)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_loss_forms_match_reference_cross_entropy(weighted, monkeypatch):
+    """model.loss's mean, sum and per-token forms (the fused and the per-token chunked paths), with ignored
+    targets and optional weights, equal a plain cross-entropy over full logits: values and gradients, the
+    per-token cotangents all different. The per-token argmax is the logits' argmax, and no (B, T, V) array
+    exists in the per-token backward."""
+    monkeypatch.setattr(L, "CHUNK_ROWS", {jax.default_backend(): 48})  # 3 rows × 16 positions: 4 chunks of T
     model = randomize(GPT(TINY, rngs=nnx.Rngs(0)))
     idx = tokens((3, 64))
     targets = jnp.where(tokens((3, 64), seed=1) % 4 == 0, -1, jnp.roll(idx, -1, axis=1))
-    fused = lambda m: m(idx, targets, loss_reduction="sum")
-    plain = lambda m: m(idx, targets, loss_reduction="none").sum()
-    (lf, gf), (lp, gp) = (nnx.jit(nnx.value_and_grad(f))(model) for f in (fused, plain))
-    np.testing.assert_allclose(lf, lp, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), gf, gp)
-    mean = model(idx, targets)
-    np.testing.assert_allclose(mean, lf / jnp.sum(targets != -1), rtol=1e-6)
-    assert float(model(idx, jnp.full_like(idx, -1))) == 0.0  # nothing supervised: 0, not NaN
+    weights = jax.random.uniform(jax.random.key(2), idx.shape, minval=0.5, maxval=2.0) if weighted else None
+    probe = jax.random.normal(jax.random.key(3), idx.shape)  # a different cotangent for every token
+    count = jnp.sum(targets != -1)
+    forms = {  # name: (model.loss form, reference), each reduced to a scalar to differentiate
+        "mean": (lambda m: m.loss(idx, targets, weights), lambda m: reference_losses(m, idx, targets, weights).sum()
+                 / count),
+        "sum": (lambda m: m.loss(idx, targets, weights, reduction="sum"),
+                lambda m: reference_losses(m, idx, targets, weights).sum()),
+        "none": (lambda m: jnp.sum(probe * m.loss(idx, targets, weights, reduction="none")[0]),
+                 lambda m: jnp.sum(probe * reference_losses(m, idx, targets, weights))),
+    }
+    for name, (ours, ref) in forms.items():
+        (lo, go), (lr, gr) = (nnx.jit(nnx.value_and_grad(f))(model) for f in (ours, ref))
+        np.testing.assert_allclose(lo, lr, rtol=1e-5, err_msg=name)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4, err_msg=name), go, gr)
+    losses, argmax = nnx.jit(lambda m: m.loss(idx, targets, weights, reduction="none"))(model)
+    np.testing.assert_allclose(losses, reference_losses(model, idx, targets, weights), rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(jnp.where(targets == -1, losses, 0.0)).max()) == 0.0
+    np.testing.assert_array_equal(argmax, jnp.argmax(model(idx), -1))
+    if not weighted:
+        np.testing.assert_allclose(model(idx, targets), forms["sum"][0](model) / count, rtol=1e-6)
+        assert float(model(idx, jnp.full_like(idx, -1))) == 0.0  # nothing supervised: 0, not NaN
+    graphdef, params = nnx.split(model)
+    per_token = lambda p: forms["none"][0](nnx.merge(graphdef, p))
+    hlo = jax.jit(jax.grad(per_token)).lower(params).compile().as_text()
+    sizes = [math.prod(map(int, dims.split(","))) for dims in re.findall(r"f32\[(\d+(?:,\d+)+)\]", hlo)]
+    assert "f32[3,16,512]" in hlo and max(sizes) < 3 * 64 * 512  # a chunk's logits, never all of them
 
 
 def test_block_causal_attention_matches_dense():
@@ -139,7 +173,7 @@ def test_kv_cache_prefill_and_decode_match_full_forward():
     model = randomize(GPT(TINY, rngs=nnx.Rngs(0)))
     idx = tokens((2, 24))
     full = model(idx)
-    step = nnx.jit(lambda model, tokens, cache: model(tokens, kv_cache=cache))
+    step = nnx.jit(lambda model, tokens, cache: model.decode(tokens, cache))
     cache = KVCache.create(TINY, batch_size=2, max_len=32)
     logits, cache = step(model, idx[:, :16], cache)  # prefill
     np.testing.assert_allclose(logits, full[:, :16], atol=1e-4)
@@ -157,7 +191,7 @@ def test_kv_cache_left_padded_rows_match_unpadded():
     full = model(idx)
     pad = 5  # row 1 holds only idx[1, 5:]; its slots 0..4 hold junk
     chunk = idx.at[1, :pad].set(7)
-    step = nnx.jit(lambda model, tokens, cache: model(tokens, kv_cache=cache))
+    step = nnx.jit(lambda model, tokens, cache: model.decode(tokens, cache))
     cache = KVCache.create(TINY, batch_size=2, max_len=24, start=jnp.array([0, pad]))
     logits, cache = step(model, chunk[:, :16], cache)
     alone = model(idx[1:, pad:])
@@ -187,5 +221,6 @@ def test_positions_shift_rope_only():
     model = randomize(GPT(TINY, rngs=nnx.Rngs(0)))
     idx = tokens((2, 32))
     base = model(idx)
-    np.testing.assert_allclose(model(idx, positions=jnp.arange(32)[None]), base, atol=1e-6)
-    np.testing.assert_allclose(model(idx, positions=jnp.arange(32)[None] + 100), base, atol=2e-4)
+    logits = lambda positions: model.logits(model.hidden(idx, positions=positions))
+    np.testing.assert_allclose(logits(jnp.arange(32)[None]), base, atol=1e-6)
+    np.testing.assert_allclose(logits(jnp.arange(32)[None] + 100), base, atol=2e-4)

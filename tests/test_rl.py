@@ -9,7 +9,7 @@ from flax import nnx
 from jaxchat.losses import softcap_cross_entropy_sum
 from jaxchat.model import GPT, GPTConfig
 from jaxchat.optim import OptimConfig, hyperparams
-from jaxchat.rl_batch import advantages, rollout_batch
+from jaxchat.chat_rl import advantages, rollout_batch
 from jaxchat.train import TrainState, init_train_state, train_step
 from test_model import randomize  # non-zero everywhere, so logits are not uniform
 
@@ -45,7 +45,7 @@ def test_gpt_without_weights_is_unchanged():
     model = randomize(GPT(TINY, rngs=nnx.Rngs(0)))
     idx = jax.random.randint(jax.random.key(1), (3, 24), 0, TINY.vocab_size)
     targets = jnp.where(jnp.arange(24) % 5 == 0, -1, jnp.roll(idx, -1, axis=1))
-    losses = nnx.jit(lambda m, w: [m(idx, targets, loss_reduction=r, weights=w) for r in ("sum", "mean")])
+    losses = nnx.jit(lambda m, w: [m.loss(idx, targets, w, reduction=r) for r in ("sum", "mean")])
     plain = losses(model, None)  # the pre-RL path: the graph holds no weights
     ones = jnp.ones(idx.shape, jnp.float32)
     np.testing.assert_allclose(losses(model, ones), plain, rtol=1e-6)
@@ -83,9 +83,10 @@ def test_rollout_batch_masks_prompt_tool_output_and_padding():
 
 
 def randomized_state(config=TINY):
-    model, opt = init_train_state(config, OptimConfig(ns_dtype="float32")).merge()
+    state = init_train_state(config, OptimConfig(ns_dtype="float32"))
+    model, opt = state.model, state.optimizer
     randomize(model)
-    return TrainState.from_objects((model, opt))
+    return TrainState.create(model, opt)
 
 
 def toy_rollouts(rows=4, seed=0):
@@ -106,8 +107,9 @@ def test_train_step_loss_is_minus_the_pg_objective():
     seqs, masks, adv = toy_rollouts()
     batch = rollout_batch(seqs, masks, adv, PAD)
     state = randomized_state()
-    # The objective by hand, from the model's own per-token log-probs (the unfused path), before the step.
-    logp = -np.asarray(nnx.jit(lambda m: m(batch["inputs"], batch["targets"], loss_reduction="none"))(state.model))
+    # The objective by hand, from the model's own per-token log-probs (the per-token path), before the step.
+    per_token = nnx.jit(lambda m: m.loss(batch["inputs"], batch["targets"], reduction="none")[0])
+    logp = -np.asarray(per_token(state.model))
     valid = batch["targets"] != -1
     objective = np.sum(logp * adv[:, None] * valid) / valid.sum()
     accum = jax.tree.map(lambda a: a.reshape(2, 2, -1), batch)  # two micro-batches: one prompt each
@@ -135,7 +137,10 @@ def test_masked_tokens_carry_no_gradient():
 
     @nnx.jit(static_argnums=3)
     def grads(model, targets, weights, reduction="sum"):
-        loss = lambda m: jnp.sum(m(batch["inputs"], targets, loss_reduction=reduction, weights=weights))
+        def loss(m):
+            out = m.loss(batch["inputs"], targets, weights, reduction)
+            return jnp.sum(out[0] if reduction == "none" else out)  # per token: (losses, argmax)
+
         return nnx.state(nnx.grad(loss)(model), nnx.Param)
 
     g = grads(model, batch["targets"], batch["weights"])

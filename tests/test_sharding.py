@@ -1,5 +1,6 @@
 """Sharding on 8 fake CPU devices (one subprocess runs every check in tests/_multidevice.py), plus the table."""
 
+import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -24,6 +25,40 @@ def test_logical_table():
     assert sharding.logical_to_spec(("embed", "mlp")) == P("fsdp", None)
     assert sharding.batch_spec(3, batch_axis=1) == P(None, ("data", "fsdp"), None)
     assert sharding.batch_shards() == 1  # no mesh active
+
+
+def test_flax_resolves_parameters_logical_names():
+    """Flax's own nnx.get_partition_spec, with no rules context, turns every parameter's logical names into mesh
+    axes with RULES (never reads a logical name as a mesh axis), as jaxchat does for activations."""
+    from flax import nnx
+    from jaxchat.model import GPT, GPTConfig
+
+    model = nnx.eval_shape(lambda: GPT(GPTConfig(n_layer=1, n_embd=64, n_head=4, n_kv_head=2), rngs=nnx.Rngs(0)))
+    params = jax.tree.leaves(nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable))
+    for v in params:
+        spec = nnx.get_partition_spec(v).get_value()
+        assert spec == sharding.logical_to_spec(v.out_sharding), (v.out_sharding, spec)
+        assert {a for ax in spec if ax for a in ((ax,) if isinstance(ax, str) else ax)} <= set(sharding.AXES)
+    assert nnx.get_partition_spec(model.wte).get_value() == P(None, "fsdp")
+    assert nnx.get_partition_spec(model.h[0].mlp.c_fc.kernel).get_value() == P("fsdp", None)
+    with nnx.logical_axis_rules((("embed", "data"),)), pytest.raises(ValueError, match="Inconsistent"):
+        nnx.get_partition_spec(model.wte)  # Flax refuses a context that disagrees with the parameters' rules
+
+
+def test_flax_reports_what_jaxchat_places(results):
+    """On an 8-device mesh, every parameter's and optimizer buffer's sharding is the one Flax's own API reports
+    (get_named_sharding; the same under an nnx.logical_axis_rules context and from get_abstract_model), and the
+    table's logical and mesh specs are Flax's."""
+    out = result(results, "flax_specs")
+    for row in out["rows"]:
+        assert row["placed_as_flax"] and row["abstract_as_flax"] and row["context_as_flax"], row
+        if row["logical"]:
+            assert row["flax_spec"] == str(sharding.logical_to_spec(row["logical"])), row
+    assert sum(bool(r["logical"]) for r in out["rows"]) >= 30  # 14 params + Adam mu/nu + Muon buffers
+    assert sum("fsdp" in r["placed_spec"] for r in out["rows"]) >= 30
+    assert len(out["table"]) == 14
+    for row in out["table"]:
+        assert row["logical"] == row["flax_logical"] and row["spec"] == row["flax_spec"], row
 
 
 def test_params_and_optimizer_state_follow_the_table(results):
@@ -70,7 +105,6 @@ def test_muon_sharded_equals_unsharded(results):
 
 
 def test_sharding_table_prints(capsys):
-    import jax
     from flax import nnx
     from jaxchat.model import GPT, config_for_depth
 
@@ -79,6 +113,9 @@ def test_sharding_table_prints(capsys):
     sharding.print_sharding_table(model, mesh)
     text = capsys.readouterr().out
     assert "h.0.attn.c_q.kernel" in text and "wte" in text and "100.0% of parameter bytes" in text
+    assert "logical" in text and "mesh spec" in text
+    wte = next(line for line in text.splitlines() if line.startswith("wte "))
+    assert "('vocab', 'embed')" in wte and "P(None, 'fsdp')" in wte  # logical names, then Flax's mesh spec
 
 
 def test_engine_on_meshes_agrees_with_one_device(results):

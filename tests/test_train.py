@@ -10,7 +10,7 @@ from flax import nnx
 
 from jaxchat.model import GPTConfig
 from jaxchat.optim import OptimConfig, hyperparams
-from jaxchat.train import check_finite, init_train_state, train_step
+from jaxchat.train import TrainState, check_finite, init_train_state, train_step
 
 TINY = GPTConfig(sequence_len=32, vocab_size=256, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
 
@@ -96,7 +96,7 @@ def test_state_is_donated_and_metrics_are_device_arrays():
     state, metrics = train_step(state, batch, hyperparams())
     assert all(x.is_deleted() for x in old)
     assert all(isinstance(v, jax.Array) for v in metrics.values())
-    assert int(state.step) == 1
+    assert int(state.optimizer.step[...]) == 1
 
 
 def test_loss_decreases_and_bf16_compute_trains():
@@ -115,9 +115,9 @@ def test_loss_decreases_and_bf16_compute_trains():
 def test_non_finite_loss_stops_with_the_step():
     assert check_finite(jnp.float32(2.5), 3) == 2.5
     state = init_train_state(TINY, OptimConfig())
-    model, opt = state.merge()
+    model, opt = state.model, state.optimizer
     model.wte[...] = jnp.full_like(model.wte[...], jnp.nan)
-    state = state.from_objects((model, opt))
+    state = TrainState.create(model, opt)
     _, metrics = train_step(state, make_batch(1, 8), hyperparams())
     with pytest.raises(FloatingPointError, match="step 17"):
         check_finite(metrics["loss"], 17)

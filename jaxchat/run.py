@@ -1,0 +1,248 @@
+"""The scaffold of the four training stages (base_train, mid_train, chat_sft, chat_rl): one run of a stage.
+
+    with TrainingRun("base", model_tag, args, settings, loop_state, optim=optim, resume_keys=RESUME_KEYS,
+                     fresh=lambda: (init_train_state(config, optim), tok, {}), model_config=config, tokenizer=tok) as run:
+        ... run.state, run.step, run.dataloader_state_dict, run.loop_state ...
+        run.save(step, loader.get_state())
+
+A run owns its checkpoint directory `<stage>_checkpoints/<model_tag>/` while it lives (a second run on the same tag
+is refused). Fresh: a directory that already holds checkpoints is replaced only with --overwrite=1. Resumed
+(--resume=1): the settings that shape the run must equal the saved ones, and the state, the data position and the
+loop state continue from the newest intact checkpoint, so the resumed run is the uninterrupted one. Checkpoint meta
+keys are nanochat's: `model_config`, `user_config`, `device_batch_size`, `max_seq_len`, `dataloader_state_dict`,
+`loop_state` (`smooth_train_loss`, `min_val_bpb`, `total_training_time`, ...).
+"""
+import dataclasses
+import json
+import os
+import time
+
+import jax
+from flax import nnx
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+from jaxchat import sharding
+from jaxchat.checkpoint_manager import (Checkpointer, check_model_config, check_tokenizer, checkpoint_dir,
+                                        find_largest_model, load_model)
+from jaxchat.common import UserError, flag_adder, get_base_dir
+from jaxchat.model import GPTConfig
+from jaxchat.optim import OptimConfig
+from jaxchat.train import abstract_train_state, init_train_state
+
+EMA_BETA = 0.9  # smoothing of the logged training loss (nanochat's)
+NANOCHAT_EVAL_TOKENS = 20 * 524288  # val tokens per evaluation in nanochat's runs
+# flags a resumed chat stage must share with the run it continues
+CHAT_RESUME_KEYS = ("source", "model_step", "dtype", "num_iterations", "embedding_lr", "unembedding_lr", "matrix_lr",
+                    "weight_decay", "init_lr_frac")
+
+
+def add_training_flags(p, **defaults):
+    """The flags every training stage has (nanochat's names); `defaults` overrides some of their defaults."""
+    d = {"device_batch_size": 32, "eval_every": 250, **defaults}
+    add = flag_adder(p)
+    add("model_tag", default="", help="checkpoint directory name")
+    add("dtype", default="float32", choices=["float32", "bfloat16"], help="matmul dtype (params stay fp32)")
+    add("mesh_data", type=int, default=1, help="size of the mesh's data axis; the rest of the devices go to fsdp")
+    add("device_batch_size", type=int, default=d["device_batch_size"], help="rows per device per micro-batch")
+    add("num_iterations", type=int, default=-1, help="optimizer steps (-1: the stage's default horizon)")
+    add("embedding_lr", type=float, default=0.2)
+    add("unembedding_lr", type=float, default=0.004)
+    add("matrix_lr", type=float, default=0.02)
+    add("weight_decay", type=float, default=0.0)
+    add("eval_every", type=int, default=d["eval_every"])
+    add("save_every", type=int, default=-1, help="-1: only at the end")
+    add("keep", type=int, default=2, help="checkpoints kept")
+    add("resume", type=int, default=0, help="1: continue this stage's latest checkpoint of this model tag")
+    add("overwrite", type=int, default=0, help="1: a fresh run may replace this model tag's old checkpoints")
+    add("run", default="", help="TensorBoard run name (default: <stage>_<model_tag>)")
+    add("seed", type=int, default=0)
+    return add
+
+
+def add_chat_flags(p, source, **defaults):
+    """The training flags plus what the chat stages (mid, SFT, RL) share: where they start from."""
+    add = add_training_flags(p, **defaults)
+    add("source", default=source, choices=["base", "mid", "sft", "rl"], help="the checkpoints to start from")
+    add("model_step", type=int, default=-1, help="the source's step (default: its last)")
+    add("init_lr_frac", type=float, default=defaults.get("init_lr_frac", 1.0), help="every learning rate × this")
+    return add
+
+
+def source_config(args):
+    """The model config (a dict) of the checkpoint a chat stage starts from, read from its metadata only."""
+    root = os.path.dirname(checkpoint_dir(args.source, "x"))
+    tag = args.model_tag or find_largest_model(root)
+    with Checkpointer(os.path.join(root, tag), create=False) as ckpt:
+        return ckpt.restore_meta()["model_config"]
+
+
+def eval_tokens(requested, total_batch_size, num_iterations):
+    """Val tokens per evaluation: `requested` when > 0, else a tenth of the run's tokens (at least one step's,
+    at most nanochat's): an evaluation never costs more than a small part of a short run."""
+    if requested > 0:
+        return requested
+    if num_iterations <= 0:
+        return NANOCHAT_EVAL_TOKENS
+    return min(NANOCHAT_EVAL_TOKENS, max(total_batch_size, num_iterations * total_batch_size // 10))
+
+
+def optim_config(args, **extra):
+    return OptimConfig(embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr,
+                       matrix_lr=args.matrix_lr, weight_decay=args.weight_decay, **extra)
+
+
+def make_mesh(args):
+    """The ("data", "fsdp") mesh of all devices from --mesh_data; a shape that does not fit is one error line."""
+    try:
+        return sharding.make_mesh((args.mesh_data, -1))
+    except ValueError as e:
+        raise UserError(f"--mesh_data={args.mesh_data}: {e}") from None
+
+
+def batch_rows(args, examples_per_step):
+    """(rows per micro-batch over all devices, micro-batches per step) for a step of `examples_per_step` rows."""
+    n = jax.device_count()
+    rows = args.device_batch_size * n
+    accum, rem = divmod(examples_per_step, rows)
+    if accum < 1 or rem:
+        raise UserError(f"{examples_per_step} rows per step must be a multiple of device_batch_size × devices = "
+                        f"{args.device_batch_size} × {n}")
+    return rows, accum
+
+
+def devices_line():
+    mesh = jax.sharding.get_mesh()
+    return f"{jax.default_backend()} × {jax.device_count()} ({jax.devices()[0].device_kind}), mesh {dict(mesh.shape)}"
+
+
+def chat_run(stage, args, settings, loop_state):
+    """The TrainingRun of a chat stage. Fresh, it starts from the source stage's checkpoint (its weights and its
+    tokenizer, a fresh optimizer); `run.meta["source_step"]` names the step it started from."""
+    model_tag = args.model_tag or find_largest_model(os.path.dirname(checkpoint_dir(args.source, "x")))
+    optim = optim_config(args)
+
+    def fresh():
+        step = None if args.model_step < 0 else args.model_step
+        model, tokenizer, meta = load_model(args.source, model_tag, step, compute_dtype=args.dtype)
+        state = init_train_state(model.config, optim, args.seed)
+        return state.replace(params=nnx.state(model)), tokenizer, {"source_step": meta["step"]}
+
+    return TrainingRun(stage, model_tag, args, settings, loop_state, optim=optim, resume_keys=CHAT_RESUME_KEYS,
+                       fresh=fresh)
+
+
+class SummaryWriter:
+    """TensorBoard scalars and text without TensorFlow (tensorboard's own event-file writer, as torch uses):
+    `writer.scalars(step, {"train/loss": 3.2})`; view with `tensorboard --logdir $JAXCHAT_BASE_DIR/runs`."""
+
+    def __init__(self, logdir):
+        self.writer = EventFileWriter(logdir)
+
+    def scalars(self, step, values):
+        summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=k, simple_value=float(v))
+                                             for k, v in values.items()])
+        self.writer.add_event(event_pb2.Event(step=step, wall_time=time.time(), summary=summary))
+
+    def text(self, step, tag, text):
+        from tensorboard.plugins.text.summary_v2 import text_pb
+        self.writer.add_event(event_pb2.Event(step=step, wall_time=time.time(), summary=text_pb(tag, text)))
+
+    def close(self):
+        self.writer.close()
+
+
+class TrainingRun:
+    """`run.state` (TrainState), `run.tokenizer`, `run.step` (the next step to take), `run.dataloader_state_dict`
+    (None when fresh), `run.loop_state` (saved with every checkpoint), `run.meta` (the stage's own meta keys, e.g.
+    a chat stage's `source_step`: saved with every checkpoint, and on resume the whole saved meta), `run.writer`.
+
+    stage: "base" | "mid" | "sft" | "rl". settings: what shapes a step, saved as top-level meta keys
+    (device_batch_size, max_seq_len, total_batch_size, ...). resume_keys: the flags a resumed run must share with
+    the saved run (with every key of `settings`). optim: the OptimConfig (a resumed state gets its optimizer).
+    fresh(): (TrainState, tokenizer, the stage's own meta keys) of a new run.
+    On resume the model config comes from the checkpoint (checked against `model_config` when given) and the
+    tokenizer from the run's own copy (checked against `tokenizer` when given)."""
+
+    def __init__(self, stage, model_tag, args, settings, loop_state, *, optim, resume_keys, fresh, model_config=None,
+                 tokenizer=None):
+        self.stage, self.model_tag, self.args, self.settings = stage, model_tag, args, settings
+        self.ckpt = Checkpointer(checkpoint_dir(stage, model_tag), max_to_keep=args.keep)
+        self.ckpt.lock()
+        try:
+            if args.resume:
+                self._resume(optim, resume_keys, model_config, tokenizer)
+            else:
+                self._start(fresh, loop_state)
+        except BaseException:
+            self.ckpt.close()
+            raise
+        self.writer = SummaryWriter(os.path.join(get_base_dir(), "runs", args.run or f"{stage}_{model_tag}"))
+        self.start_step = self.step
+
+    def _start(self, fresh, loop_state):
+        if steps := self.ckpt.all_steps():
+            if not self.args.overwrite:
+                raise UserError(f"{self.ckpt.directory} already holds checkpoints (steps {steps}): --resume=1 "
+                                f"continues that run, --overwrite=1 replaces it, --model_tag=NAME starts another")
+            self.ckpt.clear()
+        self.state, self.tokenizer, self.meta = fresh()
+        self.step, self.dataloader_state_dict, self.loop_state = 0, None, dict(loop_state, smooth_train_loss=0.0)
+
+    def _resume(self, optim, resume_keys, model_config, tokenizer):
+        saved = self._newest_meta()
+        if model_config is not None:
+            check_model_config(saved, model_config, self.ckpt.directory)
+        now = {**vars(self.args), **self.settings}
+        was = {**saved["user_config"], **{k: saved.get(k) for k in self.settings}}
+        if changed := {k: (was.get(k), now[k]) for k in (*resume_keys, *self.settings) if was.get(k) != now[k]}:
+            raise UserError(f"--resume: {self.ckpt.directory} was trained with other settings: " + ", ".join(
+                f"{k} saved {a} vs now {b}" for k, (a, b) in changed.items()) + " (resume with the same ones)")
+        self.tokenizer = self.ckpt.load_tokenizer(saved, self.ckpt.directory)
+        if tokenizer is not None:  # the stage's own (base_train: $JAXCHAT_BASE_DIR/tokenizer) must be the run's
+            check_tokenizer(saved, tokenizer, self.ckpt.directory)
+        config = GPTConfig(**{**saved["model_config"], "compute_dtype": self.args.dtype})
+        abstract = abstract_train_state(config, optim, self.args.seed)
+        params, opt_state, meta = self.ckpt.restore_latest(abstract.params, abstract.opt_state)
+        self.state = abstract.replace(params=params, opt_state=opt_state)
+        self.step, self.dataloader_state_dict, self.loop_state = \
+            meta["step"], meta["dataloader_state_dict"], meta["loop_state"]
+        self.meta = meta
+
+    def _newest_meta(self):
+        """The meta of the newest step that has a readable one (restore_latest then skips damaged arrays)."""
+        steps = self.ckpt.all_steps()
+        if not steps:
+            raise UserError(f"--resume: no checkpoint to resume in {self.ckpt.directory}")
+        for step in reversed(steps):
+            try:
+                return self.ckpt.restore_meta(step)
+            except UserError:
+                continue
+        return self.ckpt.restore_meta(steps[-1])  # every meta is damaged: its one-line error
+
+    @property
+    def model(self):
+        return self.state.model
+
+    def smooth_loss(self, step, loss):
+        """Fold this step's loss into the EMA kept in the loop state; returns the debiased value (nanochat's)."""
+        self.loop_state["smooth_train_loss"] = EMA_BETA * self.loop_state["smooth_train_loss"] + (1 - EMA_BETA) * loss
+        return self.loop_state["smooth_train_loss"] / (1 - EMA_BETA ** (step + 1))
+
+    def save(self, step, dataloader_state_dict):
+        """Checkpoint the whole run at `step` (steps taken): model, optimizer, data position, loop state."""
+        meta = {**self.meta, "model_config": dataclasses.asdict(self.model.config), "user_config": vars(self.args),
+                **self.settings, "dataloader_state_dict": dataloader_state_dict, "loop_state": self.loop_state,
+                "tokenizer_fingerprint": self.tokenizer.fingerprint()}
+        self.ckpt.save(step, self.state.params, self.state.opt_state, json.loads(json.dumps(meta)), self.tokenizer)
+
+    def close(self):
+        self.ckpt.close()
+        self.writer.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

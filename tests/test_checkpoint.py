@@ -1,0 +1,258 @@
+"""Checkpoints: one writer per run directory, damaged steps named in one line (resume falls back to the newest
+intact one), a checkpoint paired with its own tokenizer, weights landing on the ambient mesh."""
+import asyncio
+import dataclasses
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxchat import sharding
+from jaxchat.checkpoint_manager import (Checkpointer, DamagedCheckpoint, check_tokenizer, checkpoint_dir,
+                                        load_model)
+from jaxchat.common import UserError, get_base_dir
+from jaxchat.model import GPT, GPTConfig
+from jaxchat.tokenizer import RustBPETokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = GPTConfig(sequence_len=32, vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, n_embd=64)
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    """Two different 300-token tokenizers (same size: only the fingerprint tells them apart)."""
+    a = RustBPETokenizer.train_from_iterator([" ".join(f"apple {i} banana {i * 7}" for i in range(400))], 300)
+    b = RustBPETokenizer.train_from_iterator([" ".join(f"cherry {i} durian {i * 3}" for i in range(400))], 300)
+    assert a.fingerprint() != b.fingerprint()
+    return a, b
+
+
+def model_state(seed):
+    return nnx.state(GPT(CONFIG, rngs=nnx.Rngs(seed)))
+
+
+def abstract_model():
+    return nnx.split(nnx.eval_shape(lambda: GPT(CONFIG, rngs=nnx.Rngs(0))))[1]
+
+
+def leaves(state):
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.to_pure_dict(state))]
+
+
+def write_run(tokenizer, tag="t", steps=(1, 2), config=CONFIG):
+    """A run directory with one step per entry of `steps`, step s holding the model initialised with seed s."""
+    with Checkpointer(checkpoint_dir("base", tag)).lock() as ckpt:
+        for s in steps:
+            ckpt.save(s, model_state(s), {"mu": jnp.full((3,), float(s))},
+                      {"model_config": dataclasses.asdict(config)}, tokenizer)
+    return ckpt.directory
+
+
+def truncate_largest_array_file(step_dir):
+    files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(step_dir, "model")) for f in fs]
+    largest = max(files, key=os.path.getsize)
+    os.truncate(largest, os.path.getsize(largest) // 2)
+
+
+# ---- one writer per directory -------------------------------------------------------------------------------
+def test_second_writer_is_refused_naming_the_holder(tokenizers):
+    directory = checkpoint_dir("base", "busy")
+    first = Checkpointer(directory).lock()
+    holder = rf"in use by another run \(pid {os.getpid()} on {socket.gethostname()}, since [-0-9]+ [:0-9]+: .*pytest"
+    with pytest.raises(UserError, match=holder + r".*\); wait for it to end or use another --model_tag"):
+        Checkpointer(directory).lock()
+    with pytest.raises(UserError, match="in use by another run"):  # a save takes the lock too
+        Checkpointer(directory).save(1, model_state(0), {"mu": jnp.zeros(3)}, {}, tokenizers[0])
+    first.close()
+    Checkpointer(directory).lock().close()  # free again once the holder closes
+
+
+def test_a_dead_holders_lock_is_free(tmp_path):
+    """The kernel drops a flock with its process: a killed run never leaves its directory locked."""
+    directory = str(tmp_path / "run")
+    script = "import sys, time; from jaxchat.checkpoint_manager import Checkpointer; " \
+             "ckpt = Checkpointer(sys.argv[1]).lock(); print('locked', flush=True); time.sleep(600)"
+    holder = subprocess.Popen([sys.executable, "-c", script, directory], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match=rf"pid {holder.pid} on .*python -c"):
+            Checkpointer(directory).lock()
+    finally:
+        holder.send_signal(signal.SIGKILL)  # no close(), no cleanup
+        holder.wait()
+    Checkpointer(directory).lock().close()
+
+
+# ---- damaged checkpoints ------------------------------------------------------------------------------------
+def test_resume_falls_back_to_the_newest_intact_step(tokenizers, capsys):
+    directory = write_run(tokenizers[0])
+    truncate_largest_array_file(os.path.join(directory, "000002"))
+    ckpt = Checkpointer(directory)
+    with pytest.raises(DamagedCheckpoint, match=r"t/000002 is damaged \(model: "):
+        ckpt.restore(2, abstract_model())
+    state, _, meta = ckpt.restore_latest(abstract_model())
+    assert meta["step"] == 1
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(state), leaves(model_state(1))))  # step 1's arrays
+    err = capsys.readouterr().err
+    assert "step 2 is damaged (model: " in err and "resuming from step 1" in err and len(err.splitlines()) == 1
+    # the damaged step is kept aside, and the resumed run can write step 2 again
+    assert os.path.isdir(os.path.join(directory, "000002.damaged")) and ckpt.all_steps() == [1]
+    ckpt.save(2, state, {"mu": jnp.zeros(3)}, {"model_config": dataclasses.asdict(CONFIG)}, tokenizers[0])
+    ckpt.close()
+    assert Checkpointer(directory).all_steps() == [1, 2]
+
+
+def test_no_intact_step_is_one_error(tokenizers):
+    directory = write_run(tokenizers[0])
+    truncate_largest_array_file(os.path.join(directory, "000002"))
+    os.remove(os.path.join(directory, "000001", "model", "manifest.ocdbt"))  # a missing file
+    with pytest.raises(UserError, match=r"no intact checkpoint to resume in .*: step 2 is damaged \(model: .*"
+                                        r"step 1 is damaged \(model: NOT_FOUND"):
+        Checkpointer(directory).restore_latest(abstract_model())
+
+
+def test_damaged_meta_is_one_line(tokenizers):
+    directory = write_run(tokenizers[0])
+    with open(os.path.join(directory, "000002", "meta", "metadata"), "w") as f:
+        f.write("garbage{")
+    with pytest.raises(UserError, match=r"000002 is damaged \(meta: JSONDecodeError: ") as e:
+        Checkpointer(directory).restore_meta()
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match=r"000002 is damaged \(meta: "):
+        load_model("base", "t")
+
+
+def test_a_damaged_checkpoint_at_the_cli_is_one_line(tmp_path):
+    """Through run_main, as a user sees it: one 'error: ...' line on stderr, no traceback before or after exit
+    (orbax's closed event loop used to print several, depending on timing: restore a few times to give it a
+    chance)."""
+    script = textwrap.dedent('''
+        import dataclasses, os, sys
+        from jaxchat.common import run_main
+        from jaxchat.checkpoint_manager import Checkpointer, DamagedCheckpoint, load_model
+        from jaxchat.tokenizer import RustBPETokenizer
+        sys.path.insert(0, "tests")
+        import test_checkpoint as t
+        tok = RustBPETokenizer.train_from_iterator([" ".join(f"apple {i} banana {i * 7}" for i in range(400))], 300)
+        directory = t.write_run(tok)
+        t.truncate_largest_array_file(os.path.join(directory, "000002"))
+        for _ in range(5):
+            try:
+                Checkpointer(directory).restore(2, t.abstract_model())
+            except DamagedCheckpoint:
+                pass
+        run_main(lambda: load_model("base", "t"))
+    ''')
+    env = dict(os.environ, JAXCHAT_BASE_DIR=str(tmp_path), JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: checkpoint ") and "000002 is damaged (model: " in lines[0]
+    assert "Traceback" not in r.stderr and "Event loop is closed" not in r.stderr and "bound method" not in r.stderr
+
+
+def test_late_reads_finish_before_orbax_closes_its_loop():
+    """The cause of those tracebacks, made deterministic: one read fails while another is still in flight on a
+    foreign thread (as TensorStore's are); orbax's run_sync closes its loop on the failure, and the late read
+    then reports to a closed loop. While restoring, checkpoint_manager lets such reads finish first."""
+    from orbax.checkpoint._src import asyncio_utils
+    from jaxchat.checkpoint_manager import _reads_finish_before_loop_close
+
+    def restore_with_a_late_read():
+        errors = []
+
+        async def late_read():
+            loop, done = asyncio.get_running_loop(), asyncio.get_running_loop().create_future()
+
+            def report():  # what TensorStore's thread does when a read completes
+                try:
+                    loop.call_soon_threadsafe(done.set_result, None)
+                except RuntimeError as e:
+                    errors.append(str(e))
+            threading.Timer(0.2, report).start()
+            await done
+
+        async def failing_read():
+            raise ValueError("truncated")
+
+        async def restore():
+            await asyncio.gather(late_read(), failing_read())
+
+        with pytest.raises(ValueError, match="truncated"):
+            asyncio_utils.run_sync(restore())
+        time.sleep(0.4)
+        return errors
+
+    assert restore_with_a_late_read() == ["Event loop is closed"]
+    with _reads_finish_before_loop_close():
+        assert restore_with_a_late_read() == []
+
+
+# ---- a checkpoint knows its tokenizer -----------------------------------------------------------------------
+def test_load_model_returns_the_checkpoints_own_tokenizer(tokenizers):
+    a, b = tokenizers
+    directory = write_run(a)
+    b.save(os.path.join(get_base_dir(), "tokenizer"))  # the base tokenizer retrained after the run
+    model, tokenizer, meta = load_model("base", "t")
+    assert tokenizer.fingerprint() == meta["tokenizer_fingerprint"] == a.fingerprint()
+    assert sorted(os.listdir(os.path.join(directory, "tokenizer"))) == ["token_bytes.npy", "tokenizer.json",
+                                                                         "tokenizer.tiktoken"]
+    assert meta["step"] == 2 and meta["model_tag"] == "t"
+    assert all(np.array_equal(x, y) for x, y in zip(leaves(nnx.state(model)), leaves(model_state(2))))
+
+
+def test_a_swapped_tokenizer_copy_is_refused(tokenizers):
+    a, b = tokenizers
+    directory = write_run(a)
+    shutil.rmtree(os.path.join(directory, "tokenizer"))
+    b.save(os.path.join(directory, "tokenizer"))
+    with pytest.raises(UserError, match=rf"the tokenizer at {directory}/tokenizer is not the one base/t step 2 was "
+                                        rf"trained with \(fingerprint {b.fingerprint()} vs {a.fingerprint()}\): "
+                                        r"was it retrained or replaced\?"):
+        load_model("base", "t")
+
+
+def test_check_tokenizer_refuses_another_tokenizer(tokenizers):
+    """What a resumed run checks against $JAXCHAT_BASE_DIR/tokenizer: the fingerprint, then the vocab size."""
+    a, b = tokenizers
+    meta = Checkpointer(write_run(a, steps=(1,))).restore_meta()
+    check_tokenizer(meta, a, "base/t step 1")
+    with pytest.raises(UserError, match=r"tokenizer/? is not the one base/t step 1 was trained with"):
+        check_tokenizer(meta, b, "base/t step 1")
+    old = {"model_config": {**dataclasses.asdict(CONFIG), "vocab_size": 512}}  # older meta: no fingerprint
+    check_tokenizer({"model_config": dataclasses.asdict(CONFIG)}, b, "old")
+    with pytest.raises(UserError, match="has 300 tokens but the model of old has a vocabulary of 512"):
+        check_tokenizer(old, b, "old")
+
+
+def test_vocab_mismatch_is_refused(tokenizers):
+    config = dataclasses.replace(CONFIG, vocab_size=320)
+    with Checkpointer(checkpoint_dir("base", "v")).lock() as ckpt:
+        ckpt.save(1, nnx.state(GPT(config, rngs=nnx.Rngs(0))), {"mu": jnp.zeros(3)},
+                  {"model_config": dataclasses.asdict(config)}, tokenizers[0])
+    with pytest.raises(UserError, match="has 300 tokens but the model of base/v step 1 has a vocabulary of 320"):
+        load_model("base", "v")
+
+
+# ---- the ambient mesh ---------------------------------------------------------------------------------------
+def test_load_model_lands_on_the_ambient_mesh(tokenizers):
+    write_run(tokenizers[0], steps=(1,))
+    mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        model, _, _ = load_model("base", "t")
+    arrays = jax.tree.leaves(nnx.state(model))
+    assert arrays and all(isinstance(x.sharding, jax.sharding.NamedSharding) and x.sharding.mesh == mesh
+                          for x in arrays)
+    model, _, _ = load_model("base", "t")  # no mesh set: one device
+    assert all(isinstance(x.sharding, jax.sharding.SingleDeviceSharding) for x in jax.tree.leaves(nnx.state(model)))
