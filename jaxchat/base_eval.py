@@ -7,14 +7,13 @@ with a note when there is no bundle). bpb: bits per byte on `split_tokens` token
 `$JAXCHAT_BASE_DIR/base_eval/<tag>_<step>.json` (CORE also to `<tag>_<step>.csv`, as nanochat's).
 """
 import argparse
-import json
 import os
 
 import jax
 
 from jaxchat import core_eval
 from jaxchat.checkpoint_manager import load_model
-from jaxchat.common import UserError, flag_adder, get_base_dir, run_main
+from jaxchat.common import UserError, flag_adder, get_base_dir, run_main, write_results
 from jaxchat.dataloader import DataLoader
 from jaxchat.engine import SAMPLE_PROMPTS, sample_greedy
 from jaxchat.loss_eval import evaluate_bpb
@@ -71,16 +70,11 @@ def main(argv=None):
                 print(f"  {text!r}")
         if "core" in evals:
             results["core"] = core_eval.evaluate_model(model, tokenizer, args.max_per_task, bundle)
-    out_dir = os.path.join(get_base_dir(), "base_eval")
-    os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"{tag}_{meta['step']:06d}")
+    name = f"{tag}_{meta['step']:06d}"
     if "core" in results:
-        csv_path = core_eval.write_csv(stem + ".csv", results["core"])
+        csv_path = core_eval.write_csv(os.path.join(get_base_dir(), "base_eval", name + ".csv"), results["core"])
         print(f"CORE metric: {results['core']['core_metric']:.4f} (per task in {csv_path})")
-    out = stem + ".json"
-    with open(out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"results written to {out}")
+    write_results("base_eval", name, results)
     return results
 
 

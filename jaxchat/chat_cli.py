@@ -22,20 +22,12 @@ def python_tool(code):
 TOOLS = {"calculator": use_calculator, "python": python_tool}
 
 
-def one_message(text):
-    """The -p value; an empty one is refused here, before the model loads (raised as UserError, which argparse
-    lets through: one error line instead of its usage text)."""
-    if not text.strip():
-        raise UserError("-p: the prompt is empty; leave out -p to chat interactively")
-    return text
-
-
 def build_parser():
     p = argparse.ArgumentParser(description="Chat with a jaxchat model.")
     p.add_argument("-i", "--source", default="sft", choices=sorted(SOURCE_DIRS), help="which stage's checkpoint")
     p.add_argument("-g", "--model-tag", "--model_tag", default=None, help="default: the largest d<N>")
     p.add_argument("-s", "--step", type=int, default=None, help="default: the last")
-    p.add_argument("-p", "--prompt", type=one_message, default=None, help="one message, one reply, then exit")
+    p.add_argument("-p", "--prompt", default=None, help="one message, one reply, then exit")
     p.add_argument("-t", "--temperature", type=float, default=0.6)
     p.add_argument("-k", "--top-k", "--top_k", type=int, default=50)
     p.add_argument("-m", "--max-tokens", "--max_tokens", type=int, default=256, help="reply length limit")
@@ -63,12 +55,10 @@ class Chat:
         context is refused with a message (the conversation is left as it was)."""
         turn = [self.user_start, *self.tokenizer.encode(message), self.user_end, self.assistant_start]
         room = self.context - len(self.tokens) - len(turn)
-        if room < 1 and len(self.tokens) == 1:  # nothing to clear (always so with -p): the message alone is too long
-            raise UserError(f"this message takes {len(self.tokens) + len(turn)} tokens, over the model's context of "
-                            f"{self.context} with no room for a reply: shorten it")
-        if room < 1:
+        if room < 1:  # with nothing before it (always so with -p) there is nothing to clear
+            what = "shorten it" if len(self.tokens) == 1 else "type 'clear' to start a new conversation"
             raise UserError(f"this message would make the conversation {len(self.tokens) + len(turn)} tokens, "
-                            f"over the model's context of {self.context}: type 'clear' to start a new conversation")
+                            f"over the model's context of {self.context}: {what}")
         self.tokens += turn
         max_tokens = min(sampling.pop("max_tokens", 256), room)
         reply, shown = [], ""
@@ -91,6 +81,8 @@ class Chat:
 
 def main(argv=None, stdin=None, out=sys.stdout):
     args = build_parser().parse_args(argv)
+    if args.prompt is not None and not args.prompt.strip():  # before the model loads
+        raise UserError("-p: the prompt is empty; leave out -p to chat interactively")
     model, tokenizer, meta = load_model(args.source, args.model_tag, args.step)
     chat = Chat(Engine(model, tokenizer, tool=TOOLS[args.tool]), tokenizer)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed)

@@ -6,13 +6,11 @@ when every task ran. A task whose data cannot be had (offline, say) is reported 
 as a zero. Results: a table on stdout and `$JAXCHAT_BASE_DIR/chat_eval/<source>_<tag>_<step>.json`.
 """
 import argparse
-import json
-import os
 
 import jax
 
 from jaxchat.checkpoint_manager import SOURCE_DIRS, load_model
-from jaxchat.common import UserError, get_base_dir, run_main
+from jaxchat.common import UserError, run_main, write_results
 from jaxchat.engine import Engine
 from jaxchat.run import make_mesh
 from jaxchat.task_eval import ALL_TASKS, EXTRA_TASKS, chatcore, run_chat_eval
@@ -61,12 +59,7 @@ def main(argv=None):
           f"{', '.join(t for t in ALL_TASKS if t not in results)})")
     out = {"source": args.source, "model_tag": meta["model_tag"], "step": meta["step"], "results": results,
            "skipped": skipped, "chatcore": score, "max_problems": args.max_problems, "num_samples": args.num_samples}
-    out_dir = os.path.join(get_base_dir(), "chat_eval")
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{args.source}_{meta['model_tag']}_{meta['step']:06d}.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"results written to {path}")
+    write_results("chat_eval", f"{args.source}_{meta['model_tag']}_{meta['step']:06d}", out)
     return out
 
 

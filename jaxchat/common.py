@@ -1,7 +1,7 @@
-"""Small helpers every stage uses: the base directory, logging, a file lock."""
+"""Small helpers every stage uses: the base directory, a file lock, padding buckets, the entry-point wrapper."""
 import contextlib
 import fcntl
-import logging
+import json
 import os
 import sys
 
@@ -12,10 +12,6 @@ def get_base_dir(create=True):
     if create:
         os.makedirs(base, exist_ok=True)
     return base
-
-
-def setup_logging(level=logging.INFO):
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
 @contextlib.contextmanager
@@ -40,6 +36,18 @@ def pad_bucket(n, cap=None, minimum=16):
 def flag_adder(parser):
     """add(name, ...) registers --name-with-dashes and --name_with_underscores (nanochat's scripts take both)."""
     return lambda name, **kw: parser.add_argument(f"--{name.replace('_', '-')}", f"--{name}", **kw)
+
+
+def write_results(subdir, name, results):
+    """An evaluation's results as JSON in $JAXCHAT_BASE_DIR/<subdir>/<name>.json (written whole, then renamed, so
+    a reader never sees half a file); says where and returns the path."""
+    path = os.path.join(get_base_dir(), subdir, name + ".json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(path + ".tmp", path)
+    print(f"results written to {path}")
+    return path
 
 
 class UserError(Exception):

@@ -309,9 +309,8 @@ class DataLoader:
     def set_state(self, state):
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise UserError(f"data loader state of an unknown format (expected a dict with version {STATE_VERSION})")
-        diff = [f"{key}: saved {state.get(key)!r}, now {value!r}" for key, value in self._config.items()
-                if state.get(key) != value and key != "version"]
-        if diff:
+        if diff := [f"{key}: saved {state.get(key)!r}, now {value!r}" for key, value in self._config.items()
+                    if state.get(key) != value and key != "version"]:
             raise UserError("the data loader state does not match this loader (exact resume impossible): "
                             + "; ".join(diff) + (" (the data files or their row groups changed)"
                                                  if any(d.startswith("data:") for d in diff) else ""))
@@ -332,9 +331,3 @@ class DataLoader:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def stack_micro_batches(loader, accum):
-    """(batch of shape (accum, B, T), the loader state after it): what one optimizer step takes, where to resume."""
-    batch = loader.next_stacked(accum)
-    return batch, loader.get_state()

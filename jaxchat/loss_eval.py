@@ -8,6 +8,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
 from jaxchat import sharding
 
@@ -25,7 +26,7 @@ def evaluate_bpb(model, batches, steps, token_bytes):
     the rows split over the mesh the caller set (`jax.set_mesh`), if any."""
     token_bytes = jnp.asarray(np.asarray(token_bytes, dtype=np.int32))
     nats, nbytes = 0.0, 0
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="val bpb", unit="batch", leave=False, disable=steps < 2):
         batch = sharding.shard_batch(next(batches))
         n, b = bpb_sums(model, batch["inputs"], batch["targets"], token_bytes)
         nats += float(n)

@@ -233,8 +233,7 @@ class TrainingRun:
     def save(self, step, dataloader_state_dict):
         """Checkpoint the whole run at `step` (steps taken): model, optimizer, data position, loop state."""
         meta = {**self.meta, "model_config": dataclasses.asdict(self.model.config), "user_config": vars(self.args),
-                **self.settings, "dataloader_state_dict": dataloader_state_dict, "loop_state": self.loop_state,
-                "tokenizer_fingerprint": self.tokenizer.fingerprint()}
+                **self.settings, "dataloader_state_dict": dataloader_state_dict, "loop_state": self.loop_state}
         self.ckpt.save(step, self.state.params, self.state.opt_state, json.loads(json.dumps(meta)), self.tokenizer)
 
     def close(self):

@@ -271,12 +271,3 @@ def _write_atomic(path, data):
 
 def get_tokenizer(tokenizer_dir=None):
     return RustBPETokenizer.from_directory(tokenizer_dir or os.path.join(get_base_dir(), "tokenizer"))
-
-
-def get_token_bytes(tokenizer_dir=None):
-    """The saved token_bytes array (int32 [vocab]); loaded without pickle."""
-    path = os.path.join(tokenizer_dir or os.path.join(get_base_dir(), "tokenizer"), TOKEN_BYTES_FILE)
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None

@@ -73,7 +73,7 @@ def test_one_shot_errors_fit_the_mode(model_and_tokenizer):
         with pytest.raises(UserError, match="-p: the prompt is empty"):
             chat_cli.main(["-i", "base", "-g", "no_such_model", "-p", empty])
     # over the context with -p: nothing to type, so no 'clear' in the message
-    with pytest.raises(UserError, match="over the model's context of 64 with no room for a reply") as e:
+    with pytest.raises(UserError, match="over the model's context of 64: shorten it") as e:
         chat_cli.main(GREEDY + ["-p", "number " * 80], out=io.StringIO())
     assert "clear" not in str(e.value)
 

@@ -11,7 +11,7 @@ import pytest
 
 from jaxchat import dataset
 from jaxchat.common import UserError
-from jaxchat.dataloader import DataLoader, stack_micro_batches
+from jaxchat.dataloader import DataLoader
 from jaxchat.tokenizer import RustBPETokenizer
 
 WORDS = ("the of and to in is was for on that with as by at from his her an were are which this be or has had "
@@ -192,12 +192,12 @@ def test_stack_micro_batches(corpus):
     d, _, tok = corpus
     ref = take(DataLoader(tok, B, T, "train", d, **KW), 6)
     loader = DataLoader(tok, B, T, "train", d, **KW)
-    batch, state = stack_micro_batches(loader, 3)
+    batch, state = loader.next_stacked(3), loader.get_state()
     assert batch["inputs"].shape == batch["targets"].shape == (3, B, T) and batch["inputs"].dtype == np.int32
     np.testing.assert_array_equal(batch["targets"], np.stack([r["targets"] for r in ref[:3]]))
     assert state == loader.get_state() and state["batches"] == 3
     np.testing.assert_array_equal(
-        stack_micro_batches(DataLoader(tok, B, T, "train", d, state=state, **KW), 3)[0]["inputs"],
+        DataLoader(tok, B, T, "train", d, state=state, **KW).next_stacked(3)["inputs"],
         np.stack([r["inputs"] for r in ref[3:]]))
 
 
