@@ -67,23 +67,14 @@ def render_prompts(item, task_type, delim, fewshot=()):
     raise ValueError(f"unsupported task type {task_type!r}; types: {', '.join(TASK_TYPES)}")
 
 
-def common_length(seqs, from_end=False):
-    """Length of the prefix (or suffix) that all token lists share."""
-    n = min(len(s) for s in seqs)
-    for i in range(n):
-        j = -1 - i if from_end else i
-        if any(s[j] != seqs[0][j] for s in seqs):
-            return i
-    return n
-
-
 def answer_spans(tokens, task_type):
     """(start, end) of the scored tokens of each of an example's token lists (BOS included)."""
+    # os.path.commonprefix works on any sequences: here the token lists' common prefix (or, reversed, suffix)
     if task_type == "multiple_choice":
-        start = common_length(tokens)
+        start = len(os.path.commonprefix(tokens))
         return [(start, len(t)) for t in tokens]
     if task_type == "schema":
-        n = common_length(tokens, from_end=True)
+        n = len(os.path.commonprefix([t[::-1] for t in tokens]))
         return [(len(t) - n, len(t)) for t in tokens]
     without, with_ = tokens
     if not (len(without) < len(with_) and with_[:len(without)] == without):
@@ -103,11 +94,11 @@ def prepare_task(tokenizer, data, task_meta, max_len, chunk=1024):
     """Every example's rows: (int32 tokens, span start, span end, example index), cropped to max_len. Examples are
     tokenized a chunk at a time (tokens as Python ints are large)."""
     task_type, k, delim = task_meta["task_type"], task_meta["num_fewshot"], task_meta["continuation_delimiter"]
+    shots = min(k, len(data) - 1)  # (nanochat fails when a crop leaves fewer examples than shots)
     rows = []
     for lo in range(0, len(data), chunk):
         prompts = []
         for idx in range(lo, min(lo + chunk, len(data))):
-            shots = min(k, len(data) - 1)  # (nanochat fails when a crop leaves fewer examples than shots)
             fewshot = [data[i] for i in fewshot_indices(len(data), idx, shots)] if shots > 0 else ()
             prompts.append(render_prompts(data[idx], task_type, delim, fewshot))
         tokens = iter(tokenizer.encode([p for ps in prompts for p in ps], prepend=tokenizer.get_bos_token_id()))
@@ -162,9 +153,8 @@ def score_rows(model, rows, pad_id, max_len, batch_tokens=BATCH_TOKENS, desc=Non
     shards = sharding.batch_shards()
     mean_loss, exact = np.zeros(len(rows), np.float64), np.zeros(len(rows), bool)
 
-    def collect(pending):
-        (nll, pred), members, ids = pending
-        nll, pred = np.asarray(nll), np.asarray(pred)
+    def collect(out, members, ids):
+        nll, pred = np.asarray(out[0]), np.asarray(out[1])
         for b, r in enumerate(members):
             _, s, e, _ = rows[r]
             mean_loss[r] = nll[b, s - 1:e - 1].mean() if e > s else np.inf
@@ -180,10 +170,10 @@ def score_rows(model, rows, pad_id, max_len, batch_tokens=BATCH_TOKENS, desc=Non
             # dispatched asynchronously: the host prepares the next batch meanwhile
             out = _forward(graphdef, state, sharding.shard_batch(ids))
             if pending is not None:
-                collect(pending)
+                collect(*pending)
             pending = (out, members, ids)
         if pending is not None:
-            collect(pending)
+            collect(*pending)
     return mean_loss, exact
 
 
@@ -192,17 +182,12 @@ def example_correct(model, tokenizer, data, task_meta, max_len=None, batch_token
     max_len = max_len or model.config.sequence_len
     rows = prepare_task(tokenizer, data, task_meta, max_len)
     mean_loss, exact = score_rows(model, rows, tokenizer.get_bos_token_id(), max_len, batch_tokens, desc)
-    correct = np.zeros(len(data))
-    if task_meta["task_type"] == "language_modeling":
-        for (_, _, _, idx), ok in zip(rows, exact):
-            correct[idx] = ok
-        return correct
-    by_example = {}
-    for r, (_, _, _, idx) in enumerate(rows):  # rows of an example are in choice order
-        by_example.setdefault(idx, []).append(mean_loss[r])
-    for idx, losses in by_example.items():
-        correct[idx] = int(np.argmin(losses)) == data[idx]["gold"]
-    return correct
+    if task_meta["task_type"] == "language_modeling":  # one row per example, in order
+        return exact.astype(np.float64)
+    losses = {}  # example index -> the mean losses of its rows, in choice order
+    for (*_, idx), loss in zip(rows, mean_loss):
+        losses.setdefault(idx, []).append(loss)
+    return np.array([float(np.argmin(losses[idx]) == example["gold"]) for idx, example in enumerate(data)])
 
 
 def evaluate_task(model, tokenizer, data, task_meta, **kw):
@@ -245,8 +230,7 @@ def _extract(zip_path, target):
 def get_eval_bundle(bundle_dir=None, download=True, url=EVAL_BUNDLE_URL, **download_kw):
     """The CORE bundle directory: `bundle_dir`, else $JAXCHAT_EVAL_BUNDLE, else $JAXCHAT_BASE_DIR/eval_bundle,
     which is fetched (nanochat's eval_bundle.zip) and unpacked when missing, unless download=False."""
-    explicit = bundle_dir or os.environ.get("JAXCHAT_EVAL_BUNDLE")
-    if explicit:
+    if explicit := bundle_dir or os.environ.get("JAXCHAT_EVAL_BUNDLE"):
         if not os.path.isfile(os.path.join(explicit, "core.yaml")):
             raise UserError(f"no CORE eval bundle at {explicit} (no core.yaml there); pass --eval-bundle DIR with "
                             f"core.yaml, eval_meta_data.csv and eval_data/")

@@ -329,5 +329,5 @@ class DataLoader:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *_):
         self.close()

@@ -7,7 +7,7 @@ One directory holds one corpus, never a mix (the last-file rule would otherwise 
 - `python -m jaxchat.dataset -n N` downloads nanochat's FineWeb-EDU-100B shuffle: train shards 0..N-1 plus the pinned
   val shard `shard_01822` (as nanochat HEAD does), which is fetched first, so it sorts last from the first moment on and
   val never depends on how far a download got. An embedded default found in the directory is replaced (it rebuilds
-  offline in seconds); a directory with other files (not `shard_NNNNN.parquet`) is refused.
+  offline); a directory with other files (not `shard_NNNNN.parquet`) is refused.
 - `python -m jaxchat.dataset` (no `-n`) builds the embedded default offline into an empty directory (marked with
   `.default_corpus_built`); it refuses a directory that already holds other data: use `--data-dir` for it.
 
@@ -43,14 +43,12 @@ def split_documents(text, max_chars=MAX_DOC_CHARS):
     """Cut a long text into documents of whole paragraphs, at most max_chars each (a longer paragraph stands alone)."""
     text = "\n".join(line.rstrip() for line in text.replace("\r\n", "\n").split("\n"))
     paragraphs = [p.strip("\n") for p in re.split(r"\n{2,}", text) if p.strip()]
-    docs, current = [], ""
+    docs = []
     for p in paragraphs:
-        if current and len(current) + 2 + len(p) > max_chars:
-            docs.append(current)
-            current = ""
-        current = p if not current else current + "\n\n" + p
-    if current:
-        docs.append(current)
+        if docs and len(docs[-1]) + 2 + len(p) <= max_chars:
+            docs[-1] += "\n\n" + p
+        else:
+            docs.append(p)
     return docs
 
 
@@ -88,8 +86,7 @@ def iter_file_batches(path):
                 raise UserError(f"{path}: no 'text' column (columns: {pf.schema_arrow.names})")
             for rg in range(pf.num_row_groups):
                 yield pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
-            return
-        if path.endswith((".jsonl", ".jsonl.gz")):
+        elif path.endswith((".jsonl", ".jsonl.gz")):
             opener = gzip.open if path.endswith(".gz") else open
             with opener(path, "rt", encoding="utf-8") as f:
                 docs = []
@@ -105,23 +102,19 @@ def iter_file_batches(path):
                         docs = []
                 if docs:
                     yield docs
-            return
-        with open(path, encoding="utf-8") as f:
-            docs = split_documents(f.read())
-        for i in range(0, len(docs), ROW_GROUP_SIZE):
-            yield docs[i:i + ROW_GROUP_SIZE]
-    except UserError:
-        raise
+        else:
+            with open(path, encoding="utf-8") as f:
+                docs = split_documents(f.read())
+            for i in range(0, len(docs), ROW_GROUP_SIZE):
+                yield docs[i:i + ROW_GROUP_SIZE]
     except (OSError, pa.ArrowException, UnicodeDecodeError, EOFError) as e:
         raise UserError(f"cannot read data file {path}: {e}") from None
 
 
-def parquets_iter_batched(split, start=0, step=1, data_dir=None):
-    """nanochat's iterator: for each file of the split, yield the document lists of batches start, start+step, ..."""
+def parquets_iter_batched(split, data_dir=None):
+    """nanochat's iterator (one process: no start/step): the document lists of every file of the split, in order."""
     for path in split_files(split, data_dir):
-        for i, docs in enumerate(iter_file_batches(path)):
-            if i >= start and (i - start) % step == 0:
-                yield docs
+        yield from iter_file_batches(path)
 
 
 def iter_texts(split, data_dir=None, max_chars=None, doc_cap=None):
@@ -129,8 +122,7 @@ def iter_texts(split, data_dir=None, max_chars=None, doc_cap=None):
     total = 0
     for docs in parquets_iter_batched(split, data_dir=data_dir):
         for doc in docs:
-            if doc_cap:
-                doc = doc[:doc_cap]
+            doc = doc[:doc_cap] if doc_cap else doc
             yield doc
             total += len(doc)
             if max_chars and total >= max_chars:
@@ -189,8 +181,8 @@ def shard_indices(num_files):
     return [MAX_SHARD] + list(range(MAX_SHARD if num_files == -1 else min(num_files, MAX_SHARD)))
 
 
-def check_parquet(path):
-    """Cheap sanity check of a shard: PAR1 at both ends, a readable footer, a `text` column. Raises BadFile."""
+def check_parquet(path, column="text"):
+    """Cheap sanity check of a parquet file: PAR1 at both ends, a readable footer, `column` (if any). Raises BadFile."""
     try:
         with open(path, "rb") as f:
             head, _, tail = f.read(4), f.seek(-4, os.SEEK_END), f.read(4)
@@ -199,8 +191,8 @@ def check_parquet(path):
         names = pq.ParquetFile(path).schema_arrow.names
     except (OSError, pa.ArrowException) as e:
         raise BadFile(f"unreadable parquet ({e})") from None
-    if "text" not in names:
-        raise BadFile(f"no 'text' column (columns: {names})")
+    if column and column not in names:
+        raise BadFile(f"no {column!r} column (columns: {names})")
 
 
 def _prepare_download_dir(data_dir):
@@ -220,19 +212,17 @@ def _prepare_download_dir(data_dir):
 def download_shards(indices, data_dir=None, base_url=BASE_URL, num_workers=4, attempts=5, timeout=30, backoff=None):
     """Download shard_{i:05d}.parquet for each index into data_dir, in parallel threads; returns their paths.
 
-    Each file: up to `attempts` tries with exponential backoff, streamed to NAME.part (resumed with a Range request,
-    across runs too), checked against the announced size, the server's sha256 when it gives one and a parquet sanity
-    check, then renamed into place. Complete files are skipped. The first index is fetched alone, first: with
-    shard_indices() it is the val shard, and an unreachable source fails after one file, not after all of them.
+    Each file as download_one fetches it (resumable, retried, verified, with check_parquet); complete files are
+    skipped. The first index is fetched alone, first: with shard_indices() it is the val shard, and an unreachable
+    source fails after one file, not after all of them.
     Raises DownloadError naming every shard that is missing; what did download stays.
     """
     data_dir, names = str(data_dir or default_data_dir()), [shard_name(i) for i in indices]
     backoff = RETRY_DELAY if backoff is None else backoff
     _prepare_download_dir(data_dir)
-    progress = Progress(f"{len(names)} shards")
-    one = lambda name: download_one(f"{base_url.rstrip('/')}/{name}", os.path.join(data_dir, name), check_parquet,
-                                    attempts, timeout, backoff, progress)
-    try:
+    with Progress(f"{len(names)} shards") as progress:
+        one = lambda name: download_one(f"{base_url.rstrip('/')}/{name}", os.path.join(data_dir, name), check_parquet,
+                                        attempts, timeout, backoff, progress)
         whys = [one(names[0])] if names else []
         if whys and whys[0]:
             whys += ["not attempted (the first shard failed)"] * (len(names) - 1)
@@ -244,8 +234,6 @@ def download_shards(indices, data_dir=None, base_url=BASE_URL, num_workers=4, at
                     progress.stopped = True
                     pool.shutdown(cancel_futures=True)
                     raise
-    finally:
-        progress.bar.close()
     if failed := {n: why for n, why in zip(names, whys) if why}:
         lines = [f"  {n}: {why}" for n, why in list(failed.items())[:20]] + ["  ..."] * (len(failed) > 20)
         hint = ("what to do: check the network (or pass --base-url=MIRROR) and rerun the same command (finished shards"

@@ -3,6 +3,7 @@ exponential backoff, verified (announced size, sha256 given or vouched for by th
 into place only when whole, and locked so parallel processes fetch it once. Used for pretraining shards, the CORE
 eval bundle and task data.
 """
+import contextlib
 import hashlib
 import http.client
 import os
@@ -56,6 +57,12 @@ class Progress:
         from tqdm import tqdm
         self.bar, self.lock, self.stopped = tqdm(total=0, unit="B", unit_scale=True, desc=desc), threading.Lock(), False
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.bar.close()
+
     def update(self, n=0, expect=0):
         if self.stopped:  # Ctrl-C in the main thread: stop this worker too (its .part resumes next time)
             raise KeyboardInterrupt
@@ -95,25 +102,21 @@ def _fetch(url, part, timeout, progress):
 def download_one(url, path, check=None, attempts=5, timeout=30, backoff=RETRY_DELAY, progress=None, sha256=None):
     """Fetch one file via path.part, verify it, rename it into place; returns None or why it failed.
 
-    Verification: the size the server announced, the sha256 given here or vouched for by the server, and `check(path)`
-    (raises BadFile; e.g. "is it a parquet file"). A complete, valid file is not fetched again; a lock file makes a
-    second process wanting the same file wait, then find it done."""
+    `check(path)` is the content check (raises BadFile; e.g. "is it a parquet file"). A complete, valid file is not
+    fetched again; a lock file makes a second process wanting the same file wait, then find it done."""
     part, (directory, name) = path + ".part", os.path.split(path)
     os.makedirs(directory, exist_ok=True)
     progress = progress or Progress(name)
-    verify = lambda p: _verify(p, check, sha256)
     with file_lock(os.path.join(directory, f".{name}.lock")):
-        try:
-            verify(path)
+        with contextlib.suppress(BadFile):  # missing or damaged: (re)download
+            _verify(path, check, sha256)
             return None  # already complete
-        except BadFile:
-            pass  # missing or damaged: (re)download
         for attempt in range(1, attempts + 1):
             try:
                 sha = _fetch(url, part, timeout, progress)
                 if sha and not sha256:
                     _verify(part, None, sha, "the server says")
-                verify(part)
+                _verify(part, check, sha256)
                 os.replace(part, path)
                 return None
             except BadFile as e:
@@ -134,11 +137,8 @@ def download_one(url, path, check=None, attempts=5, timeout=30, backoff=RETRY_DE
 
 def download_file(url, path, check=None, sha256=None, attempts=5, timeout=30, backoff=RETRY_DELAY, what="file"):
     """download_one for a single file, with a tqdm bar; raises DownloadError with what to do when it fails."""
-    progress = Progress(os.path.basename(path))
-    try:
+    with Progress(os.path.basename(path)) as progress:
         why = download_one(url, path, check, attempts, timeout, backoff, progress, sha256)
-    finally:
-        progress.bar.close()
     if why:
         raise DownloadError(f"could not download the {what} from {url} into {path}: {why}\nwhat to do: check the "
                             f"network and rerun (a partial download resumes), or put the file there yourself",

@@ -12,7 +12,7 @@ guards are plain Python monkeypatching (`import _posixsubprocess`, `_socket`, `c
 other routes get around them) plus rlimits. Running untrusted code safely needs a real boundary:
 a container, VM, gVisor or seccomp, with no network and a read-only filesystem.
 """
-
+import contextlib
 import dataclasses
 import math
 import os
@@ -109,13 +109,6 @@ class ExecutionResult:
         return f"ExecutionResult({', '.join(fields)})"
 
 
-def _kill_group(proc):
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # start_new_session=True: the group id is the child's pid
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def _collect(proc, deadline, limit):
     """Read stdout/stderr incrementally until both close, the deadline passes or one exceeds limit."""
     bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
@@ -166,7 +159,8 @@ def execute_code(code: str, timeout: float = 5.0, maximum_memory_bytes: int | No
                         timed_out = True
             finally:
                 if proc.returncode is None:  # kill only while unreaped, so the pid cannot be reused
-                    _kill_group(proc)
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(proc.pid, signal.SIGKILL)  # start_new_session=True: the group id is the child's pid
                     proc.wait()
 
     stdout = out.decode("utf-8", errors="replace")

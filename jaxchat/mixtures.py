@@ -3,7 +3,8 @@
 Each part is built when the mixture is; a part whose data cannot be had (offline, no local copy) is left out with the
 reason, which the stage prints and logs: a mixture never silently shrinks. Offline, what remains is the shipped
 identity conversations, human chit-chat from a PyPI package (ChitChat, in place of SmolTalk), the synthetic tasks
-(spelling, calculator arithmetic) and GSM8K from a local copy (`JAXCHAT_GSM8K_DIR`). `--extra_jsonl FILE,...` adds your own conversations (CustomJSON) to a stage's training mix.
+(spelling, calculator arithmetic) and GSM8K from a local copy (`JAXCHAT_GSM8K_DIR`). `--extra_jsonl FILE,...` adds
+your own conversations (CustomJSON) to a stage's training mix.
 """
 import os
 
@@ -20,54 +21,45 @@ from jaxchat.tasks.spellingbee import SimpleSpelling, SpellingBee
 
 IDENTITY = os.path.join(os.path.dirname(__file__), "data", "identity_conversations.jsonl")
 
-
-def _mid_train():
-    return [("SmolTalk", lambda: SmolTalk(split="train")),
-            ("MMLU auxiliary_train", lambda: MMLU(subset="auxiliary_train", split="train")),
-            ("GSM8K", lambda: GSM8K(subset="main", split="train")),
-            ("identity", lambda: CustomJSON(IDENTITY)), ("identity (2nd copy)", lambda: CustomJSON(IDENTITY)),
-            ("SimpleSpelling", lambda: SimpleSpelling(size=200_000, split="train")),
-            ("SpellingBee", lambda: SpellingBee(size=80_000, split="train")),
-            ("Arithmetic", lambda: Arithmetic(size=20_000, split="train")),
-            ("ChitChat", lambda: ChitChat(split="train"))]
-
-
-def _mid_val():
-    return [("SmolTalk test", lambda: SmolTalk(split="test")),
-            ("MMLU test", lambda: MMLU(subset="all", split="test", stop=5200)),
-            ("GSM8K test", lambda: GSM8K(subset="main", split="test", stop=420)),
-            ("SpellingBee test", lambda: SpellingBee(size=500, split="test")),
-            ("Arithmetic test", lambda: Arithmetic(size=500, split="test")),
-            ("ChitChat test", lambda: ChitChat(split="test"))]
-
-
-def _sft_train():
-    return [("ARC-Easy", lambda: ARC(subset="ARC-Easy", split="train")),
-            ("ARC-Challenge", lambda: ARC(subset="ARC-Challenge", split="train")),
-            ("GSM8K", lambda: GSM8K(subset="main", split="train")),
-            ("SmolTalk", lambda: SmolTalk(split="train", stop=10_000)),
-            ("identity", lambda: CustomJSON(IDENTITY)),
-            ("SimpleSpelling", lambda: SimpleSpelling(size=300, split="train")),
-            ("SpellingBee", lambda: SpellingBee(size=300, split="train")),
-            ("Arithmetic", lambda: Arithmetic(size=2_000, split="train")),
-            ("ChitChat", lambda: ChitChat(split="train"))]
-
-
-def _sft_val():
-    return [("SmolTalk test", lambda: SmolTalk(split="test")),
-            ("GSM8K test", lambda: GSM8K(subset="main", split="test", stop=420)),
-            ("SpellingBee test", lambda: SpellingBee(size=200, split="test")),
-            ("Arithmetic test", lambda: Arithmetic(size=200, split="test")),
-            ("ChitChat test", lambda: ChitChat(split="test"))]
-
-
-MIXTURES = {("mid", "train"): _mid_train, ("mid", "val"): _mid_val, ("sft", "train"): _sft_train,
-            ("sft", "val"): _sft_val}
+MIXTURES = {  # (stage, split) -> [(part name, a function that builds the part)]
+    ("mid", "train"): [
+        ("SmolTalk", lambda: SmolTalk(split="train")),
+        ("MMLU auxiliary_train", lambda: MMLU(subset="auxiliary_train", split="train")),
+        ("GSM8K", lambda: GSM8K(subset="main", split="train")),
+        ("identity", lambda: CustomJSON(IDENTITY)), ("identity (2nd copy)", lambda: CustomJSON(IDENTITY)),
+        ("SimpleSpelling", lambda: SimpleSpelling(size=200_000, split="train")),
+        ("SpellingBee", lambda: SpellingBee(size=80_000, split="train")),
+        ("Arithmetic", lambda: Arithmetic(size=20_000, split="train")),
+        ("ChitChat", lambda: ChitChat(split="train"))],
+    ("mid", "val"): [
+        ("SmolTalk test", lambda: SmolTalk(split="test")),
+        ("MMLU test", lambda: MMLU(subset="all", split="test", stop=5200)),
+        ("GSM8K test", lambda: GSM8K(subset="main", split="test", stop=420)),
+        ("SpellingBee test", lambda: SpellingBee(size=500, split="test")),
+        ("Arithmetic test", lambda: Arithmetic(size=500, split="test")),
+        ("ChitChat test", lambda: ChitChat(split="test"))],
+    ("sft", "train"): [
+        ("ARC-Easy", lambda: ARC(subset="ARC-Easy", split="train")),
+        ("ARC-Challenge", lambda: ARC(subset="ARC-Challenge", split="train")),
+        ("GSM8K", lambda: GSM8K(subset="main", split="train")),
+        ("SmolTalk", lambda: SmolTalk(split="train", stop=10_000)),
+        ("identity", lambda: CustomJSON(IDENTITY)),
+        ("SimpleSpelling", lambda: SimpleSpelling(size=300, split="train")),
+        ("SpellingBee", lambda: SpellingBee(size=300, split="train")),
+        ("Arithmetic", lambda: Arithmetic(size=2_000, split="train")),
+        ("ChitChat", lambda: ChitChat(split="train"))],
+    ("sft", "val"): [
+        ("SmolTalk test", lambda: SmolTalk(split="test")),
+        ("GSM8K test", lambda: GSM8K(subset="main", split="test", stop=420)),
+        ("SpellingBee test", lambda: SpellingBee(size=200, split="test")),
+        ("Arithmetic test", lambda: Arithmetic(size=200, split="test")),
+        ("ChitChat test", lambda: ChitChat(split="test"))],
+}
 
 
 def build_mixture(stage, split, extra_jsonl=""):
     """(TaskMixture, {part: size}, {part: why it was left out})."""
-    parts = MIXTURES[(stage, split)]()
+    parts = list(MIXTURES[(stage, split)])
     if split == "train":
         parts += [(f"your {path}", lambda p=path: CustomJSON(p)) for path in filter(None, extra_jsonl.split(","))]
     tasks, sizes, missing = [], {}, {}

@@ -5,7 +5,6 @@ first time; offline, those comparisons are skipped with the reason, and ours is 
 """
 import argparse
 
-
 from jaxchat.common import UserError, run_main
 from jaxchat.dataset import parquets_iter_batched
 from jaxchat.tokenizer import RustBPETokenizer, get_tokenizer
@@ -45,30 +44,8 @@ SAMPLES = {
 }
 
 
-def data_samples(data_dir):
-    """The first row group of the first train shard and of the val shard, as nanochat's tok_eval uses."""
-    out = {}
-    for split in ("train", "val"):
-        try:
-            out[f"data-{split}"] = "\n".join(next(parquets_iter_batched(split, data_dir=data_dir)))
-        except (UserError, StopIteration) as e:
-            print(f"[skip] data-{split}: {e}")
-    return out
-
-
 # r50k_base is GPT-2's vocabulary in a single file (tiktoken's "gpt2" needs two)
 BASELINES = {"gpt2": "r50k_base", "gpt4": "cl100k_base"}
-
-
-def load_baselines(labels):
-    baselines, skipped = {}, {}
-    for label in labels:
-        name = BASELINES[label]
-        try:
-            baselines[label] = RustBPETokenizer.from_pretrained(name)
-        except Exception as e:  # tiktoken raises requests/OSError/ValueError variants when offline
-            skipped[label] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-    return baselines, skipped
 
 
 def build_parser():
@@ -82,12 +59,21 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     ours = get_tokenizer(args.tokenizer_dir)
-    texts = {**SAMPLES, **data_samples(args.data_dir)}
+    texts = dict(SAMPLES)
+    for split in ("train", "val"):  # as nanochat: the first row group of the first train shard and of the val shard
+        try:
+            texts[f"data-{split}"] = "\n".join(next(parquets_iter_batched(split, data_dir=args.data_dir)))
+        except (UserError, StopIteration) as e:
+            print(f"[skip] data-{split}: {e}")
     labels = [x for x in args.compare.split(",") if x]
-    unknown = [x for x in labels if x not in BASELINES]
-    if unknown:
+    if unknown := [x for x in labels if x not in BASELINES]:
         raise UserError(f"--compare: unknown baseline(s) {unknown}; choose from {', '.join(BASELINES)}")
-    baselines, skipped = load_baselines(labels)
+    baselines, skipped = {}, {}
+    for label in labels:
+        try:
+            baselines[label] = RustBPETokenizer.from_pretrained(BASELINES[label])
+        except Exception as e:  # tiktoken raises requests/OSError/ValueError variants when offline
+            skipped[label] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
     results = {}
     for label, tok in [("ours", ours)] + list(baselines.items()):
         for name, text in texts.items():
@@ -97,9 +83,8 @@ def main(argv=None):
 
     print(f"\nvocab size: ours {ours.get_vocab_size():,}" +
           "".join(f", {k} {v.get_vocab_size():,}" for k, v in baselines.items()))
-    header = f"{'text':<12}{'bytes':>9}{'ours tok':>10}{'ours B/t':>10}"
-    for label in baselines:
-        header += f"{label + ' tok':>10}{label + ' B/t':>10}{'diff %':>9}"
+    header = f"{'text':<12}{'bytes':>9}{'ours tok':>10}{'ours B/t':>10}" + "".join(
+        f"{label + ' tok':>10}{label + ' B/t':>10}{'diff %':>9}" for label in baselines)
     print(header)
     print("-" * len(header))
     for name in texts:

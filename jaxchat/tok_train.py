@@ -40,14 +40,14 @@ def main(argv=None):
     tokenizer = RustBPETokenizer.train_from_iterator(texts(), args.vocab_size)
     train_time = time.time() - t0
     bar.close()
-    chars = bar.n
     tokenizer.save(out_dir)
     token_bytes = tokenizer.token_bytes()
     nonzero = token_bytes[token_bytes > 0].astype(np.float64)
-    print(f"trained on {chars:,} characters in {train_time:.2f}s; vocab {tokenizer.get_vocab_size():,}; saved to {out_dir}")
+    print(f"trained on {bar.n:,} characters in {train_time:.2f}s; vocab {tokenizer.get_vocab_size():,}; "
+          f"saved to {out_dir}")
     print(f"token bytes (specials excluded): min {int(nonzero.min())} max {int(nonzero.max())} "
           f"mean {nonzero.mean():.4f} std {nonzero.std():.4f}; {len(token_bytes) - len(nonzero)} special tokens")
-    return {"train_time": train_time, "num_chars": chars, "vocab_size": tokenizer.get_vocab_size(),
+    return {"train_time": train_time, "num_chars": bar.n, "vocab_size": tokenizer.get_vocab_size(),
             "token_bytes_min": int(nonzero.min()), "token_bytes_max": int(nonzero.max()),
             "token_bytes_mean": float(nonzero.mean()), "token_bytes_std": float(nonzero.std())}
 

@@ -14,9 +14,6 @@ class ARC(MultipleChoiceTask):
                             f"split train|validation|test")
         self.rows = load_hub_dataset("allenai/ai2_arc", subset, split, data_dir=data_dir)
 
-    def num_examples(self):
-        return len(self.rows)
-
     def get_example(self, index):
         row = self.rows[index]
         # letters come from the data: most questions use A-D, a few A-E or 1-4

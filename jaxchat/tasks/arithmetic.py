@@ -2,15 +2,10 @@
 
 Made for offline runs (no dataset hub): the same skills GSM8K teaches in miniature — read a short problem, call the
 calculator (<|python_start|>expr<|python_end|>), read its output, state the answer — with an exact reward for RL.
-Each example comes from its own seed (train: index, test: 10,000,000 + index), so the splits never overlap.
 """
-import random
-
-from jaxchat.common import UserError
 from jaxchat.engine import use_calculator
-from jaxchat.tasks.common import FinalAnswerTask
+from jaxchat.tasks.common import FinalAnswerTask, SyntheticTask
 
-TEST_SEED_OFFSET = 10_000_000
 NAMES = ["Ada", "Ben", "Chloe", "Dev", "Emma", "Farid", "Grace", "Hugo", "Iris", "Jon", "Kai", "Lena", "Maya", "Noor"]
 THINGS = ["apples", "books", "coins", "stickers", "marbles", "pencils", "cookies", "stamps", "shells", "cards"]
 # (question template, calculator expression); "//" so the tool prints an int, as the answer is written
@@ -25,20 +20,11 @@ PROBLEMS = [
 ]
 
 
-class Arithmetic(FinalAnswerTask):
+class Arithmetic(SyntheticTask, FinalAnswerTask):
     """`size` problems of one split; the assistant calls the calculator, then answers '#### n'."""
 
-    def __init__(self, size=1000, split="train", **kwargs):
-        super().__init__(**kwargs)
-        if split not in ("train", "test"):
-            raise UserError(f"Arithmetic split must be train|test, got {split!r}")
-        self.size, self.split = size, split
-
-    def num_examples(self):
-        return self.size
-
     def get_example(self, index):
-        rng = random.Random(index if self.split == "train" else TEST_SEED_OFFSET + index)
+        rng = self.rng(index)
         question, expr = rng.choice(PROBLEMS)
         a, b = rng.randint(2, 999), rng.randint(2, 99)
         if expr == "{a}-{b}" and a < b:

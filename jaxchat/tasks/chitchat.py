@@ -44,10 +44,7 @@ class ChitChat(Task):
             raise ValueError(f"ChitChat split must be train|test, got {split!r}")
         conversations = _load()
         cut = int(len(conversations) * (1 - TEST_FRACTION))
-        self.conversations = conversations[:cut] if split == "train" else conversations[cut:]
-
-    def num_examples(self):
-        return len(self.conversations)
+        self.rows = conversations[:cut] if split == "train" else conversations[cut:]
 
     def get_example(self, index):
-        return {"messages": self.conversations[index]}
+        return {"messages": self.rows[index]}

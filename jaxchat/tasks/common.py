@@ -15,7 +15,8 @@ from jaxchat.common import UserError
 class Task:
     """A lazy view [start:stop:step] over `num_examples()` examples; `task[i]` is `get_example(start + i*step)`.
 
-    Subclasses set `eval_type` ("categorical" or "generative") when they can `evaluate` an answer."""
+    Subclasses hold their examples' data in `self.rows` (or override `num_examples`), and set `eval_type`
+    ("categorical" or "generative") when they can `evaluate` an answer."""
     eval_type = None
 
     def __init__(self, start=0, stop=None, step=1):
@@ -24,7 +25,7 @@ class Task:
         self.start, self.stop, self.step = start, stop, step
 
     def num_examples(self):
-        raise NotImplementedError
+        return len(self.rows)
 
     def get_example(self, index):
         raise NotImplementedError
@@ -80,6 +81,26 @@ class TaskSequence(Task):
                 return task[index]
             index -= n
         raise IndexError(index)
+
+
+TEST_SEED_OFFSET = 10_000_000  # above any train size: train and test seeds never meet
+
+
+class SyntheticTask(Task):
+    """`size` generated examples of a split (train|test). Example i comes from its own seed (i for train,
+    TEST_SEED_OFFSET + i for test), so any size is free and the splits never share a seed."""
+
+    def __init__(self, size=1000, split="train", **kwargs):
+        super().__init__(**kwargs)
+        if split not in ("train", "test"):
+            raise UserError(f"{type(self).__name__} split must be train|test, got {split!r}")
+        self.size, self.split = size, split
+
+    def num_examples(self):
+        return self.size
+
+    def rng(self, index):
+        return random.Random(index if self.split == "train" else TEST_SEED_OFFSET + index)
 
 
 def render_mc(question, letters, choices):

@@ -13,10 +13,9 @@ class CustomJSON(Task):
 
     def __init__(self, filepath, **kwargs):
         super().__init__(**kwargs)
-        self.filepath = filepath
         if not os.path.exists(filepath):
             raise TaskDataUnavailable(f"conversation file {filepath} not found (JSONL, one list of messages a line)")
-        self.conversations = []
+        self.rows = []
         with open(filepath, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
@@ -29,12 +28,9 @@ class CustomJSON(Task):
                     messages = messages["messages"]
                 if why := check_messages(messages):
                     raise UserError(f"{filepath}:{lineno}: {why}")
-                self.conversations.append(messages)
-        if not self.conversations:
+                self.rows.append(messages)
+        if not self.rows:
             raise UserError(f"{filepath} holds no conversations")
 
-    def num_examples(self):
-        return len(self.conversations)
-
     def get_example(self, index):
-        return {"messages": self.conversations[index]}
+        return {"messages": self.rows[index]}

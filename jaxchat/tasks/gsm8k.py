@@ -8,10 +8,8 @@ import os
 import re
 
 from jaxchat.common import UserError
-from jaxchat.tasks.common import FinalAnswerTask, extract_answer
+from jaxchat.tasks.common import FinalAnswerTask
 from jaxchat.tasks.hub import TaskDataUnavailable, load_hub_dataset, read_rows, shuffled
-
-__all__ = ["GSM8K", "extract_answer", "solution_parts"]
 
 
 def solution_parts(answer):
@@ -19,8 +17,8 @@ def solution_parts(answer):
     parts = []
     for piece in re.split(r"(<<[^>]+>>)", answer):
         if piece.startswith("<<") and piece.endswith(">>"):
-            expr, _, result = piece[2:-2].rpartition("=")
-            if not _:  # no "=": a bare expression with no shown result
+            expr, eq, result = piece[2:-2].rpartition("=")
+            if not eq:  # no "=": a bare expression with no shown result
                 expr, result = result, ""
             parts += [{"type": "python", "text": expr}, {"type": "python_output", "text": result}]
         elif piece:
@@ -34,8 +32,7 @@ class GSM8K(FinalAnswerTask):
         super().__init__(**kwargs)
         if subset not in ("main", "socratic") or split not in ("train", "test"):
             raise UserError(f"GSM8K({subset!r}, {split!r}): subset is main|socratic, split train|test")
-        local = data_dir or os.environ.get("JAXCHAT_GSM8K_DIR")
-        if local:
+        if local := data_dir or os.environ.get("JAXCHAT_GSM8K_DIR"):
             path = os.path.join(local, f"{split}.jsonl" if subset == "main" else f"{split}_socratic.jsonl")
             if not os.path.exists(path):
                 raise TaskDataUnavailable(f"GSM8K: {path} not found (the directory given by data_dir or "
@@ -43,9 +40,6 @@ class GSM8K(FinalAnswerTask):
             self.rows = shuffled(read_rows([path]))
         else:
             self.rows = load_hub_dataset("openai/gsm8k", subset, split)
-
-    def num_examples(self):
-        return len(self.rows)
 
     def get_example(self, index):
         row = self.rows[index]

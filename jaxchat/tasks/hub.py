@@ -14,13 +14,15 @@ import os
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jaxchat.common import UserError, file_lock, get_base_dir
-from jaxchat.download import BadFile, download_file
+from jaxchat.dataset import check_parquet
+from jaxchat.download import download_file
 
 log = logging.getLogger(__name__)
 SHUFFLE_SEED = 42  # every nanochat task shuffles its rows with seed 42
@@ -78,19 +80,6 @@ def read_rows(paths):
     return rows
 
 
-def _local_files(directory):
-    parquet = glob.glob(os.path.join(directory, "*.parquet"))
-    return parquet or glob.glob(os.path.join(directory, "*.jsonl"))
-
-
-def _is_parquet(path):
-    with open(path, "rb") as f:
-        head = f.read(4)
-        f.seek(-4, os.SEEK_END)
-        if head != b"PAR1" or f.read(4) != b"PAR1":
-            raise BadFile("not a parquet file")
-
-
 def _download(repo, subset, split, shards_dir):
     """Fetch the shard listing and every shard, then write the manifest; returns the manifest's file names."""
     listing_url = f"{hub_endpoint()}/api/datasets/{repo}/parquet/{subset}/{split}"
@@ -102,15 +91,14 @@ def _download(repo, subset, split, shards_dir):
         raise _unavailable(repo, subset, split, f"{listing_url}: {getattr(e, 'reason', None) or e}") from None
     if not isinstance(urls, list) or not urls:
         raise _unavailable(repo, subset, split, f"{listing_url} listed no parquet files ({str(urls)[:200]})")
-    names = []
-    for i, url in enumerate(urls):
-        name = f"{i:05d}.parquet"
+    names = [f"{i:05d}.parquet" for i in range(len(urls))]
+    for url, name in zip(urls, names):
         log.info("downloading %s", url)
         try:
-            download_file(url, os.path.join(shards_dir, name), check=_is_parquet, what=f"{repo} shard")
+            download_file(url, os.path.join(shards_dir, name), check=partial(check_parquet, column=None),
+                          what=f"{repo} shard")
         except UserError as e:
             raise _unavailable(repo, subset, split, str(e).split("\n")[0]) from None
-        names.append(name)
     tmp = os.path.join(shards_dir, "manifest.json.tmp")
     with open(tmp, "w") as f:
         json.dump({"repo": repo, "subset": subset, "split": split, "urls": urls, "files": names}, f, indent=1)
@@ -133,7 +121,7 @@ def load_hub_dataset(repo, subset="default", split="train", data_dir=None, seed=
     local = [os.path.join(root, slug(repo), subset, split) for root in (data_dir, os.environ.get("JAXCHAT_TASK_DATA"))
              if root]
     for directory in local:
-        if files := _local_files(directory):
+        if files := glob.glob(os.path.join(directory, "*.parquet")) or glob.glob(os.path.join(directory, "*.jsonl")):
             return shuffled(read_rows(files), seed)
     shards_dir = os.path.join(get_base_dir(), "task_data", slug(repo), subset, split)
     names = _cached(shards_dir)

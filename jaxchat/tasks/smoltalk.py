@@ -13,9 +13,6 @@ class SmolTalk(Task):
             raise UserError(f"SmolTalk split must be train|test, got {split!r}")
         self.rows = load_hub_dataset("HuggingFaceTB/smol-smoltalk", "default", split, data_dir=data_dir)
 
-    def num_examples(self):
-        return len(self.rows)
-
     def get_example(self, index):
         messages = self.rows[index]["messages"]
         if why := check_messages(messages):  # checked when read: 460K rows are too many to check up front

@@ -4,8 +4,7 @@ SpellingBee: "how many r in strawberry?" answered by spelling the word out and c
 a python tool call ('strawberry'.count('r')), then '#### 3'. Mixing both habits gives RL something to refine.
 SimpleSpelling: "Spell the word: cat" -> "cat:c,a,t", the hard part of the above in concentrated form.
 
-Example i is generated from its own seed (i for train, 10_000_000 + i for test), so any size is free and the
-splits never share a seed (nanochat's October seed -(i+1) made test item i equal train item i+1).
+Each example comes from its own seed (SyntheticTask); nanochat's October seed -(i+1) made test item i train item i+1.
 """
 import functools
 import logging
@@ -14,13 +13,12 @@ import random
 
 from jaxchat.common import UserError, get_base_dir
 from jaxchat.download import BadFile, download_file
-from jaxchat.tasks.common import FinalAnswerTask, Task
+from jaxchat.tasks.common import FinalAnswerTask, SyntheticTask
 from jaxchat.tasks.hub import TaskDataUnavailable
 
 log = logging.getLogger(__name__)
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/master/words_alpha.txt"  # ~370K words
-TEST_SEED_OFFSET = 10_000_000  # more than the word count: train and test seeds never meet
 
 # Many phrasings (and languages) of the same question, so the model learns the task, not one sentence.
 TEMPLATES = [
@@ -82,20 +80,6 @@ def _looks_like_words(path):
         raise BadFile("not a word list (one alphabetic word per line)")
 
 
-def _read_words(path):
-    with open(path, encoding="utf-8") as f:
-        return tuple(w for w in (line.strip() for line in f) if w)
-
-
-def _packaged_words():
-    """The closest offline list to words_alpha: english-words' web2 (Webster's 2nd), lowercase alphabetic."""
-    try:
-        from english_words import get_english_words_set
-    except ImportError:
-        return None
-    return tuple(sorted(w for w in get_english_words_set(["web2"], alpha=True, lower=True) if w.isascii()))
-
-
 def load_words(path=None):
     """The word list: `path` or $JAXCHAT_WORD_LIST if given; else dwyl's words_alpha.txt (downloaded once into the
     base dir); else, offline, the english-words package's list. Logs which one is used."""
@@ -112,42 +96,32 @@ def _load_words(path, given):
         try:
             download_file(WORD_LIST_URL, path, check=_looks_like_words, attempts=2, what="word list")
         except UserError as e:
-            words = _packaged_words()
-            if not words:
+            try:  # offline, the closest list to words_alpha: english-words' web2 (Webster's 2nd), lowercase alphabetic
+                from english_words import get_english_words_set
+            except ImportError:
                 raise TaskDataUnavailable(f"{e}\nor: pip install english-words==2.0.2, or give a word list "
                                           f"with JAXCHAT_WORD_LIST=FILE") from None
+            words = tuple(sorted(w for w in get_english_words_set(["web2"], alpha=True, lower=True) if w.isascii()))
             log.warning("word list: %s is unavailable, using the english-words package's web2 list (%d words); "
                         "spelling examples differ from nanochat's", WORD_LIST_URL, len(words))
             return words
-    words = _read_words(path)
+    with open(path, encoding="utf-8") as f:
+        words = tuple(w for w in (line.strip() for line in f) if w)
     if not words:
         raise UserError(f"word list {path} is empty")
     log.info("word list: %s (%d words)", path, len(words))
     return words
 
 
-def _rng(split, index):
-    return random.Random(index if split == "train" else TEST_SEED_OFFSET + index)
-
-
-def _check_split(name, split):
-    if split not in ("train", "test"):
-        raise UserError(f"{name} split must be train|test, got {split!r}")
-
-
-class SpellingBee(FinalAnswerTask):
+class SpellingBee(SyntheticTask, FinalAnswerTask):
     """Count a letter in a word; `size` examples per split, each made from its own seed."""
 
     def __init__(self, size=1000, split="train", word_list=None, **kwargs):
-        super().__init__(**kwargs)
-        _check_split("SpellingBee", split)
-        self.size, self.split, self.words = size, split, load_words(word_list)
-
-    def num_examples(self):
-        return self.size
+        super().__init__(size, split, **kwargs)
+        self.words = load_words(word_list)
 
     def get_example(self, index):
-        rng = _rng(self.split, index)
+        rng = self.rng(index)
         word = rng.choice(self.words)
         # mostly a letter of the word, sometimes any letter (so "0" is a possible answer)
         letter = rng.choice(word) if rng.random() < 0.9 else rng.choice(LETTERS)
@@ -175,22 +149,17 @@ class SpellingBee(FinalAnswerTask):
         return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]}
 
 
-class SimpleSpelling(Task):
+class SimpleSpelling(SyntheticTask):
     """Spell a word as "word:w,o,r,d"."""
     eval_type = "generative"
 
     def __init__(self, size=1000, split="train", word_list=None, **kwargs):
-        super().__init__(**kwargs)
-        _check_split("SimpleSpelling", split)
-        self.size, self.split = size, split
+        super().__init__(size, split, **kwargs)
         self.words = list(load_words(word_list))
         random.Random(42).shuffle(self.words)  # a different word order from SpellingBee's
 
-    def num_examples(self):
-        return self.size
-
     def get_example(self, index):
-        word = _rng(self.split, index).choice(self.words)
+        word = self.rng(index).choice(self.words)
         return {"messages": [{"role": "user", "content": f"Spell the word: {word}"},
                              {"role": "assistant", "content": f"{word}:{','.join(word)}"}]}
 
