@@ -12,6 +12,8 @@ works heads-major, (B, H, T, D), and its backward on transposed scores (keys × 
 transposed copy per block (in the sequence-major layout it copied `k` once per block and matmul).
 """
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
@@ -26,11 +28,6 @@ def _mm(spec, a, b, dtype):
     return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
 
-def _grouped(q, K):
-    B, T, H, D = q.shape
-    return (q * D**-0.5).reshape(B, T, K, H // K, D)
-
-
 def cached_attention(q, k, v, mask, dtype, prefix=None):
     """Masked softmax attention against a cache: q (B, T, H, D), k and v (B, K, S, D) heads-major; mask
     broadcastable to (B, K, H/K, T, S), True = attend.
@@ -40,9 +37,8 @@ def cached_attention(q, k, v, mask, dtype, prefix=None):
     [its prefix's slots, its own slots] under one softmax, computed in two parts (each part's scores and
     exponentials stay in the layout of its own matmul; only the per-query max and sum are rearranged): the prefix
     scores of all B/P rows of a group come from one matmul per (group, kv head), which reads the prefix once."""
-    B, T, H, D = q.shape
-    K = k.shape[1]
-    qg = _grouped(q, K)
+    (B, T, H, D), K = q.shape, k.shape[1]
+    qg = (q * D**-0.5).reshape(B, T, K, H // K, D)
     scores = jnp.where(mask, _mm("btkgd,bksd->bkgts", qg, k, dtype), NEG)  # (B, K, H/K, T, S)
     if prefix is None:
         probs = jax.nn.softmax(scores, axis=-1)
@@ -65,8 +61,8 @@ def causal_attention(q, k, v, dtype):
         q, k, v = (t.astype(dtype) for t in (q, k, v))
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn").astype(jnp.float32)
     B, T, H, D = q.shape
-    # GQA: repeat kv heads for the kernel (autodiff of the repeat sums the groups' gradients back). The kernel works
-    # heads-major, (B, H, T, D): one transpose per tensor here instead of one per block and matmul inside.
+    # GQA: repeat kv heads for the kernel (autodiff of the repeat sums the groups' gradients back); transpose each
+    # tensor once here to the kernel's heads-major layout, rather than once per block and matmul inside.
     k, v = (jnp.repeat(t, H // t.shape[2], axis=2) for t in (k, v))
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
     local = B // sharding.batch_shards()
@@ -84,6 +80,7 @@ def _blocks(T):
     return [(s, min(s + ATTN_BLOCK, T)) for s in range(0, T, ATTN_BLOCK)]
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _block_causal(q, k, v, dtype):
     return _block_causal_fwd(q, k, v, dtype)[0]
 
@@ -122,5 +119,4 @@ def _block_causal_bwd(dtype, res, do):
     return jnp.concatenate(dq, axis=2) * q.shape[-1] ** -0.5, dk, dv
 
 
-_block_causal = jax.custom_vjp(_block_causal, nondiff_argnums=(3,))
 _block_causal.defvjp(_block_causal_fwd, _block_causal_bwd)

@@ -14,9 +14,8 @@ Layout (nanochat's, one directory per step instead of three files):
 A run writes through one Checkpointer: `with Checkpointer(dir, keep).lock() as ckpt:`, then
 `ckpt.save(step, model_state, optim_state, meta, tokenizer)`. The lock refuses a second run on the same
 directory (both would write, and delete, the same steps); the kernel drops it when its process ends, so a
-crashed run never leaves it behind. Passing the tokenizer to every save is the one way a checkpoint learns it:
-its files are copied once per run, its fingerprint goes into every step's meta, and `load_model` returns the
-copy and refuses any tokenizer whose fingerprint differs. Readers (`load_model`, evals) never lock.
+crashed run never leaves it behind. Readers (`load_model`, evals) never lock. Passing the tokenizer to every save
+is the one way a checkpoint learns it; `load_model` refuses any tokenizer whose fingerprint differs.
 
 orbax writes each step into a temporary directory and renames it when complete, so a crash mid-write never
 damages an earlier checkpoint; a file damaged afterwards (a full disk, a bad copy) makes its step fail to restore
@@ -64,9 +63,7 @@ def find_largest_model(checkpoints_dir):
     if not tags:
         raise UserError(f"no checkpoints in {checkpoints_dir}")
     depths = [(int(m.group(1)), t) for t in tags if (m := re.fullmatch(r"d(\d+)", t))]
-    if depths:
-        return max(depths)[1]
-    return max(tags, key=lambda t: os.path.getmtime(os.path.join(checkpoints_dir, t)))
+    return max(depths)[1] if depths else max(tags, key=lambda t: os.path.getmtime(os.path.join(checkpoints_dir, t)))
 
 
 class DamagedCheckpoint(UserError):
@@ -93,7 +90,7 @@ class Checkpointer:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *_):
         self.close()
 
     # ---- the one writer --------------------------------------------------------------------------------------
@@ -114,9 +111,8 @@ class Checkpointer:
             raise UserError(f"{self.directory} is in use by another run ({_describe_holder(holder)}); wait for it "
                             f"to end or use another --model_tag") from None
         f.truncate(0)
-        argv = list(sys.orig_argv)
         json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-                   "command": shlex.join([os.path.basename(argv[0])] + argv[1:])}, f)
+                   "command": shlex.join([os.path.basename(sys.orig_argv[0]), *sys.orig_argv[1:]])}, f)
         f.flush()
         self._lock_file = f
         return self
@@ -148,8 +144,7 @@ class Checkpointer:
                             f"{self.all_steps()})")
 
     def load_tokenizer(self, meta, where):
-        """The tokenizer this run trained with (its copy; $JAXCHAT_BASE_DIR/tokenizer for checkpoints older than
-        copies), checked against the step's `meta`."""
+        """The tokenizer this run trained with (see `load_model`), checked against the step's `meta`."""
         tokenizer_dir = os.path.join(self.directory, TOKENIZER_DIR)
         if not os.path.isdir(tokenizer_dir):
             tokenizer_dir = os.path.join(get_base_dir(), "tokenizer")
@@ -163,7 +158,7 @@ class Checkpointer:
     def close(self):
         """Wait for pending saves, then release the lock (closing the file drops the flock)."""
         try:
-            self.manager.wait_until_finished()
+            self.wait()
             self.manager.close()
         finally:
             if self._lock_file is not None:
@@ -171,28 +166,20 @@ class Checkpointer:
                 self._lock_file = None
 
     # ---- reading ---------------------------------------------------------------------------------------------
-    def latest_step(self):
-        return self.manager.latest_step()
-
     def all_steps(self):
         return sorted(self.manager.all_steps())
 
     def restore_meta(self, step=None):
         """The meta of `step` (default: the latest)."""
-        step = self._step(step)
-        return self._restore_item(step, "meta", ocp.args.JsonRestore())
+        return self._restore_item(self._step(step), "meta", ocp.args.JsonRestore())
 
     def restore(self, step, abstract_model_state, abstract_optim_state=None):
         """Restore `step` (None: the latest) into the given abstract NNX states, sharded on the current mesh.
         Returns (model_state, optim_state or None, meta); a damaged step raises DamagedCheckpoint."""
         step = self._step(step)
         meta = self._restore_item(step, "meta", ocp.args.JsonRestore())
-        model_state = _fill(abstract_model_state, self._restore_item(
-            step, "model", ocp.args.StandardRestore(_target(abstract_model_state))))
-        optim_state = None
-        if abstract_optim_state is not None:
-            optim_state = _fill(abstract_optim_state, self._restore_item(
-                step, "optim", ocp.args.StandardRestore(_target(abstract_optim_state))))
+        model_state = self._restore_state(step, "model", abstract_model_state)
+        optim_state = None if abstract_optim_state is None else self._restore_state(step, "optim", abstract_optim_state)
         return model_state, optim_state, meta
 
     def restore_latest(self, abstract_model_state, abstract_optim_state=None):
@@ -207,9 +194,8 @@ class Checkpointer:
             except DamagedCheckpoint as e:
                 damaged.append(f"step {step} is damaged ({e.reason})")
                 continue
-            for bad in self.all_steps():
-                if bad > step:
-                    _move_aside(self._step_dir(bad))
+            for bad in (s for s in self.all_steps() if s > step):
+                _move_aside(self._step_dir(bad))
             self.manager.reload()
             if damaged:
                 print(f"{self.directory}: {', '.join(damaged)}: resuming from step {step} (damaged steps moved "
@@ -220,7 +206,7 @@ class Checkpointer:
         raise UserError(f"no intact checkpoint to resume in {self.directory}: {', '.join(damaged)}")
 
     def _step(self, step):
-        step = self.latest_step() if step is None else step
+        step = self.manager.latest_step() if step is None else step
         if step is None or step not in self.all_steps():
             raise UserError(f"no checkpoint {'at step ' + str(step) if step is not None else ''} in {self.directory}"
                             f" (steps present: {self.all_steps() or 'none'})")
@@ -238,6 +224,18 @@ class Checkpointer:
         except Exception as e:  # orbax and TensorStore raise many kinds of errors for a damaged file
             reason = f"{name}: {_short_reason(e, self._step_dir(step))}"
             raise DamagedCheckpoint(f"checkpoint {self._step_dir(step)} is damaged ({reason})", reason) from None
+
+    def _restore_state(self, step, name, abstract_state):
+        """Item `name` into a copy of `abstract_state`, sharded by its logical names on the current mesh."""
+        pure, mesh = _pure(abstract_state), jax.sharding.get_mesh()
+        if mesh.empty:
+            shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), pure)
+        else:
+            shardings = _pure(sharding.state_shardings(abstract_state, mesh))
+        target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), pure, shardings)
+        state = jax.tree.map(lambda x: x, abstract_state)  # a copy: replace_by_pure_dict works in place
+        nnx.replace_by_pure_dict(state, self._restore_item(step, name, ocp.args.StandardRestore(target)))
+        return state
 
 
 def _move_aside(path):
@@ -302,23 +300,6 @@ def _reads_finish_before_loop_close():
 
 def _pure(state):
     return nnx.to_pure_dict(state) if isinstance(state, nnx.State) else state
-
-
-def _target(abstract_state):
-    """ShapeDtypeStructs carrying the shardings the arrays should land with: from the logical names on the mesh
-    set by `jax.set_mesh`, or one device when none is set."""
-    pure, mesh = _pure(abstract_state), jax.sharding.get_mesh()
-    if mesh.empty:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), pure)
-    shardings = _pure(sharding.state_shardings(abstract_state, mesh))
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), pure, shardings)
-
-
-def _fill(abstract_state, pure):
-    state = jax.tree.map(lambda x: x, abstract_state)  # a copy: replace_by_pure_dict works in place
-    nnx.replace_by_pure_dict(state, pure)
-    return state
 
 
 def check_model_config(meta, config, where):

@@ -20,10 +20,7 @@ def file_lock(path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        yield  # closing the file releases the lock
 
 
 def pad_bucket(n, cap=None, minimum=16):
@@ -38,14 +35,18 @@ def flag_adder(parser):
     return lambda name, **kw: parser.add_argument(f"--{name.replace('_', '-')}", f"--{name}", **kw)
 
 
+def write_atomic(path, data):
+    """Write bytes to `path` whole, then rename: a reader never sees half a file."""
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+
+
 def write_results(subdir, name, results):
-    """An evaluation's results as JSON in $JAXCHAT_BASE_DIR/<subdir>/<name>.json (written whole, then renamed, so
-    a reader never sees half a file); says where and returns the path."""
+    """An evaluation's results as JSON in $JAXCHAT_BASE_DIR/<subdir>/<name>.json; says where and returns the path."""
     path = os.path.join(get_base_dir(), subdir, name + ".json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_atomic(path, json.dumps(results, indent=2).encode())
     print(f"results written to {path}")
     return path
 
@@ -55,10 +56,9 @@ class UserError(Exception):
 
 
 def use_compilation_cache():
-    """Keep XLA's compiled programs in $JAXCHAT_BASE_DIR/xla_cache, so a stage run again (a resume, the chat CLI's
-    prefill and decode, CORE's batch shapes) loads them instead of compiling.
-    A cache set by JAX_COMPILATION_CACHE_DIR wins; JAXCHAT_XLA_CACHE=0 turns it off. Stages that never import
-    jax (data, tokenizer) are left alone: importing it would only slow their start."""
+    """Keep XLA's compiled programs in $JAXCHAT_BASE_DIR/xla_cache, so a stage run again loads them instead of
+    compiling. A cache set by JAX_COMPILATION_CACHE_DIR wins; JAXCHAT_XLA_CACHE=0 turns it off. Stages that never
+    import jax (data, tokenizer) are left alone: importing it would only slow their start."""
     jax = sys.modules.get("jax")
     if jax is None or os.environ.get("JAXCHAT_XLA_CACHE", "1") == "0" or jax.config.jax_compilation_cache_dir:
         return

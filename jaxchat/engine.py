@@ -5,9 +5,8 @@ One path serves sampling during training, evaluation, RL rollouts, the CLI and t
 - Prefill: one jitted call over the prompts, left-padded to a power-of-two bucket (one compile per bucket), so all
   rows end at the same slot and decode in lockstep. Each prompt is prefilled once, and its K/V stay a read-only
   shared prefix of the cache (see `KVCache`): the `num_samples` rows that continue it hold only the slots they
-  write after it (max_tokens, or the rest of the context for the single-row chat cache). A decode step reads each
-  prompt's K/V once per group of rows (one matmul per prompt and kv head) instead of once per row: with 8 samples
-  of a 256-slot prompt per problem and 256 new tokens, the K/V read per step falls from 512 to 288 slots per row.
+  write after it (max_tokens, or the rest of the context for the single-row chat cache), and a decode step reads
+  each prompt's K/V once per group of rows (one matmul per prompt and kv head) instead of once per row.
 - Decode: one jitted `lax.while_loop`. Each iteration picks every row's next token (a forced tool-output token if
   one is queued, else a sample from the row's logits with a key folded from (seed, row, step)), writes it to the
   output buffer, updates the row's state (done on `<|assistant_end|>`/`<|bos|>`, inside a python block or not),
@@ -72,7 +71,7 @@ def sample_next_token(logits, keys, temperature, top_k=None):
 
 
 def _argmax(x):
-    """Row argmax (first maximum) as two plain reductions: XLA:CPU's variadic argmax reduce is ~2x slower."""
+    """Row argmax (first maximum) as two plain reductions: XLA:CPU's variadic argmax reduce is slower."""
     is_max = x == jnp.max(x, axis=-1, keepdims=True)
     return (-jnp.max(jnp.where(is_max, -jnp.arange(x.shape[-1], dtype=jnp.float32), -jnp.inf), -1)).astype(jnp.int32)
 
@@ -80,7 +79,7 @@ def _argmax(x):
 def _inverse_cdf(probs, u, block=128):
     """For each row the first index whose cumulative probability exceeds u·total: first the block, then the index
     inside it, each from a cumulative sum done as a small triangular matmul (XLA:CPU's cumsum over a whole
-    vocabulary is ~10x slower). Zero-probability entries are never picked."""
+    vocabulary is much slower). Zero-probability entries are never picked."""
     B, V = probs.shape
     nb = -(-V // block)
     blocks = jnp.pad(probs, ((0, 0), (0, nb * block - V))).reshape(B, nb, block)
@@ -100,8 +99,7 @@ def _inverse_cdf(probs, u, block=128):
 def _prefill(graphdef, state, tokens, start, rows, max_len):
     """Left-padded prompts (P, T) into a fresh cache (attention over the T prompt slots only), which becomes the
     shared prefix of `rows` rows (rows / P per prompt, prompt-major; with P = 1, a multiple of MIN_ROWS) with
-    max_len empty slots each.
-    Returns the rows' last logits and the cache."""
+    max_len empty slots each. Returns the rows' last logits and the cache."""
     model = nnx.merge(graphdef.value, state)
     P, T = tokens.shape
     cache = KVCache.create(model.config, P, T, jnp.dtype(model.config.compute_dtype), start)
@@ -109,7 +107,8 @@ def _prefill(graphdef, state, tokens, start, rows, max_len):
     if P == 1:  # as with rows, a prefix of one prompt makes XLA:CPU copy it every step: hold it twice
         twice = lambda t: tuple(jnp.repeat(x, MIN_ROWS, axis=0) for x in t)
         cache = cache.replace(k=twice(cache.k), v=twice(cache.v), start=twice((cache.start,))[0])
-    return jax.tree.map(sharding.constrain_rows, (jnp.repeat(logits[:, -1], rows // P, axis=0), cache.as_prefix(rows, max_len)))
+    logits = jnp.repeat(logits[:, -1], rows // P, axis=0)
+    return jax.tree.map(sharding.constrain_rows, (logits, cache.as_prefix(rows, max_len)))
 
 
 @partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
@@ -145,15 +144,12 @@ def _decode(graphdef, ids, state, ds, stop_n, temperature, top_k):
             needs_tool=live & (tok == py_close) & (s.py_start >= 0),
             forced_pos=s.forced_pos + (live & is_forced)))
 
-    def keep_going(s):
-        return (s.n < stop_n) & ~jnp.all(s.done) & ~jnp.any(s.needs_tool)
-
+    keep_going = lambda s: (s.n < stop_n) & ~jnp.all(s.done) & ~jnp.any(s.needs_tool)
     return jax.lax.while_loop(keep_going, step, ds)
 
 
 class _HashedOnce:
-    """A jit static argument whose hash is computed once (an NNX GraphDef re-hashes its whole tree on every
-    call: half a millisecond per decode call for d4)."""
+    """A jit static argument whose hash is computed once (an NNX GraphDef re-hashes its whole tree on every call)."""
 
     def __init__(self, value):
         self.value, self._hash = value, hash(value)
@@ -198,11 +194,11 @@ class Engine:
             raise ValueError(f"prompt of {longest} tokens is longer than the model's context ({config.sequence_len})")
         if max_tokens is None:
             max_tokens = max(1, config.sequence_len - longest)
-        held = self._reusable(prompts, num_samples) if keep_cache else None
+        held = self._reusable(prompts[0]) if keep_cache else None
         if held is not None:  # the next chat turn: prefill only the new tokens
             tail, cache = prompts[0][len(held[0]):], held[1].cache
-            tokens = np.full((cache.start.shape[0], pad_bucket(len(tail), cache.max_len - int(cache.index), MIN_BUCKET)),
-                             self.bos, np.int32)
+            width = pad_bucket(len(tail), cache.max_len - int(cache.index), MIN_BUCKET)
+            tokens = np.full((cache.start.shape[0], width), self.bos, np.int32)
             tokens[:, :len(tail)] = tail  # row 0 is the chat; the others are padding rows, already done
             logits, cache = _extend(self.graphdef, self.state, cache, jnp.asarray(tokens), len(tail))
         else:
@@ -215,8 +211,7 @@ class Engine:
                 tokens[i, T - len(p):] = p  # left-pad: every row's last prompt token sits at slot T−1
             start = np.array([T - len(p) for p in prompts] + [0] * (P - len(prompts)), np.int32)
             max_len = max(max_tokens, config.sequence_len - T if keep_cache else 0)  # slots after the prompt
-            logits, cache = _prefill(self.graphdef, self.state, jnp.asarray(tokens), jnp.asarray(start), rows,
-                                     max_len)
+            logits, cache = _prefill(self.graphdef, self.state, jnp.asarray(tokens), jnp.asarray(start), rows, max_len)
         B, n_cols = logits.shape[0], min(max_tokens, cache.max_len - int(cache.index))
         zeros = lambda *shape: jnp.zeros(shape, jnp.int32)
         ds = DecodeState(cache=cache, logits=logits, out=zeros(B, max(n_cols, 1)), out_mask=zeros(B, max(n_cols, 1)),
@@ -226,17 +221,14 @@ class Engine:
                          key=jax.random.key(seed))
         return ds, n_cols
 
-    def _reusable(self, prompts, num_samples):
+    def _reusable(self, prompt):
         """The held single-row cache, if this prompt extends the tokens it holds and there is room to reply."""
-        if self._held is None or len(prompts) != 1 or num_samples != 1:
+        if self._held is None:
             return None
         held_tokens, ds = self._held
-        prompt = prompts[0]
-        if len(prompt) <= len(held_tokens) or prompt[:len(held_tokens)] != held_tokens:
-            return None
-        if int(ds.cache.index) + len(prompt) - len(held_tokens) + 1 > ds.cache.max_len:
-            return None
-        return self._held
+        extends = len(prompt) > len(held_tokens) and prompt[:len(held_tokens)] == held_tokens
+        fits = int(ds.cache.index) + len(prompt) - len(held_tokens) < ds.cache.max_len
+        return self._held if extends and fits else None
 
     def _run(self, ds, stop_n, temperature, top_k):
         """Decode up to column stop_n, serving tool calls on the way."""
@@ -304,8 +296,7 @@ SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", 
 
 
 def sample_greedy(model, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens=16):
-    """Each prompt continued greedily, all in one batch (what base training and base_eval print); returns
-    prompt + continuation texts."""
+    """Each prompt continued greedily in one batch (base_train and base_eval print them): prompt + continuation."""
     ids = [tokenizer.encode(p, prepend=tokenizer.get_bos_token_id()) for p in prompts]
     results, _ = Engine(model, tokenizer).generate_batch(ids, max_tokens=max_tokens, temperature=0.0)
     return [tokenizer.decode(r[1:]) for r in results]
@@ -323,14 +314,11 @@ _DANGEROUS = ("__", "import", "exec", "eval", "compile", "open", "file", "input"
 def use_calculator(expr):
     """nanochat's calculator: arithmetic on numbers (+ − × / // and parentheses, no **), or string expressions
     with `.count(` (e.g. 'strawberry'.count('r')); commas are dropped first. Returns the value, or None when the
-    expression is not allowed or fails. nanochat screens the text and then calls eval(); jaxchat keeps the same
-    screens but walks the syntax tree itself, so only literals, these operators and a few size-preserving str
-    methods can run — nothing can loop, allocate without bound, or reach a builtin."""
+    expression is not allowed or fails. nanochat screens the text and then calls eval(); jaxchat keeps its string
+    screen but walks the syntax tree itself, so only literals, these operators (** is not one of them) and a few
+    size-preserving str methods can run — nothing can loop, allocate without bound, or reach a builtin."""
     expr = expr.replace(",", "")
-    if all(c in "0123456789*+-/.() " for c in expr):
-        if "**" in expr:
-            return None
-    else:
+    if not all(c in "0123456789*+-/.() " for c in expr):  # not arithmetic: a string expression
         allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789'\"()._ ")
         if not set(expr) <= allowed or any(p in expr.lower() for p in _DANGEROUS) or ".count(" not in expr:
             return None

@@ -16,17 +16,9 @@ import tomllib
 from jaxchat.common import UserError, run_main
 
 # stage name -> module; each module has build_parser() and main(argv), and runs alone as `python -m jaxchat.<module>`
-STAGES = {
-    "data": "jaxchat.dataset",
-    "tok_train": "jaxchat.tok_train",
-    "tok_eval": "jaxchat.tok_eval",
-    "base_train": "jaxchat.base_train",
-    "base_eval": "jaxchat.base_eval",
-    "mid_train": "jaxchat.mid_train",
-    "chat_sft": "jaxchat.chat_sft",
-    "chat_rl": "jaxchat.chat_rl",
-    "chat_eval": "jaxchat.chat_eval",
-}
+STAGES = {"data": "jaxchat.dataset", "tok_train": "jaxchat.tok_train", "tok_eval": "jaxchat.tok_eval",
+          "base_train": "jaxchat.base_train", "base_eval": "jaxchat.base_eval", "mid_train": "jaxchat.mid_train",
+          "chat_sft": "jaxchat.chat_sft", "chat_rl": "jaxchat.chat_rl", "chat_eval": "jaxchat.chat_eval"}
 # inside the package, so that `--config=tiny` works from any directory after a plain `pip install .`
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 

@@ -77,22 +77,6 @@ def newton_schulz(g, steps=5, dtype=jnp.float32):
     return x.T if g.shape[0] > g.shape[1] else x
 
 
-def orthogonalize(steps, dtype):
-    def update(updates, state, params=None):
-        return jax.tree.map(lambda g: newton_schulz(g, steps, dtype), updates), state
-
-    return optax.GradientTransformation(optax.init_empty_state, update)
-
-
-def scale_by_aspect():
-    """√max(1, fan_out/fan_in) for an (in, out) kernel (nanochat: √max(1, rows/cols) of (out, in))."""
-
-    def update(updates, state, params=None):
-        return jax.tree.map(lambda u: u * max(1.0, u.shape[1] / u.shape[0]) ** 0.5, updates), state
-
-    return optax.GradientTransformation(optax.init_empty_state, update)
-
-
 def scale_by_lr_multiplier():
     """Multiply every update by the extra arg `lr_multiplier` (all groups' LRs scale together, as nanochat)."""
 
@@ -103,18 +87,18 @@ def scale_by_lr_multiplier():
 
 
 def muon(lr, ns_steps=5, ns_dtype=jnp.bfloat16):
-    return optax.chain(nesterov_momentum(), orthogonalize(ns_steps, ns_dtype), scale_by_aspect(), optax.scale(-lr))
-
-
-def param_group(path):
-    """'embedding' | 'lm_head' | 'matrix' from a parameter's path in the GPT state."""
-    top = str(getattr(path[0], "key", path[0]))
-    return {"wte": "embedding", "lm_head": "lm_head", "h": "matrix"}[top]
+    """nanochat's Muon: momentum, Newton–Schulz, the aspect scale (see the header), then −lr."""
+    per_matrix = lambda f: optax.stateless(lambda updates, _: jax.tree.map(f, updates))
+    orthogonalize = per_matrix(lambda g: newton_schulz(g, ns_steps, ns_dtype))
+    scale_by_aspect = per_matrix(lambda g: g * max(1.0, g.shape[1] / g.shape[0]) ** 0.5)
+    return optax.chain(nesterov_momentum(), orthogonalize, scale_by_aspect, optax.scale(-lr))
 
 
 def param_labels(params):
-    is_var = lambda x: hasattr(x, "get_metadata")
-    return jax.tree_util.tree_map_with_path(lambda p, _: param_group(p), params, is_leaf=is_var)
+    """'embedding' | 'lm_head' | 'matrix' for every parameter, from the top of its path in the GPT state."""
+    group = {"wte": "embedding", "lm_head": "lm_head", "h": "matrix"}
+    label = lambda path, _: group[str(getattr(path[0], "key", path[0]))]
+    return jax.tree_util.tree_map_with_path(label, params, is_leaf=lambda x: hasattr(x, "get_metadata"))
 
 
 @functools.cache  # same arguments -> same object, so the jitted step (tx is static) is not recompiled

@@ -8,7 +8,6 @@ over `fsdp`, the batch split over all devices, GSPMD (Auto axes) inserting the a
 """
 
 import math
-from functools import partial
 
 import jax
 import numpy as np
@@ -94,11 +93,7 @@ def create_sharded(fn):
     if mesh.empty:
         return fn()
     graphdef, abstract = nnx.split(nnx.eval_shape(fn))
-
-    @partial(jax.jit, out_shardings=state_shardings(abstract, mesh))
-    def init():
-        return nnx.split(fn())[1]
-
+    init = jax.jit(lambda: nnx.split(fn())[1], out_shardings=state_shardings(abstract, mesh))
     return nnx.merge(graphdef, init())
 
 

