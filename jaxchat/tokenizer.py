@@ -134,6 +134,9 @@ class RustBPETokenizer:
     def id_to_token(self, token_id):
         return self.enc.decode([token_id])
 
+    def __call__(self, *args, **kwargs):
+        return self.encode(*args, **kwargs)
+
     def decode(self, ids):
         return self.enc.decode(ids)
 
