@@ -18,8 +18,8 @@ from jaxchat.engine import SAMPLE_PROMPTS, sample_greedy
 from jaxchat.loss_eval import evaluate_bpb
 from jaxchat.model import config_for_depth
 from jaxchat.optim import get_lr_multiplier, get_muon_momentum, hyperparams
-from jaxchat.run import (NANOCHAT_EVAL_TOKENS, TrainingRun, add_training_flags, devices_line, eval_tokens, make_mesh,
-                         optim_config)
+from jaxchat.run import (NANOCHAT_EVAL_TOKENS, TrainingRun, add_training_flags, batch_rows, devices_line, eval_tokens,
+                         make_mesh, optim_config)
 from jaxchat.tokenizer import get_tokenizer
 from jaxchat.train import check_finite, init_train_state, train_step
 
@@ -74,12 +74,8 @@ def train(args):
     config = config_for_depth(args.depth, tokenizer.get_vocab_size(), args.max_seq_len, n_kv_head=args.n_kv_head or None,
                               head_dim=args.head_dim, compute_dtype=args.dtype)
     optim = optim_config(args, grad_clip=args.grad_clip)
-    T, n_dev = args.max_seq_len, jax.device_count()
-    rows = args.device_batch_size * n_dev
-    accum, rem = divmod(args.total_batch_size, rows * T)
-    if accum < 1 or rem:
-        raise UserError(f"total_batch_size {args.total_batch_size} must be a multiple of device_batch_size × "
-                        f"max_seq_len × devices = {args.device_batch_size} × {T} × {n_dev} = {rows * T}")
+    T = args.max_seq_len
+    rows, accum = batch_rows(args, args.total_batch_size, row_len=T)
     model_tag = args.model_tag or f"d{args.depth}"
     settings = {"device_batch_size": args.device_batch_size, "max_seq_len": T, "total_batch_size": args.total_batch_size,
                 "batch_rows": rows}
@@ -91,8 +87,7 @@ def train(args):
 
 
 def _loop(run, args, config, rows, accum):
-    args, T, tokenizer, loop = run.args, args.max_seq_len, run.tokenizer, run.loop_state
-    model = run.model
+    T, tokenizer, loop, model = args.max_seq_len, run.tokenizer, run.loop_state, run.model
     num_params, flops_per_token = model.num_params(), model.estimate_flops()
     num_iterations = horizon(args, num_params, flops_per_token)
     run.meta["num_iterations"] = num_iterations

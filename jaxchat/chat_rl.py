@@ -124,8 +124,7 @@ def train(args):
               f"{data_name} | {num_steps} steps × {args.examples_per_step} problems × {args.num_samples} samples "
               f"({accum} micro-batches of {rows} rows)")
 
-        def evaluate(step):
-            engine = Engine(run.model, tokenizer)
+        def evaluate(step, engine):
             passes = pass_at_k(engine, tokenizer, test_task, eval_n, args.eval_samples, args, seed=1_000_000)
             loop["pass@1"] = passes[1]
             run.writer.scalars(step, {f"val/pass@{k}": v for k, v in passes.items()})
@@ -136,12 +135,12 @@ def train(args):
         bar = tqdm(total=num_steps, initial=run.step, desc=f"chat_rl {run.model_tag}", unit="step")
         step = run.step
         while step < num_steps:
+            engine = Engine(run.model, tokenizer)  # this step's weights, for its eval and its rollouts
             if args.eval_every > 0 and step % args.eval_every == 0:
-                evaluate(step)
+                evaluate(step, engine)
             if args.save_every > 0 and step % args.save_every == 0 and step != run.start_step:
                 run.save(step, {"step": step})
             indices = [(step * args.examples_per_step + i) % len(train_task) for i in range(args.examples_per_step)]
-            engine = Engine(run.model, tokenizer)  # this step's weights
             sequences, masks, rewards = rollouts(engine, tokenizer, train_task, indices, args.num_samples, args,
                                                  seed=step)
             batch = rollout_batch(sequences, masks, advantages(rewards, args.num_samples), pad)
@@ -158,7 +157,7 @@ def train(args):
             bar.update(1)
             step += 1
         run.save(step, {"step": step})  # before the final evaluation: a crash there loses nothing
-        evaluate(step)
+        evaluate(step, Engine(run.model, tokenizer))
         bar.close()
     print(f"done: {num_steps} steps | {data_name} pass@1 {loop['pass@1']:.4f} | checkpoints in {run.ckpt.directory}")
     return {"rewards": rewards_log, "pass@1": loop["pass@1"], "num_steps": num_steps, "data": data_name}

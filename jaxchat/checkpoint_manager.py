@@ -182,6 +182,17 @@ class Checkpointer:
         optim_state = None if abstract_optim_state is None else self._restore_state(step, "optim", abstract_optim_state)
         return model_state, optim_state, meta
 
+    def newest_meta(self):
+        """The meta of the newest step whose meta reads: what a resume checks its settings against before
+        `restore_latest` (which also skips a step whose arrays are damaged)."""
+        steps = self.all_steps()
+        if not steps:
+            raise UserError(f"no checkpoint to resume in {self.directory}")
+        for step in reversed(steps[1:]):
+            with contextlib.suppress(DamagedCheckpoint):
+                return self.restore_meta(step)
+        return self.restore_meta(steps[0])  # the last candidate: its damage, if any, is the one-line error
+
     def restore_latest(self, abstract_model_state, abstract_optim_state=None):
         """restore() of the newest intact step, for resuming a run (takes the lock). A damaged newer step is
         named in one line and moved aside to <step>.damaged, kept for a person to look at and out of the way

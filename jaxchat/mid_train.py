@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from jaxchat import sharding
 from jaxchat.chat_data import PackedLoader
-from jaxchat.common import UserError, run_main
+from jaxchat.common import run_main
 from jaxchat.loss_eval import evaluate_bpb
 from jaxchat.mixtures import build_mixture, describe
 from jaxchat.optim import get_muon_momentum, hyperparams
@@ -50,9 +50,7 @@ def train(args):
     val_task, val_sizes, val_missing = build_mixture("mid", "val")
     print(describe("mid", "train", sizes, missing) + "\n" + describe("mid", "val", val_sizes, val_missing))
     T = args.max_seq_len or source_config(args)["sequence_len"]
-    if args.total_batch_size % T:
-        raise UserError(f"total_batch_size {args.total_batch_size} must be a multiple of the row length {T}")
-    rows, accum = batch_rows(args, args.total_batch_size // T)
+    rows, accum = batch_rows(args, args.total_batch_size, row_len=T)
     settings = {"device_batch_size": args.device_batch_size, "max_seq_len": T, "total_batch_size": args.total_batch_size,
                 "batch_rows": rows}
     with chat_run("mid", args, settings, {"val_bpb": None}) as run:

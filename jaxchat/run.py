@@ -100,14 +100,17 @@ def make_mesh(args):
         raise UserError(f"--mesh_data={args.mesh_data}: {e}") from None
 
 
-def batch_rows(args, examples_per_step):
-    """(rows per micro-batch over all devices, micro-batches per step) for a step of `examples_per_step` rows."""
+def batch_rows(args, per_step, row_len=1):
+    """(rows per micro-batch over all devices, micro-batches per step) for a step of `per_step` rows, or of
+    `per_step` tokens in rows of `row_len`."""
     n = jax.device_count()
     rows = args.device_batch_size * n
-    accum, rem = divmod(examples_per_step, rows)
+    accum, rem = divmod(per_step, rows * row_len)
     if accum < 1 or rem:
-        raise UserError(f"{examples_per_step} rows per step must be a multiple of device_batch_size × devices = "
-                        f"{args.device_batch_size} × {n}")
+        unit = f"tokens per step must be a multiple of device_batch_size × row length × devices = " \
+               f"{args.device_batch_size} × {row_len} × {n}" if row_len > 1 else \
+               f"rows per step must be a multiple of device_batch_size × devices = {args.device_batch_size} × {n}"
+        raise UserError(f"{per_step} {unit}")
     return rows, accum
 
 
@@ -190,7 +193,7 @@ class TrainingRun:
         self.step, self.dataloader_state_dict, self.loop_state = 0, None, dict(loop_state, smooth_train_loss=0.0)
 
     def _resume(self, optim, resume_keys, model_config, tokenizer):
-        saved = self._newest_meta()
+        saved = self.ckpt.newest_meta()
         if model_config is not None:
             check_model_config(saved, model_config, self.ckpt.directory)
         now = {**vars(self.args), **self.settings}
@@ -208,18 +211,6 @@ class TrainingRun:
         self.step, self.dataloader_state_dict, self.loop_state = \
             meta["step"], meta["dataloader_state_dict"], meta["loop_state"]
         self.meta = meta
-
-    def _newest_meta(self):
-        """The meta of the newest step that has a readable one (restore_latest then skips damaged arrays)."""
-        steps = self.ckpt.all_steps()
-        if not steps:
-            raise UserError(f"--resume: no checkpoint to resume in {self.ckpt.directory}")
-        for step in reversed(steps):
-            try:
-                return self.ckpt.restore_meta(step)
-            except UserError:
-                continue
-        return self.ckpt.restore_meta(steps[-1])  # every meta is damaged: its one-line error
 
     @property
     def model(self):
