@@ -35,6 +35,8 @@ def parse_args():
     p.add_argument("--device-batch-size", type=int, default=16)
     p.add_argument("--total-batch-size", type=int, default=8192, help="tokens per optimizer step")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--remat", default="none", help="none | block | matmuls | attention")
+    p.add_argument("--scan-layers", type=int, default=0, help="1: the blocks under one lax.scan")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--peak-tflops", type=float, default=None, help="per device; default from the device name")
     return p.parse_args()
@@ -52,7 +54,7 @@ def main():
     devices = jax.devices()
     mesh = sharding.make_mesh()
     config = config_for_depth(args.depth, args.vocab_size, args.seq_len, head_dim=args.head_dim,
-                              compute_dtype=args.dtype)
+                              compute_dtype=args.dtype, remat=args.remat, scan_layers=bool(args.scan_layers))
     rows = args.device_batch_size * len(devices)
     accum, rem = divmod(args.total_batch_size, rows * args.seq_len)
     assert accum >= 1 and rem == 0, "total batch size must be a multiple of device batch × seq len × devices"

@@ -4,10 +4,12 @@ Layouts: q (B, T, H, D), k and v (B, S, K, D) with K | H (GQA: query head h read
 cache is held heads-major, (B, K, S, D), the layout the decode matmuls read without a transposed copy per step.
 Scores, softmax and outputs are fp32; matmul inputs are cast to `dtype` (bf16 matmuls, fp32 accumulation).
 
-Training on GPU in 16-bit goes to cuDNN flash attention. Elsewhere (CPU) a small flash-style kernel: queries in
-blocks of ATTN_BLOCK attend only to keys up to the end of their block (skipping ~half of the masked work), a
-custom VJP keeps just the output and the log-sum-exp and recomputes probabilities in the backward pass (no
-(T, T) tensors saved), and sequences go through ATTN_SEQS at a time so one chunk's scores stay in cache. It
+Training attention (`causal_attention`) has two implementations, both memory-efficient (no (T, T) tensor is
+kept for the backward pass): cuDNN's flash attention, on GPU in 16-bit where its rules hold (`cudnn_problem`),
+and jaxchat's own flash-style kernel in plain XLA everywhere else. In the latter, queries in blocks of
+ATTN_BLOCK attend only to keys up to the end of their block (skipping ~half of the masked work), a custom VJP
+keeps the inputs, the output and the log-sum-exp and recomputes probabilities in the backward pass, and on CPU
+sequences go through ATTN_SEQS at a time so one chunk's scores stay in cache. It
 works heads-major, (B, H, T, D), and its backward on transposed scores (keys × queries), so XLA:CPU inserts no
 transposed copy per block (in the sequence-major layout it copied `k` once per block and matmul).
 """
@@ -55,18 +57,38 @@ def cached_attention(q, k, v, mask, dtype, prefix=None):
     return (out / total.transpose(0, 3, 1, 2)[..., None]).reshape(B, T, H, D)
 
 
-def causal_attention(q, k, v, dtype):
-    """Causal self-attention over the whole sequence (training, evaluation)."""
-    if jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2:
+def cudnn_problem(q, k, dtype):
+    """Why cuDNN flash attention cannot run this call (None: it can). It raises rather than falling back, so the
+    rules are checked here: a GPU, 16-bit inputs, head dim a multiple of 8 up to 256, query heads a multiple of
+    kv heads (the sequence and head-dim axes are never sharded in jaxchat)."""
+    D, H, K = q.shape[-1], q.shape[2], k.shape[2]
+    if jax.default_backend() != "gpu":
+        return f"it needs a GPU (backend: {jax.default_backend()})"
+    if jnp.dtype(dtype).itemsize != 2:
+        return f"it needs 16-bit inputs (compute dtype {jnp.dtype(dtype).name})"
+    if D % 8 or D > 256:
+        return f"head dim {D} is not a multiple of 8 up to 256"
+    if H % K:
+        return f"{H} query heads are not a multiple of {K} kv heads"
+    return None
+
+
+def causal_attention(q, k, v, dtype, impl="auto"):
+    """Causal self-attention over the whole sequence (training, evaluation): q (B, T, H, D), k and v (B, T, K, D)
+    -> (B, T, H, D) in q's dtype. impl: "cudnn", "xla" (jaxchat's kernel) or "auto" (cuDNN when it can run)."""
+    problem = cudnn_problem(q, k, dtype) if impl != "xla" else "not asked for"
+    if impl == "cudnn" and problem:
+        raise ValueError(f"cuDNN attention cannot run: {problem}; use attn_impl 'xla' or 'auto'")
+    if problem is None:
         q, k, v = (t.astype(dtype) for t in (q, k, v))
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn").astype(jnp.float32)
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn").astype(q.dtype)
     B, T, H, D = q.shape
     # GQA: repeat kv heads for the kernel (autodiff of the repeat sums the groups' gradients back); transpose each
     # tensor once here to the kernel's heads-major layout, rather than once per block and matmul inside.
     k, v = (jnp.repeat(t, H // t.shape[2], axis=2) for t in (k, v))
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
     local = B // sharding.batch_shards()
-    n = local // ATTN_SEQS if local % ATTN_SEQS == 0 else 1
+    n = local // ATTN_SEQS if jax.default_backend() == "cpu" and local % ATTN_SEQS == 0 else 1
     if n == 1:
         return _block_causal(q, k, v, dtype).transpose(0, 2, 1, 3)
     # Interleaved split (row i·n + j -> chunk j): each device keeps its own rows, the mapped axis is unsharded.
@@ -86,37 +108,40 @@ def _block_causal(q, k, v, dtype):
 
 
 def _block_causal_fwd(q, k, v, dtype):
-    """q, k, v (B, H, T, D) -> o (B, H, T, D); residuals: inputs, o, per-block log-sum-exp (B, H, block, 1)."""
-    q = q * q.shape[-1] ** -0.5
+    """q, k, v (B, H, T, D) -> o (B, H, T, D) in q's dtype; residuals: inputs, o, per-block log-sum-exp
+    (B, H, block, 1). Scores are scaled in fp32, so 16-bit inputs are kept as they are."""
+    scale = q.shape[-1] ** -0.5
     outs, lses = [], []
     for s, e in _blocks(q.shape[2]):
         mask = jnp.tril(jnp.ones((e - s, e), bool), k=s)
-        scores = jnp.where(mask, _mm("bhtd,bhsd->bhts", q[:, :, s:e], k[:, :, :e], dtype), NEG)
+        scores = jnp.where(mask, _mm("bhtd,bhsd->bhts", q[:, :, s:e], k[:, :, :e], dtype) * scale, NEG)
         m = jnp.max(scores, axis=-1, keepdims=True)
         p = jnp.exp(scores - m)
         l = jnp.sum(p, axis=-1, keepdims=True)
         outs.append(_mm("bhts,bhsd->bhtd", p, v[:, :, :e], dtype) / l)
         lses.append(m + jnp.log(l))
-    o = jnp.concatenate(outs, axis=2)
+    o = jnp.concatenate(outs, axis=2).astype(q.dtype)
     return o, (q, k, v, o, lses)
 
 
 def _block_causal_bwd(dtype, res, do):
     """Flash-attention backward per block, on transposed scores Sᵀ = K Qᵀ (keys × queries), so that
     dV = Pᵀ dO and dK = dSᵀ Q are plain matmuls (no transposed copy of the block): Pᵀ = exp(Sᵀ − lse),
-    dSᵀ = Pᵀ ∘ (V dOᵀ − rowsum(dO ∘ O)), dQ = dSᵀᵀ K."""
+    dSᵀ = Pᵀ ∘ (V dOᵀ − rowsum(dO ∘ O)), dQ = dSᵀᵀ K (the scale applied to dS once)."""
     q, k, v, o, lses = res
+    scale = q.shape[-1] ** -0.5
+    do = do.astype(jnp.float32)
     delta = jnp.sum(do * o, axis=-1)[:, :, None, :]  # (B, H, 1, T)
-    dq, dk, dv = [], jnp.zeros_like(k), jnp.zeros_like(v)
+    dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
     for (s, e), lse in zip(_blocks(q.shape[2]), lses):
         mask = jnp.triu(jnp.ones((e, e - s), bool), k=-s)  # key j sees query s + i when j <= s + i
-        p = jnp.exp(jnp.where(mask, _mm("bhsd,bhtd->bhst", k[:, :, :e], q[:, :, s:e], dtype), NEG)
+        p = jnp.exp(jnp.where(mask, _mm("bhsd,bhtd->bhst", k[:, :, :e], q[:, :, s:e], dtype) * scale, NEG)
                     - jnp.swapaxes(lse, 2, 3))
         dv = dv.at[:, :, :e].add(_mm("bhst,bhtd->bhsd", p, do[:, :, s:e], dtype))
-        ds = p * (_mm("bhsd,bhtd->bhst", v[:, :, :e], do[:, :, s:e], dtype) - delta[..., s:e])
+        ds = p * (_mm("bhsd,bhtd->bhst", v[:, :, :e], do[:, :, s:e], dtype) - delta[..., s:e]) * scale
         dk = dk.at[:, :, :e].add(_mm("bhst,bhtd->bhsd", ds, q[:, :, s:e], dtype))
         dq.append(_mm("bhst,bhsd->bhtd", ds, k[:, :, :e], dtype))
-    return jnp.concatenate(dq, axis=2) * q.shape[-1] ** -0.5, dk, dv
+    return jnp.concatenate(dq, axis=2).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 _block_causal.defvjp(_block_causal_fwd, _block_causal_bwd)

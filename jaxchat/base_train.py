@@ -19,7 +19,7 @@ from jaxchat.loss_eval import evaluate_bpb
 from jaxchat.model import config_for_depth
 from jaxchat.optim import get_lr_multiplier, get_muon_momentum, hyperparams
 from jaxchat.run import (NANOCHAT_EVAL_TOKENS, TrainingRun, add_training_flags, batch_rows, devices_line, eval_tokens,
-                         make_mesh, optim_config)
+                         execution, make_mesh, optim_config)
 from jaxchat.tokenizer import get_tokenizer
 from jaxchat.train import check_finite, init_train_state, train_step
 
@@ -72,7 +72,7 @@ def main(argv=None):
 def train(args):
     tokenizer = get_tokenizer()
     config = config_for_depth(args.depth, tokenizer.get_vocab_size(), args.max_seq_len, n_kv_head=args.n_kv_head or None,
-                              head_dim=args.head_dim, compute_dtype=args.dtype)
+                              head_dim=args.head_dim, **execution(args))
     optim = optim_config(args, grad_clip=args.grad_clip)
     T = args.max_seq_len
     rows, accum = batch_rows(args, args.total_batch_size, row_len=T)

@@ -42,7 +42,7 @@ from flax import nnx
 
 from jaxchat import sharding
 from jaxchat.common import UserError, get_base_dir
-from jaxchat.model import GPT, GPTConfig
+from jaxchat.model import EXECUTION_FIELDS, GPT, GPTConfig
 from jaxchat.tokenizer import get_tokenizer
 
 SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
@@ -316,7 +316,7 @@ def _pure(state):
 def check_model_config(meta, config, where):
     saved = meta.get("model_config", {})
     mismatched = {k: (saved.get(k), v) for k, v in dataclasses.asdict(config).items()
-                  if k in saved and saved[k] != v and k != "compute_dtype"}
+                  if k in saved and saved[k] != v and k not in EXECUTION_FIELDS}
     if mismatched:
         raise UserError(f"checkpoint {where} does not match the requested model: "
                         + ", ".join(f"{k} saved {a} vs requested {b}" for k, (a, b) in mismatched.items()))
@@ -339,16 +339,17 @@ def check_tokenizer(meta, tokenizer, where, tokenizer_dir=None):
     # the BOS token needs no check: a tokenizer cannot be built without one (RustBPETokenizer.__init__)
 
 
-def load_model(source, model_tag=None, step=None, compute_dtype=None):
+def load_model(source, model_tag=None, step=None, **execution):
     """nanochat's load_model: a stage's model (tag: the largest d<N>; step: the last), the tokenizer it was trained
     with (the checkpoint's copy; $JAXCHAT_BASE_DIR/tokenizer for checkpoints older than copies), checked against
-    it, and the meta. Returns (model, tokenizer, meta); the weights land on the mesh set by `jax.set_mesh`."""
+    it, and the meta. Returns (model, tokenizer, meta); the weights land on the mesh set by `jax.set_mesh`.
+    `execution`: GPTConfig execution fields (compute_dtype=..., remat=...) to use instead of the saved ones."""
     root = os.path.dirname(checkpoint_dir(source, "x"))
     model_tag = model_tag or find_largest_model(root)
     with Checkpointer(os.path.join(root, model_tag), max_to_keep=None, create=False) as ckpt:
         meta = ckpt.restore_meta(step)
         tokenizer = ckpt.load_tokenizer(meta, f"{source}/{model_tag} step {meta['step']}")
-        config = GPTConfig(**{**meta["model_config"], **({"compute_dtype": compute_dtype} if compute_dtype else {})})
+        config = GPTConfig(**meta["model_config"]).with_execution(**execution)
         graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0))))
         model_state, _, meta = ckpt.restore(meta["step"], abstract)
     return nnx.merge(graphdef, model_state), tokenizer, {**meta, "model_tag": model_tag}

@@ -103,11 +103,11 @@ def _prefill(graphdef, state, tokens, start, rows, max_len):
     model = nnx.merge(graphdef.value, state)
     P, T = tokens.shape
     cache = KVCache.create(model.config, P, T, jnp.dtype(model.config.compute_dtype), start)
-    logits, cache = model.decode(tokens, cache)
+    logits, cache = model.decode(tokens, cache, at=T - 1)
     if P == 1:  # as with rows, a prefix of one prompt makes XLA:CPU copy it every step: hold it twice
         twice = lambda t: tuple(jnp.repeat(x, MIN_ROWS, axis=0) for x in t)
         cache = cache.replace(k=twice(cache.k), v=twice(cache.v), start=twice((cache.start,))[0])
-    logits = jnp.repeat(logits[:, -1], rows // P, axis=0)
+    logits = jnp.repeat(logits, rows // P, axis=0)
     return jax.tree.map(sharding.constrain_rows, (logits, cache.as_prefix(rows, max_len)))
 
 
@@ -115,8 +115,7 @@ def _prefill(graphdef, state, tokens, start, rows, max_len):
 def _extend(graphdef, state, cache, tokens, n_real):
     """Feed tokens (B, T) at the cache's next slot; the first n_real columns are real, the rest right-padding
     (written, but overwritten before anything reads them)."""
-    logits, cache = nnx.merge(graphdef.value, state).decode(tokens, cache)
-    last = jax.lax.dynamic_index_in_dim(logits, n_real - 1, axis=1, keepdims=False)
+    last, cache = nnx.merge(graphdef.value, state).decode(tokens, cache, at=n_real - 1)
     return last, cache.replace(index=cache.index - tokens.shape[1] + n_real)
 
 

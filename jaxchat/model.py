@@ -2,9 +2,15 @@
 
 Token embedding -> parameter-free RMSNorm -> n_layer pre-norm blocks (rotary + QK-norm causal attention with
 optional grouped-query heads, ReLU² MLP) -> RMSNorm -> untied lm_head -> logit softcap 15·tanh(x/15).
-Weights are fp32; matmuls run in `config.compute_dtype` with fp32 results (autocast-style); norms, softmax,
-logits and the loss are fp32. Kernels are stored (in, out) as in JAX, i.e. transposed w.r.t. torch's weights.
+Weights, the residual stream, norms' statistics, softmax, logits and the loss are fp32; matmuls take inputs in
+`config.compute_dtype` and return it (bf16 activations on the accelerator path, as torch's autocast), so what the
+backward pass keeps is 16-bit. Kernels are stored (in, out) as in JAX, i.e. transposed w.r.t. torch's weights.
 Every parameter carries logical axis names; `sharding.py` alone maps them onto the mesh.
+
+Memory of the backward pass: RoPE + QK-norm and relu² + the MLP's output projection are recomputed from their
+16-bit inputs rather than saving their fp32 / 4·d-wide intermediates; `config.remat` recomputes more (see
+REMAT), and `config.scan_layers` runs the blocks under one `lax.scan` (one compiled block: faster compiles) with
+the same per-layer parameters, stacked on the fly, so checkpoints do not depend on it.
 
 Entry points: `model(idx)` -> logits and `model(idx, targets)` -> mean loss (nanochat's spelling);
 `model.loss(idx, targets, weights, reduction)` -> mean, sum or per-token losses, always through the fused, chunked
@@ -19,6 +25,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxchat import sharding
 from jaxchat.attention import cached_attention, causal_attention
@@ -36,45 +43,144 @@ class GPTConfig:
     n_head: int = 6  # query heads
     n_kv_head: int = 6  # key/value heads (GQA when < n_head)
     n_embd: int = 768
-    compute_dtype: str = "float32"  # matmul inputs ("bfloat16" on GPU); params, norms and loss stay fp32
+    # How to compute, not what (never checked against a checkpoint; see EXECUTION_FIELDS):
+    compute_dtype: str = "float32"  # matmul inputs and activations ("bfloat16" on GPU); params, loss stay fp32
+    remat: str = "none"  # what each block's backward recomputes: a key of REMAT
+    scan_layers: bool = False  # blocks under lax.scan (compiles once) instead of unrolled
+    attn_impl: str = "auto"  # "cudnn" | "xla" | "auto" (cuDNN flash attention where its rules hold): attention.py
+
+    def __post_init__(self):
+        if self.remat not in REMAT:
+            raise ValueError(f"remat {self.remat!r}: one of {', '.join(REMAT)}")
+        if self.attn_impl not in ("auto", "cudnn", "xla"):
+            raise ValueError(f"attn_impl {self.attn_impl!r}: one of auto, cudnn, xla")
+
+    def with_execution(self, **options):
+        """This config with the given execution fields replaced (None = keep)."""
+        unknown = set(options) - set(EXECUTION_FIELDS)
+        assert not unknown, f"not execution fields: {unknown}"
+        return dataclasses.replace(self, **{k: v for k, v in options.items() if v is not None})
 
 
-def config_for_depth(depth, vocab_size, sequence_len, n_kv_head=None, head_dim=128, compute_dtype="float32"):
+EXECUTION_FIELDS = ("compute_dtype", "remat", "scan_layers", "attn_impl")
+
+# Rematerialisation of a training block: the jax.checkpoint policy its backward runs under, None = no checkpoint.
+# "block" keeps only each block's input (the least memory, one more forward of the blocks); "matmuls" keeps the
+# matmul and attention outputs named below and recomputes the norms, RoPE and activations between them;
+# "attention" keeps the attention inputs and output only (its forward is the costliest to redo).
+REMAT = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "matmuls": jax.checkpoint_policies.save_only_these_names("qkv", "attn_out", "attn_proj", "mlp_hidden"),
+    "attention": jax.checkpoint_policies.save_only_these_names("qkv", "attn_out"),
+}
+
+
+def config_for_depth(depth, vocab_size, sequence_len, n_kv_head=None, head_dim=128, **execution):
     """nanochat's one dial: model_dim = 64·depth, n_head = ceil(model_dim / head_dim)."""
     model_dim = depth * 64
     n_head = max(1, -(-model_dim // head_dim))
     return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
-                     n_kv_head=n_kv_head or n_head, n_embd=model_dim, compute_dtype=compute_dtype)
+                     n_kv_head=n_kv_head or n_head, n_embd=model_dim).with_execution(**execution)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def linear(x, w, dtype):
-    """x (B, T, in) @ w (in, out): inputs cast to `dtype`, fp32 result (autocast-style), and a backward that does
-    the same. (Autodiff of a bf16 matmul gives bf16-output matmuls, which are slow on CPU.)"""
-    return _linear_fwd(x, w, dtype)[0]
+def linear(x, w, dtype, w_axes=None):
+    """x (B, T, in) @ w (in, out): inputs cast to `dtype`, fp32 accumulation, result in `dtype` (autocast-style).
+    The backward keeps the cast inputs and accumulates in fp32 too (autodiff of a bf16 matmul gives bf16-output
+    matmuls, slow on CPU); gradients come back in the inputs' dtypes. `w_axes`: the kernel's logical names, to
+    cast it where it is stored: under FSDP the all-gather then moves 16-bit weights, while the gradient's
+    reduce-scatter stays fp32."""
+    return _linear(x, w, jnp.dtype(dtype), x.dtype, w_axes)
 
 
-def _linear_fwd(x, w, dtype):
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _linear(x, w, dtype, x_dtype, w_axes):
+    return _linear_fwd(x, w, dtype, x_dtype, w_axes)[0]
+
+
+def _linear_fwd(x, w, dtype, x_dtype, w_axes):
     x, w = x.astype(dtype), w.astype(dtype)
-    return jnp.einsum("bti,io->bto", x, w, preferred_element_type=jnp.float32), (x, w)
+    if w_axes is not None:
+        w = sharding.constrain(w, w_axes)
+    return jnp.einsum("bti,io->bto", x, w, preferred_element_type=jnp.float32).astype(dtype), (x, w)
 
 
-def _linear_bwd(dtype, res, g):
+def _linear_bwd(dtype, x_dtype, w_axes, res, g):
     x, w = res
     g = g.astype(dtype)
-    dx = jnp.einsum("bto,io->bti", g, w, preferred_element_type=jnp.float32)
+    dx = jnp.einsum("bto,io->bti", g, w, preferred_element_type=jnp.float32).astype(x_dtype)
     if dtype == jnp.float32:  # XLA:CPU then transposes g, not the wider x (measured 8% off the fp32 d4 step)
         gt_x = jnp.dot(g.reshape(-1, g.shape[-1]).T, x.reshape(-1, x.shape[-1]), preferred_element_type=jnp.float32)
         return dx, jax.lax.optimization_barrier(gt_x).T
     return dx, jnp.einsum("bto,bti->io", g, x, preferred_element_type=jnp.float32)  # the fast form in bf16
 
 
-linear.defvjp(_linear_fwd, _linear_bwd)
+_linear.defvjp(_linear_fwd, _linear_bwd)
 
 
 def norm(x):
     """Parameter-free RMSNorm; eps = finfo(fp32).eps, as torch's F.rms_norm(eps=None) on fp32."""
     return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + jnp.finfo(jnp.float32).eps)
+
+
+# The two RMSNorms of a block and the QK-norm keep only their (16-bit) output y and the inverse RMS r for the
+# backward pass, not their fp32 input: y is what the next matmul or the attention keeps anyway, and with y = x·r,
+# dx = r·(dy − y·mean(y·dy)). So the fp32 residual stream is never saved, and neither are pre-RoPE q and k.
+
+
+def norm_to(x, dtype):
+    """norm(x) in `dtype` (a block's pre-norm: the input of its matmuls)."""
+    return _norm_to(x, jnp.dtype(dtype), x.dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _norm_to(x, dtype, x_dtype):
+    return _norm_to_fwd(x, dtype, x_dtype)[0]
+
+
+def _norm_to_fwd(x, dtype, x_dtype):
+    y, r = _norm_and_scale(x.astype(jnp.float32))
+    y = y.astype(dtype)
+    return y, (y, r)
+
+
+def _norm_to_bwd(dtype, x_dtype, res, dy):
+    return (_norm_grad(*res, dy).astype(x_dtype),)
+
+
+_norm_to.defvjp(_norm_to_fwd, _norm_to_bwd)
+
+
+@jax.custom_vjp
+def rope_qk_norm(x, cos, sin):
+    """RoPE, then QK-norm, computed in fp32; the result in x's dtype."""
+    return _rope_qk_norm_fwd(x, cos, sin)[0]
+
+
+def _rope_qk_norm_fwd(x, cos, sin):
+    y, r = _norm_and_scale(apply_rotary(x.astype(jnp.float32), cos, sin))
+    y = y.astype(x.dtype)
+    return y, (y, r, cos, sin)
+
+
+def _rope_qk_norm_bwd(res, dy):
+    y, r, cos, sin = res
+    # the rotation is orthogonal: its transpose rotates by −θ (sin negated)
+    dx = apply_rotary(_norm_grad(y, r, dy), cos, -sin).astype(y.dtype)
+    return dx, jnp.zeros_like(cos), jnp.zeros_like(sin)
+
+
+rope_qk_norm.defvjp(_rope_qk_norm_fwd, _rope_qk_norm_bwd)
+
+
+def _norm_and_scale(x):
+    r = jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + jnp.finfo(jnp.float32).eps)
+    return x * r, r
+
+
+def _norm_grad(y, r, dy):
+    y, dy = y.astype(jnp.float32), dy.astype(jnp.float32)
+    return r * (dy - y * jnp.mean(y * dy, axis=-1, keepdims=True))
 
 
 def rotary(positions, head_dim):
@@ -184,10 +290,10 @@ class Linear(nnx.Module):
         std = d_in**-0.5 * min(1.0, math.sqrt(d_out / d_in))
         init = jax.nn.initializers.zeros if zero else jax.nn.initializers.normal(std)
         self.kernel = _param(init, rngs.params(), (d_in, d_out), axes)
-        self.dtype = dtype
+        self.dtype, self.axes = dtype, axes
 
     def __call__(self, x):
-        return linear(x, self.kernel[...], self.dtype)
+        return linear(x, self.kernel[...], self.dtype, self.axes)
 
 
 class CausalSelfAttention(nnx.Module):
@@ -200,19 +306,26 @@ class CausalSelfAttention(nnx.Module):
         self.c_k = Linear(d, self.n_kv_head * hd, ("embed", "kv_heads"), dtype=dtype, rngs=rngs)
         self.c_v = Linear(d, self.n_kv_head * hd, ("embed", "kv_heads"), dtype=dtype, rngs=rngs)
         self.c_proj = Linear(self.n_head * hd, d, ("heads", "embed"), dtype=dtype, rngs=rngs, zero=True)
-        self.dtype = dtype
+        self.dtype, self.attn_impl = dtype, config.attn_impl
 
     def __call__(self, x, cos, sin, cache=None, layer=0):
         B, T, _ = x.shape
         q = self.c_q(x).reshape(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).reshape(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).reshape(B, T, self.n_kv_head, self.head_dim)
-        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # RoPE, then QK-norm
+        q, k = rope_qk_norm(q, cos, sin), rope_qk_norm(k, cos, sin)
+        q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
         if cache is None:
-            y = causal_attention(q, k, v, self.dtype)
+            y = causal_attention(q, k, v, self.dtype, self.attn_impl)
         else:
             y, cache = cache.attend(layer, q, k, v, self.dtype)
-        return self.c_proj(y.reshape(B, T, -1)), cache
+        y = checkpoint_name(y, "attn_out")
+        return checkpoint_name(self.c_proj(y.reshape(B, T, -1)), "attn_proj"), cache
+
+
+@partial(jax.checkpoint, static_argnums=(2, 3))  # keep only h: relu²(h), 4·d wide, is recomputed for the backward
+def relu2_proj(h, kernel, dtype, axes):
+    return linear(jnp.square(jax.nn.relu(h)), kernel, dtype, axes)
 
 
 class MLP(nnx.Module):
@@ -222,18 +335,20 @@ class MLP(nnx.Module):
         self.c_proj = Linear(4 * d, d, ("mlp", "embed"), dtype=dtype, rngs=rngs, zero=True)
 
     def __call__(self, x):
-        return self.c_proj(jnp.square(jax.nn.relu(self.c_fc(x))))
+        h = checkpoint_name(self.c_fc(x), "mlp_hidden")
+        return relu2_proj(h, self.c_proj.kernel[...], self.c_proj.dtype, self.c_proj.axes)
 
 
 class Block(nnx.Module):
     def __init__(self, config, *, dtype, rngs):
         self.attn = CausalSelfAttention(config, dtype=dtype, rngs=rngs)
         self.mlp = MLP(config, dtype=dtype, rngs=rngs)
+        self.dtype = dtype
 
     def __call__(self, x, cos, sin, cache=None, layer=0):
-        y, cache = self.attn(norm(x), cos, sin, cache, layer)
+        y, cache = self.attn(norm_to(x, self.dtype), cos, sin, cache, layer)
         x = x + y
-        x = x + self.mlp(norm(x))
+        x = x + self.mlp(norm_to(x, self.dtype))
         return sharding.constrain(x, ("batch", None, None)), cache
 
 
@@ -269,11 +384,15 @@ class GPT(nnx.Module):
             raise ValueError(f"reduction {reduction!r}: one of 'mean', 'sum', 'none'")
         return loss_sum / jnp.maximum(jnp.sum(targets != -1), 1)
 
-    def decode(self, idx, kv_cache):
+    def decode(self, idx, kv_cache, at=None):
         """Feed idx (B, T) at the cache's next slot (each row's positions continue from `kv_cache.pos`):
-        (logits (B, T, V) fp32, the cache holding them)."""
+        (logits (B, T, V) fp32, the cache holding them); with `at` (an int, may be traced), only column at's
+        logits (B, V) — a prefill then never builds (B, T, V) logits."""
         x, kv_cache = self._trunk(idx, kv_cache.pos[:, None] + jnp.arange(idx.shape[1])[None], kv_cache)
-        return self.logits(x), kv_cache.replace(index=kv_cache.index + idx.shape[1])
+        if at is not None:
+            x = jax.lax.dynamic_index_in_dim(x, at, axis=1, keepdims=False)[:, None]
+        logits = self.logits(x)
+        return logits if at is None else logits[:, 0], kv_cache.replace(index=kv_cache.index + idx.shape[1])
 
     def hidden(self, idx, positions=None):
         """The final (normed) hidden states (B, T, D) fp32 that the head reads; `positions` (B|1, T) default to
@@ -281,16 +400,35 @@ class GPT(nnx.Module):
         return self._trunk(idx, jnp.arange(idx.shape[1])[None] if positions is None else positions)[0]
 
     def logits(self, x):
-        """Softcapped logits 15·tanh(head(x)/15) (B, T, V) fp32 of hidden states x (B, T, D)."""
-        return SOFTCAP * jnp.tanh(self.lm_head(x) / SOFTCAP)
+        """Softcapped logits 15·tanh(head(x)/15) (B, T, V) fp32 of hidden states x (B, T, D) (the matmul's fp32
+        accumulation, not rounded to the compute dtype: sampling reads them)."""
+        dtype = self.lm_head.dtype
+        z = jnp.einsum("btd,dv->btv", x.astype(dtype), self.lm_head.kernel[...].astype(dtype),
+                       preferred_element_type=jnp.float32)
+        return SOFTCAP * jnp.tanh(z / SOFTCAP)
 
     def _trunk(self, idx, positions, kv_cache=None):
         """Embedding, the blocks and the final norm: (hidden states, the cache with this chunk's K/V written)."""
         cos, sin = rotary(positions, self.config.n_embd // self.config.n_head)
         x = sharding.constrain(norm(jnp.take(self.wte[...], idx, axis=0)), ("batch", None, None))
-        for layer, block in enumerate(self.h):
-            x, kv_cache = block(x, cos, sin, kv_cache, layer)
-        return norm(x), kv_cache
+        if kv_cache is not None:  # decoding: no backward pass, one cache per layer
+            for layer, block in enumerate(self.h):
+                x, kv_cache = block(x, cos, sin, kv_cache, layer)
+            return norm(x), kv_cache
+        graphdef = nnx.graphdef(self.h[0])  # every block has the same structure
+
+        def run_block(x, block_state):
+            return nnx.merge(graphdef, block_state)(x, cos, sin)[0]
+
+        if (policy := REMAT[self.config.remat]) is not None:
+            run_block = jax.checkpoint(run_block, policy=policy)
+        states = [nnx.state(block) for block in self.h]
+        if self.config.scan_layers:
+            x, _ = jax.lax.scan(lambda x, s: (run_block(x, s), None), x, jax.tree.map(lambda *a: jnp.stack(a), *states))
+        else:
+            for block_state in states:
+                x = run_block(x, block_state)
+        return norm(x), None
 
     def num_params(self):
         return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(self, nnx.Param)))

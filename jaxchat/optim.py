@@ -15,8 +15,15 @@ Where Optax's `contrib.muon` differs from nanochat and what is used instead:
   (and faster than optax's bf16 version on CPU).
 - scale: √max(1, rows/cols) of torch's (out, in) weight = √max(1, out/in) of our (in, out) kernels.
 - Adam branch: optax.contrib.muon's is NAdamW b2=0.999 sharing Muon's eps; here two plain `optax.adamw`.
-Muon acts on whole matrices: under FSDP the arrays are sharded, but inside jit GSPMD computes the global
-Newton–Schulz (tested sharded == unsharded).
+
+Newton–Schulz under FSDP: on a sharded matrix, every one of its ~15 small matmuls would need collectives. Instead
+the Muon matrices are grouped by shape in the wide orientation (tall ones transposed: c_fc and the MLP c_proj form
+one group), each group stacked into (n, rows, cols) in `ns_dtype` (bf16 halves the traffic; the Frobenius norm is
+then the rounded matrix's), padded with zero matrices to a multiple of the device count and split on the stack
+axis over every mesh axis: each device orthogonalises whole matrices with a vmapped Newton–Schulz, communicating
+nothing. The only collectives are the reshards into and out of the stacks, whatever `ns_steps` (nanochat's
+DistMuon, done by GSPMD). The updates take their parameters' sharding where they are used (the train step pins
+the new state).
 """
 
 import dataclasses
@@ -27,6 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
+
+from jaxchat import sharding
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
@@ -68,13 +78,50 @@ def newton_schulz(g, steps=5, dtype=jnp.float32):
     f32 = lambda t: t.astype(jnp.float32)
     dot = lambda p, q: jnp.dot(p, q, preferred_element_type=jnp.float32)
     x = g.T if g.shape[0] > g.shape[1] else g  # iterate on the wide orientation: X Xᵀ is the small Gram matrix
-    x = (x / (jnp.linalg.norm(x) + 1e-7)).astype(dtype)
+    x = (f32(x) / (jnp.linalg.norm(f32(x)) + 1e-7)).astype(dtype)  # fp32 norm even of a bf16 input
     for _ in range(steps):
         A = dot(x, x.T).astype(dtype)
         B = (b * f32(A) + c * dot(A, A)).astype(dtype)
         x = (a * f32(x) + dot(B, x)).astype(dtype)
     x = x.astype(g.dtype)
     return x.T if g.shape[0] > g.shape[1] else x
+
+
+def stack_axes(mesh):
+    """The mesh axes that split parameters (FSDP's), and every mesh axis with those first. A stack is split over the
+    former with one all-to-all inside each replica of the parameters, then over all of them by a local slice;
+    asked for both at once, GSPMD gathers the whole stack on every device instead."""
+    embed = dict(sharding.RULES)["embed"]  # FSDP: parameters are split over the model-width axis's mesh axes
+    fsdp = tuple(a for a in mesh.axis_names if a in ((embed,) if isinstance(embed, str) else embed or ()))
+    return fsdp, fsdp + tuple(a for a in mesh.axis_names if a not in fsdp)
+
+
+def orthogonalize_stacked(ns_steps=5, ns_dtype=jnp.bfloat16):
+    """Newton–Schulz on every matrix of the tree, in stacks of equal wide shape split over the stack axis (see
+    the header). Without a mesh: the same stacks, unpadded and unconstrained."""
+    orthogonalize = jax.vmap(lambda x: newton_schulz(x, ns_steps, ns_dtype))
+
+    def update(updates, state, params=None):
+        leaves, treedef = jax.tree.flatten(updates)
+        tall = [g.shape[0] > g.shape[1] for g in leaves]
+        groups = {}  # wide shape -> indices of its leaves
+        for i, g in enumerate(leaves):
+            groups.setdefault(g.shape[::-1] if tall[i] else g.shape, []).append(i)
+        mesh = jax.sharding.get_abstract_mesh()
+        fsdp, every = stack_axes(mesh)
+        split = lambda x, axes: x if mesh.empty else jax.lax.with_sharding_constraint(x, P(axes))
+        out = [None] * len(leaves)
+        for idx in groups.values():
+            stack = jnp.stack([(leaves[i].T if tall[i] else leaves[i]).astype(ns_dtype) for i in idx])
+            pad = 0 if mesh.empty else -len(idx) % mesh.size  # zero matrices: NS gives 0 / (0 + eps) = 0
+            stack = split(split(jnp.pad(stack, ((0, pad), (0, 0), (0, 0))), fsdp), every)
+            stack = split(split(orthogonalize(stack), every), fsdp)  # back to where the matrices' shards are
+            for j, i in enumerate(idx):  # the padding is never read
+                x = stack[j].astype(leaves[i].dtype)
+                out[i] = x.T if tall[i] else x
+        return jax.tree.unflatten(treedef, out), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
 
 
 def scale_by_lr_multiplier():
@@ -88,10 +135,10 @@ def scale_by_lr_multiplier():
 
 def muon(lr, ns_steps=5, ns_dtype=jnp.bfloat16):
     """nanochat's Muon: momentum, Newton–Schulz, the aspect scale (see the header), then −lr."""
-    per_matrix = lambda f: optax.stateless(lambda updates, _: jax.tree.map(f, updates))
-    orthogonalize = per_matrix(lambda g: newton_schulz(g, ns_steps, ns_dtype))
-    scale_by_aspect = per_matrix(lambda g: g * max(1.0, g.shape[1] / g.shape[0]) ** 0.5)
-    return optax.chain(nesterov_momentum(), orthogonalize, scale_by_aspect, optax.scale(-lr))
+    scale_by_aspect = optax.stateless(lambda updates, _: jax.tree.map(
+        lambda g: g * max(1.0, g.shape[1] / g.shape[0]) ** 0.5, updates))
+    return optax.chain(nesterov_momentum(), orthogonalize_stacked(ns_steps, ns_dtype), scale_by_aspect,
+                       optax.scale(-lr))
 
 
 def param_labels(params):

@@ -26,7 +26,7 @@ from jaxchat import sharding
 from jaxchat.checkpoint_manager import (Checkpointer, check_model_config, check_tokenizer, checkpoint_dir,
                                         find_largest_model, load_model)
 from jaxchat.common import UserError, flag_adder, get_base_dir
-from jaxchat.model import GPTConfig
+from jaxchat.model import REMAT, GPTConfig
 from jaxchat.optim import OptimConfig
 from jaxchat.train import abstract_train_state, init_train_state
 
@@ -43,6 +43,8 @@ def add_training_flags(p, **defaults):
     add = flag_adder(p)
     add("model_tag", default="", help="checkpoint directory name")
     add("dtype", default="float32", choices=["float32", "bfloat16"], help="matmul dtype (params stay fp32)")
+    add("remat", default="none", choices=list(REMAT), help="what each block's backward recomputes (less memory)")
+    add("scan_layers", type=int, default=0, help="1: the blocks under one lax.scan (faster compile)")
     add("mesh_data", type=int, default=1, help="size of the mesh's data axis; the rest of the devices go to fsdp")
     add("device_batch_size", type=int, default=d["device_batch_size"], help="rows per device per micro-batch")
     add("num_iterations", type=int, default=-1, help="optimizer steps (-1: the stage's default horizon)")
@@ -87,6 +89,11 @@ def eval_tokens(requested, total_batch_size, num_iterations):
     return min(NANOCHAT_EVAL_TOKENS, max(total_batch_size, num_iterations * total_batch_size // 10))
 
 
+def execution(args):
+    """The model's execution fields (how to compute it) from a training stage's flags."""
+    return {"compute_dtype": args.dtype, "remat": args.remat, "scan_layers": bool(args.scan_layers)}
+
+
 def optim_config(args, **extra):
     return OptimConfig(embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr,
                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay, **extra)
@@ -127,7 +134,7 @@ def chat_run(stage, args, settings, loop_state):
 
     def fresh():
         step = None if args.model_step < 0 else args.model_step
-        model, tokenizer, meta = load_model(args.source, model_tag, step, compute_dtype=args.dtype)
+        model, tokenizer, meta = load_model(args.source, model_tag, step, **execution(args))
         state = init_train_state(model.config, optim, args.seed)
         return state.replace(params=nnx.state(model)), tokenizer, {"source_step": meta["step"]}
 
@@ -204,7 +211,7 @@ class TrainingRun:
         self.tokenizer = self.ckpt.load_tokenizer(saved, self.ckpt.directory)
         if tokenizer is not None:  # the stage's own (base_train: $JAXCHAT_BASE_DIR/tokenizer) must be the run's
             check_tokenizer(saved, tokenizer, self.ckpt.directory)
-        config = GPTConfig(**{**saved["model_config"], "compute_dtype": self.args.dtype})
+        config = GPTConfig(**saved["model_config"]).with_execution(**execution(self.args))
         abstract = abstract_train_state(config, optim, self.args.seed)
         params, opt_state, meta = self.ckpt.restore_latest(abstract.params, abstract.opt_state)
         self.state = abstract.replace(params=params, opt_state=opt_state)

@@ -148,29 +148,87 @@ def check_mesh_equivalence():
     return out
 
 
+def muon_grads(mesh, n_layer=2, seed=0):
+    """Random gradients shaped and sharded (on `mesh`; None: one device) as a GPT's Muon matrices: square c_q and
+    attn c_proj, wide c_fc, tall mlp c_proj, GQA c_k/c_v: three stacks of 2·n_layer matrices."""
+    import jax
+    from flax import nnx
+    from jax.sharding import NamedSharding
+    from jaxchat.model import GPT, GPTConfig
+
+    model = nnx.eval_shape(lambda: GPT(GPTConfig(**{**TINY, "n_layer": n_layer}), rngs=nnx.Rngs(0)))
+    params = nnx.state(model, nnx.Param)["h"]
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(params))
+    leaves, treedef = jax.tree.flatten(nnx.to_pure_dict(params))
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    grads = jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+    return grads if mesh is None else jax.tree.map(lambda g, s: jax.device_put(g, NamedSharding(mesh, s)), grads, specs)
+
+
 def check_muon_sharded():
-    """Newton–Schulz and the whole Muon update of an fsdp-sharded matrix equal the single-device result."""
+    """A Muon step (NS in bf16 on (1, 8) and (2, 4), in fp32 on (2, 4)) on gradients sharded as a 2-layer GPT's
+    matrices (stacks of 4) plus a square and a tall matrix sharded otherwise (joining two of the stacks, padded to
+    8), vs one device (no mesh): the largest difference and the largest update entry."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
     from jaxchat import sharding
-    from jaxchat.optim import muon, newton_schulz
+    from jaxchat.optim import muon
 
-    mesh = sharding.make_mesh((2, 4))
+    extra = {"both_axes": ((64, 64), P("fsdp", "data")), "tall_rows": ((256, 64), P(("data", "fsdp"), None))}
+    grads = {"h": muon_grads(None),
+             "extra": {k: jax.random.normal(jax.random.key(1), s) for k, (s, _) in extra.items()}}
     out = {}
-    for shape, spec in [((64, 256), P("fsdp", None)), ((256, 64), P(None, "fsdp")), ((128, 128), P("fsdp", "data"))]:
-        g = jax.random.normal(jax.random.key(sum(shape)), shape)
-        tx = muon(0.02, ns_dtype=jnp.float32)
-        local = jax.jit(lambda g: tx.update(g, tx.init(g), muon_momentum=0.9)[0])(g)
-        ns_local = jax.jit(newton_schulz)(g)
-        gs = jax.device_put(g, NamedSharding(mesh, spec))
-        with jax.set_mesh(mesh):
-            sharded = jax.jit(lambda g: tx.update(g, tx.init(g), muon_momentum=0.9)[0])(gs)
-            ns_sharded = jax.jit(newton_schulz)(gs)
-        out[str(shape)] = {"ns_diff": float(jnp.abs(ns_sharded - ns_local).max()),
-                           "update_diff": float(jnp.abs(sharded - local).max()),
-                           "update_scale": float(jnp.abs(local).max()),
-                           "input_sharded": str(gs.sharding.spec), "n_shards": len(gs.addressable_shards)}
+    for dtype, meshes in (("bfloat16", MESHES[:2]), ("float32", MESHES[1:2])):
+        tx = muon(0.02, ns_dtype=jnp.dtype(dtype))
+        step = jax.jit(lambda g: tx.update(g, tx.init(g), muon_momentum=0.9)[0])
+        local = step(grads)
+        for shape in meshes:
+            mesh = sharding.make_mesh(shape)
+            specs = {"h": jax.tree.map(lambda g: g.sharding.spec, muon_grads(mesh)),
+                     "extra": {k: s for k, (_, s) in extra.items()}}
+            sharded_grads = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), grads, specs)
+            with jax.set_mesh(mesh):
+                sharded = step(sharded_grads)
+            diffs = [float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(local))]
+            out[f"{shape} {dtype}"] = {"diff": max(diffs),
+                                       "scale": max(float(jnp.abs(u).max()) for u in jax.tree.leaves(local)),
+                                       "n_shards": len(sharded_grads["extra"]["both_axes"].addressable_shards)}
+    return out
+
+
+def count_collectives(hlo_text):
+    """Collective ops in a compiled HLO module's text, by kind (async ones counted by their -start)."""
+    import re
+
+    ops = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+    return {op: len(re.findall(rf"\s{op}(?:-start)?\(", hlo_text)) for op in ops}
+
+
+def check_muon_collectives():
+    """Collectives in the compiled Muon update of a 3-layer GPT's matrices (three stacks of 6, padded to 8): Newton–
+    Schulz per sharded matrix (GSPMD partitions each of its matmuls) with ns_steps 5, stacked with 5 and 10, on
+    (1, 8); stacked on (2, 4). Updates and state pinned to the gradients' shardings, as the train step pins the new
+    parameters and optimizer state."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from jaxchat import sharding
+    from jaxchat.optim import muon, nesterov_momentum, newton_schulz
+
+    per_matrix = lambda steps: optax.chain(nesterov_momentum(), optax.stateless(
+        lambda u, _: jax.tree.map(lambda g: newton_schulz(g, steps, jnp.bfloat16), u)))
+    out = {}
+    for shape, runs in (((1, 8), (("per_matrix", 5), ("stacked", 5), ("stacked", 10))), ((2, 4), (("stacked", 5),))):
+        mesh = sharding.make_mesh(shape)
+        grads = muon_grads(mesh, n_layer=3)
+        for kind, steps in runs:
+            tx = per_matrix(steps) if kind == "per_matrix" else muon(0.02, steps)
+            state = tx.init(grads)  # zeros with the gradients' shardings
+            with jax.set_mesh(mesh):
+                update = jax.jit(lambda g, s: tx.update(g, s, muon_momentum=0.95),
+                                 out_shardings=jax.tree.map(lambda x: x.sharding, (grads, state)))
+                out[f"{shape} {kind} {steps}"] = count_collectives(update.lower(grads, state).compile().as_text())
     return out
 
 

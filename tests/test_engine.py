@@ -105,11 +105,12 @@ class Scripted(nnx.Module):
         self.config = config
         self.script = nnx.Variable(jnp.asarray(script, jnp.int32))
 
-    def decode(self, idx, kv_cache):
+    def decode(self, idx, kv_cache, at=None):
         B, T = idx.shape
         positions = kv_cache.pos[:, None] + jnp.arange(T)[None]
         nxt = self.script[...][jnp.minimum(positions + 1, self.script.shape[0] - 1)]
         logits = jnp.where(jax.nn.one_hot(nxt, self.config.vocab_size) > 0, 10.0, -10.0)
+        logits = logits if at is None else jax.lax.dynamic_index_in_dim(logits, at, axis=1, keepdims=False)
         return logits, kv_cache.replace(index=kv_cache.index + T)
 
 

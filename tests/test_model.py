@@ -224,3 +224,58 @@ def test_positions_shift_rope_only():
     logits = lambda positions: model.logits(model.hidden(idx, positions=positions))
     np.testing.assert_allclose(logits(jnp.arange(32)[None]), base, atol=1e-6)
     np.testing.assert_allclose(logits(jnp.arange(32)[None] + 100), base, atol=2e-4)
+
+
+def test_norms_keep_their_output_and_match_autodiff():
+    """norm_to and rope_qk_norm differentiate from their saved output and inverse RMS: the same gradients as
+    autodiff through the plain fp32 formulas."""
+    x = jax.random.normal(jax.random.key(0), (2, 16, 4, 32))
+    dy = jax.random.normal(jax.random.key(1), x.shape)
+    cos, sin = M.rotary(jnp.arange(16)[None], 32)
+    plain = {"norm_to": lambda x: M.norm(x), "rope_qk_norm": lambda x: M.norm(M.apply_rotary(x, cos, sin))}
+    fused = {"norm_to": lambda x: M.norm_to(x, jnp.float32), "rope_qk_norm": lambda x: M.rope_qk_norm(x, cos, sin)}
+    for name in plain:
+        want_y, want_vjp = jax.vjp(plain[name], x)
+        got_y, got_vjp = jax.vjp(fused[name], x)
+        np.testing.assert_allclose(got_y, want_y, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(got_vjp(dy)[0], want_vjp(dy)[0], atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("options", [dict(remat="block"), dict(remat="matmuls"), dict(remat="attention"),
+                                     dict(scan_layers=True), dict(scan_layers=True, remat="block")])
+def test_remat_and_scan_compute_the_same_loss_and_gradients(options):
+    """Execution options change what is kept or how the blocks are compiled, never the numbers."""
+    model = randomize(GPT(TINY, rngs=nnx.Rngs(0)))
+    other = GPT(TINY.with_execution(**options), rngs=nnx.Rngs(0))
+    nnx.update(other, nnx.state(model, nnx.Param))
+    idx = tokens((2, 32))
+
+    def loss_and_grads(m):
+        graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+        f = lambda p: nnx.merge(graphdef, p, rest).loss(idx, jnp.roll(idx, -1, 1))
+        return jax.jit(jax.value_and_grad(f))(params)
+
+    (l0, g0), (l1, g1) = loss_and_grads(model), loss_and_grads(other)
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(b, a, atol=1e-6)
+
+
+def test_bf16_activations_and_attention_choice():
+    """In bf16 the matmuls return bf16 (what the backward keeps is 16-bit); cuDNN attention is refused with the
+    reason where it cannot run, and "auto" falls back to the XLA kernel."""
+    from jaxchat.attention import causal_attention, cudnn_problem
+    x = jax.random.normal(jax.random.key(0), (2, 8, 16))
+    assert M.linear(x, jnp.ones((16, 4)), jnp.bfloat16).dtype == jnp.bfloat16
+    assert M.linear(x, jnp.ones((16, 4)), jnp.float32).dtype == jnp.float32
+    q = jax.random.normal(jax.random.key(1), (1, 8, 4, 16), jnp.bfloat16)
+    k = q[:, :, :2]
+    if jax.default_backend() != "gpu":
+        assert "needs a GPU" in cudnn_problem(q, k, jnp.bfloat16)
+        with pytest.raises(ValueError, match="cuDNN attention cannot run: it needs a GPU"):
+            causal_attention(q, k, k, jnp.bfloat16, "cudnn")
+    np.testing.assert_array_equal(causal_attention(q, k, k, jnp.bfloat16, "auto") if cudnn_problem(q, k, jnp.bfloat16)
+                                  else causal_attention(q, k, k, jnp.bfloat16, "xla"),
+                                  causal_attention(q, k, k, jnp.bfloat16, "xla"))
+    with pytest.raises(ValueError, match="remat 'sometimes'"):
+        TINY.with_execution(remat="sometimes")

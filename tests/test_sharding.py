@@ -98,10 +98,27 @@ def test_meshes_agree_with_one_device(results):
 
 
 def test_muon_sharded_equals_unsharded(results):
-    for shape, out in result(results, "muon_sharded").items():
+    """Stacked Muon on (1, 8) and (2, 4) vs one device. Every device runs the same per-matrix arithmetic as the one
+    device does, only the number of matrices in its batched matmuls differs: fp32 NS within 1e-5 of the largest
+    update entry (measured 1.5e-6), bf16 NS within 3e-2, its own error vs exact NS (measured: bitwise equal). A
+    wrong matrix, orientation or padding would be off by O(1)."""
+    for name, out in result(results, "muon_sharded").items():
         assert out["n_shards"] == 8
-        assert out["ns_diff"] <= 1e-5, shape  # NS output entries are O(1/√n)
-        assert out["update_diff"] <= 1e-6 * max(1.0, out["update_scale"] / 1e-2), shape
+        tolerance = 1e-5 if "float32" in name else 3e-2
+        assert out["diff"] <= tolerance * out["scale"], (name, out)
+
+
+def test_muon_collectives(results):
+    """Stacked Newton–Schulz (each device orthogonalises whole matrices) vs NS per sharded matrix, in the compiled
+    Muon update: far fewer collectives (measured 10 all-to-alls vs 135 all-gathers + 46 all-reduces on (1, 8) for
+    18 matrices), the same number whatever ns_steps. On (1, 8) the stacks are split over fsdp with all-to-alls
+    only; on (2, 4) one all-gather per stack (its results over "data") is added: the input stacks are never gathered
+    whole (which GSPMD does when asked to split a partly replicated stack over every axis in one step)."""
+    counts = result(results, "muon_collectives")
+    total = lambda key: sum(counts[key].values())
+    assert counts["(1, 8) stacked 5"] == counts["(1, 8) stacked 10"], counts
+    assert counts["(1, 8) stacked 5"]["all-gather"] == 0 and counts["(2, 4) stacked 5"]["all-gather"] <= 3, counts
+    assert 10 * total("(1, 8) stacked 5") <= total("(1, 8) per_matrix 5"), counts
 
 
 def test_sharding_table_prints(capsys):

@@ -1,0 +1,32 @@
+"""bench/gpu_check.py at toy sizes on CPU: every part runs in its own process and reports real figures."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gpu_check_toy(tmp_path):
+    out = tmp_path / "check.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--toy", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    parts = report["parts"]
+    assert set(parts) == {"attention", "train_2", "train_4", "train_8", "train_xla_4", "decode_1", "decode_4"}
+    assert not [k for k, v in parts.items() if "error" in v or "skipped" in v]
+    for case in parts["attention"]:  # jaxchat's kernel (no cuDNN on CPU) against the fp32 reference
+        assert case["impl"] == "xla" and case["ok"] and not case["fused_cudnn_call"], case
+        assert max(case["max_rel_error"].values()) < 2e-2
+    for key in ("train_2", "train_4", "train_8", "train_xla_4"):
+        r = parts[key]
+        assert r["accum"] * r["device_batch_size"] * report["size"]["seq"] == report["size"]["tokens"]
+        assert r["tok_s"] > 0 and r["xla_program_peak_bytes"] > 0 and r["jaxchat_memory_estimate_bytes"] > 0
+        assert 0 < r["loss"] < math.log(report["size"]["vocab"]), r  # four steps of learning random tokens
+    # the same step with either attention kernel: cuDNN is unavailable here, so "auto" is the XLA kernel
+    assert parts["train_4"]["loss"] == parts["train_xla_4"]["loss"]
+    for key, batch in (("decode_1", 1), ("decode_4", 4)):
+        assert parts[key]["batch"] == batch and parts[key]["steps"] == report["size"]["new_tokens"]
