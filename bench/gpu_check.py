@@ -13,7 +13,10 @@ its own time budget; what would start with less than its budget left is skipped 
      XLA's own figure for the program and jaxchat.memory's accelerator estimate.
   3. train_xla: the same step at device batch 16 with jaxchat's XLA attention kernel instead of cuDNN.
   4. decode: the engine's on-device decode loop (random weights: speed does not depend on them), batch 1 and 32.
-Runs from a checkout without installing (PYTHONPATH=.): it needs jax, flax, optax and numpy, not the tokenizer.
+Runs from a checkout without installing (PYTHONPATH=.): it needs jax, flax, optax and numpy, not the tokenizer or
+the Rust extension. Where the GPU machine's flax/optax differ from the pins, bring them as wheels made beforehand,
+`pip download --no-deps --only-binary=:all: --python-version 3.12 -d wheels flax==0.12.8 optax==0.2.8`, and
+`pip install --no-deps wheels/*.whl` there first.
 """
 import argparse
 import json

@@ -83,13 +83,14 @@ def _inverse_cdf(probs, u, block=128):
     B, V = probs.shape
     nb = -(-V // block)
     blocks = jnp.pad(probs, ((0, 0), (0, nb * block - V))).reshape(B, nb, block)
-    upper = lambda n: jnp.triu(jnp.ones((n, n), jnp.float32))  # x @ upper(n) = running sums of x
-    block_cdf = blocks.sum(-1) @ upper(nb)
+    # x @ upper(n) = running sums of x; "highest": GPUs would otherwise run fp32 matmuls as TF32 (10-bit mantissa)
+    running_sums = lambda x, n: jnp.matmul(x, jnp.triu(jnp.ones((n, n), jnp.float32)), precision="highest")
+    block_cdf = running_sums(blocks.sum(-1), nb)
     target = u * block_cdf[:, -1]
     b = jnp.minimum(jnp.sum(block_cdf <= target[:, None], -1), nb - 1)
     inside = jnp.take_along_axis(blocks, b[:, None, None], axis=1)[:, 0]
     before = jnp.take_along_axis(block_cdf, b[:, None], axis=1)[:, 0] - inside.sum(-1)
-    cdf = before[:, None] + inside @ upper(block)
+    cdf = before[:, None] + running_sums(inside, block)
     i = b * block + jnp.minimum(jnp.sum(cdf <= target[:, None], -1), block - 1)
     chosen = jnp.take_along_axis(probs, jnp.minimum(i, V - 1)[:, None], axis=1)[:, 0]
     return jnp.where((i < V) & (chosen > 0), i, _argmax(probs)).astype(jnp.int32)  # rounding at the very end

@@ -67,7 +67,8 @@ EXECUTION_FIELDS = ("compute_dtype", "remat", "scan_layers", "attn_impl")
 # Rematerialisation of a training block: the jax.checkpoint policy its backward runs under, None = no checkpoint.
 # "block" keeps only each block's input (the least memory, one more forward of the blocks); "matmuls" keeps the
 # matmul and attention outputs named below and recomputes the norms, RoPE and activations between them;
-# "attention" keeps the attention inputs and output only (its forward is the costliest to redo).
+# "attention" keeps q, k, v and the attention output, and recomputes the MLP. (An attention kernel's own
+# statistics carry no name: under a policy its forward may run again. `python -m jaxchat.memory` shows the bytes.)
 REMAT = {
     "none": None,
     "block": jax.checkpoint_policies.nothing_saveable,
