@@ -121,7 +121,7 @@ _linear.defvjp(_linear_fwd, _linear_bwd)
 
 def norm(x):
     """Parameter-free RMSNorm; eps = finfo(fp32).eps, as torch's F.rms_norm(eps=None) on fp32."""
-    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + jnp.finfo(jnp.float32).eps)
+    return _norm_and_scale(x)[0]
 
 
 # The two RMSNorms of a block and the QK-norm keep only their (16-bit) output y and the inverse RMS r for the
@@ -175,6 +175,7 @@ rope_qk_norm.defvjp(_rope_qk_norm_fwd, _rope_qk_norm_bwd)
 
 
 def _norm_and_scale(x):
+    """(norm(x), the inverse RMS r)."""
     r = jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + jnp.finfo(jnp.float32).eps)
     return x * r, r
 
