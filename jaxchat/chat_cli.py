@@ -2,7 +2,8 @@
 
 Interactive: type a message, the reply streams back token by token; `clear` starts over, `quit`/`exit` (or
 Ctrl-D) leaves. With -p: one reply, then exit. Each turn prefills only the new tokens: the engine keeps the KV
-cache of the conversation so far. The python tool runs when the model calls it (--tool calculator or python).
+cache of the conversation so far. The tool runs when the model calls it: the calculator, or with --tool python
+Python behind the kernel sandbox (jaxchat.execution; --unsafe-weak-sandbox where there is none).
 """
 import argparse
 import sys
@@ -10,16 +11,7 @@ import sys
 from jaxchat.checkpoint_manager import SOURCE_DIRS, load_model
 from jaxchat.common import UserError, run_main
 from jaxchat.engine import Engine, use_calculator
-from jaxchat.execution import execute_code
-
-
-def python_tool(code):
-    """Run a python block in the sandbox; its output (or the error) is what the model sees."""
-    result = execute_code(code, timeout=5.0)
-    return result.stdout.strip() if result.success else f"Error: {result.error}"
-
-
-TOOLS = {"calculator": use_calculator, "python": python_tool}
+from jaxchat.execution import add_sandbox_flag, python_tool
 
 
 def build_parser():
@@ -31,7 +23,9 @@ def build_parser():
     p.add_argument("-t", "--temperature", type=float, default=0.6)
     p.add_argument("-k", "--top-k", "--top_k", type=int, default=50)
     p.add_argument("-m", "--max-tokens", "--max_tokens", type=int, default=256, help="reply length limit")
-    p.add_argument("--tool", default="calculator", choices=sorted(TOOLS), help="what runs a <|python_start|> block")
+    p.add_argument("--tool", default="calculator", choices=("calculator", "python"),
+                   help="what runs a <|python_start|> block: nanochat's calculator, or Python in the code sandbox")
+    add_sandbox_flag(p)
     p.add_argument("--seed", type=int, default=42)
     return p
 
@@ -83,8 +77,9 @@ def main(argv=None, stdin=None, out=sys.stdout):
     args = build_parser().parse_args(argv)
     if args.prompt is not None and not args.prompt.strip():  # before the model loads
         raise UserError("-p: the prompt is empty; leave out -p to chat interactively")
+    tool = python_tool(args.sandbox) if args.tool == "python" else use_calculator  # a missing sandbox says so now
     model, tokenizer, meta = load_model(args.source, args.model_tag, args.step)
-    chat = Chat(Engine(model, tokenizer, tool=TOOLS[args.tool]), tokenizer)
+    chat = Chat(Engine(model, tokenizer, tool=tool), tokenizer)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed)
     if args.prompt is not None:
         out.write("Assistant: ")

@@ -12,6 +12,7 @@ import jax
 from jaxchat.checkpoint_manager import SOURCE_DIRS, load_model
 from jaxchat.common import UserError, run_main, write_results
 from jaxchat.engine import Engine
+from jaxchat.execution import add_sandbox_flag
 from jaxchat.run import make_mesh
 from jaxchat.task_eval import ALL_TASKS, EXTRA_TASKS, chatcore, run_chat_eval
 
@@ -30,6 +31,7 @@ def build_parser():
     p.add_argument("-s", "--step", type=int, default=None)
     p.add_argument("-x", "--max-problems", "--max_problems", type=int, default=None)
     p.add_argument("--mesh-data", "--mesh_data", type=int, default=1)
+    add_sandbox_flag(p)  # HumanEval runs the model's programs
     return p
 
 
@@ -45,9 +47,10 @@ def main(argv=None):
         for name in names:
             try:
                 results[name] = run_chat_eval(name, model, tokenizer, engine, args.batch_size, args.num_samples,
-                                              args.max_new_tokens, args.temperature, args.top_k, args.max_problems)
+                                              args.max_new_tokens, args.temperature, args.top_k, args.max_problems,
+                                              sandbox=args.sandbox)
                 print(f"{name}: {100 * results[name]:.2f}%")
-            except UserError as e:  # the task's data cannot be had: say so, never score it as zero
+            except UserError as e:  # its data (or HumanEval's sandbox) cannot be had: say so, never score 0
                 skipped[name] = str(e)
                 print(f"{name}: skipped ({e})")
     score = chatcore({t: results[t] for t in ALL_TASKS}) if all(t in results for t in ALL_TASKS) else None

@@ -19,8 +19,9 @@ from jaxchat import sharding
 from jaxchat.common import UserError, pad_bucket
 
 
-def _task_registry():
-    """name -> task constructor (tasks load their data when created, so modules are imported only here)."""
+def _task_registry(sandbox="boundary"):
+    """name -> task constructor (tasks load their data when created, so modules are imported only here).
+    `sandbox`: where HumanEval runs the model's programs (jaxchat.execution)."""
     from jaxchat.tasks.arc import ARC
     from jaxchat.tasks.arithmetic import Arithmetic
     from jaxchat.tasks.gsm8k import GSM8K
@@ -32,7 +33,7 @@ def _task_registry():
         "ARC-Challenge": lambda: ARC(subset="ARC-Challenge", split="test"),
         "MMLU": lambda: MMLU(subset="all", split="test"),
         "GSM8K": lambda: GSM8K(subset="main", split="test"),
-        "HumanEval": HumanEval,
+        "HumanEval": lambda: HumanEval(sandbox=sandbox),
         "SpellingBee": lambda: SpellingBee(size=256, split="test"),
         "Arithmetic": lambda: Arithmetic(size=500, split="test"),  # jaxchat's offline stand-in for GSM8K
     }
@@ -115,9 +116,9 @@ def run_generative_eval(task, tokenizer, engine, num_samples=1, max_new_tokens=5
 
 
 def run_chat_eval(task_name, model, tokenizer, engine, batch_size=32, num_samples=1, max_new_tokens=512,
-                  temperature=0.0, top_k=50, max_problems=None):
+                  temperature=0.0, top_k=50, max_problems=None, sandbox="boundary"):
     """nanochat's entry point: build the task by name and score it."""
-    registry = _task_registry()
+    registry = _task_registry(sandbox)
     if task_name not in registry:
         raise UserError(f"unknown task {task_name!r}; tasks: {', '.join(registry)}")
     task = registry[task_name]()

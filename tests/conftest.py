@@ -9,3 +9,19 @@ def _isolated_base_dir(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("JAXCHAT_BASE_DIR", str(tmp_path_factory.mktemp("base_dir")))
     # tiktoken must never try the network in tests
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.path.join(os.environ["JAXCHAT_BASE_DIR"], "tiktoken"))
+
+
+def boundary_or_skip():
+    """Skip where this system cannot give the kernel sandbox (CI sets JAXCHAT_TEST_REQUIRE_SANDBOX=1: it must)."""
+    from jaxchat.execution import boundary_problem
+    why = boundary_problem()
+    if why and not os.environ.get("JAXCHAT_TEST_REQUIRE_SANDBOX"):
+        pytest.skip(f"no kernel sandbox here: {why}")
+
+
+@pytest.fixture(params=["boundary", "weak"])
+def sandbox(request):
+    """Each execution test runs in both sandboxes: they share every behaviour but the isolation."""
+    if request.param == "boundary":
+        boundary_or_skip()
+    return request.param

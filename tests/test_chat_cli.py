@@ -8,13 +8,15 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from jaxchat import chat_cli
+from jaxchat import chat_cli, execution
 from jaxchat.checkpoint_manager import Checkpointer, checkpoint_dir
 from jaxchat.common import UserError, get_base_dir
 from jaxchat.engine import Engine
+from jaxchat.execution import python_tool
 from jaxchat.model import GPT, GPTConfig
 from jaxchat.tokenizer import RustBPETokenizer
 
+from conftest import boundary_or_skip
 from test_model import randomize
 
 GREEDY = ["-i", "base", "-g", "tiny", "-t", "0", "-m", "20"]
@@ -78,6 +80,15 @@ def test_one_shot_errors_fit_the_mode(model_and_tokenizer):
     assert "clear" not in str(e.value)
 
 
-def test_python_tool_runs_in_the_sandbox():
-    assert chat_cli.python_tool("print(6 * 7)") == "42"
-    assert chat_cli.python_tool("1/0").startswith("Error: ZeroDivisionError")
+def test_python_tool_runs_in_the_sandbox(monkeypatch):
+    boundary_or_skip()
+    assert python_tool()("print(6 * 7)") == "42"
+    assert python_tool()("1/0").startswith("Error: ZeroDivisionError")
+
+
+def test_python_tool_without_the_sandbox_is_refused_at_start(monkeypatch):
+    monkeypatch.setattr(execution, "boundary_problem", lambda: "bubblewrap is not installed")
+    with pytest.raises(UserError, match="bubblewrap is not installed.*--unsafe-weak-sandbox"):
+        chat_cli.main(["-g", "no_such_model", "--tool", "python", "-p", "hi"])  # before the model loads
+    with pytest.raises(UserError, match="no_such_model"):  # opted out: it goes on to load the model
+        chat_cli.main(["-g", "no_such_model", "--tool", "python", "--unsafe-weak-sandbox", "-p", "hi"])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxchat import chat_eval, task_eval
+from jaxchat import chat_eval, execution, task_eval
 from jaxchat.checkpoint_manager import Checkpointer, checkpoint_dir
 from jaxchat.common import UserError, get_base_dir
 from jaxchat.engine import Engine
@@ -151,7 +151,7 @@ def test_cli_reports_skipped_tasks_and_no_chatcore(tok, monkeypatch, capsys):
     def unavailable():
         raise UserError("no data for this task here (offline)")
 
-    monkeypatch.setattr(task_eval, "_task_registry", lambda: {
+    monkeypatch.setattr(task_eval, "_task_registry", lambda sandbox: {
         "ARC-Easy": lambda: LetterTask(n=4), "GSM8K": lambda: EchoTask(n=3), "MMLU": unavailable})
     out = chat_eval.main(["-g", "tiny", "-a", "ARC-Easy|GSM8K|MMLU", "-m", "4"])
     assert set(out["results"]) == {"ARC-Easy", "GSM8K"} and out["skipped"] == {"MMLU": "no data for this task here (offline)"}
@@ -162,3 +162,16 @@ def test_cli_reports_skipped_tasks_and_no_chatcore(tok, monkeypatch, capsys):
         assert json.load(f)["results"] == out["results"]
     with pytest.raises(UserError, match="unknown task"):
         chat_eval.main(["-g", "tiny", "-a", "ARC-Hard"])
+
+
+def test_humaneval_without_the_sandbox_is_skipped_unless_opted_out(tok, monkeypatch):
+    tok.save(os.path.join(get_base_dir(), "tokenizer"))
+    model = make_model()
+    ckpt = Checkpointer(checkpoint_dir("sft", "tiny"))
+    ckpt.save(1, nnx.state(model), {"dummy": jnp.zeros(())}, {"model_config": dataclasses.asdict(model.config)}, tok)
+    ckpt.close()
+    monkeypatch.setattr(execution, "boundary_problem", lambda: "bubblewrap is not installed")
+    out = chat_eval.main(["-g", "tiny", "-a", "HumanEval", "-m", "4", "-x", "2"])
+    assert out["results"] == {} and "bubblewrap is not installed" in out["skipped"]["HumanEval"]
+    out = chat_eval.main(["-g", "tiny", "-a", "HumanEval", "-m", "4", "-x", "2", "--unsafe-weak-sandbox"])
+    assert out["skipped"] == {} and out["results"] == {"HumanEval": 0.0}  # scored, in the weak sandbox

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import boundary_or_skip
 from jaxchat.common import UserError
 from jaxchat.download import DownloadError
 from jaxchat.tasks import (ARC, GSM8K, MMLU, CustomJSON, HumanEval, SimpleSpelling, SmolTalk, SpellingBee, Task,
@@ -255,6 +256,7 @@ def test_gsm8k_renders_with_tool_masks():
 
 # -------------------------------------------------------------------------------------------------- HumanEval
 def test_humaneval_canonical_solutions_pass():
+    boundary_or_skip()
     task = HumanEval()
     assert len(task) == 164 and task.eval_type == "generative"
     convs = list(task)
@@ -268,6 +270,7 @@ def test_humaneval_canonical_solutions_pass():
 
 
 def test_humaneval_wrong_fenced_and_timeout():
+    boundary_or_skip()
     task = HumanEval(timeout=1.0)
     conv = next(c for c in task if "def add(x: int, y: int)" in c["messages"][0]["content"])  # HumanEval/53
     assert task.evaluate(conv, "Here you go:\n```python\ndef add(x, y):\n    return x + y\n```\nDone.") == 1

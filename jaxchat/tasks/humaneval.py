@@ -7,7 +7,7 @@ import importlib.resources
 import json
 import re
 
-from jaxchat.execution import execute_code
+from jaxchat.execution import execute_code, require
 from jaxchat.tasks.common import Task
 from jaxchat.tasks.hub import TaskDataUnavailable, load_hub_dataset, shuffled
 
@@ -42,9 +42,11 @@ def _packaged_problems():
 class HumanEval(Task):
     eval_type = "generative"
 
-    def __init__(self, timeout=5.0, data_dir=None, **kwargs):
+    def __init__(self, timeout=5.0, data_dir=None, sandbox="boundary", **kwargs):
+        require(sandbox)  # before any data: a system without the sandbox cannot score this task
         super().__init__(**kwargs)
         self.timeout = timeout  # seconds each program may run
+        self.sandbox = sandbox
         self.rows = _packaged_problems()
         if self.rows is None:
             try:
@@ -63,4 +65,4 @@ class HumanEval(Task):
         imports = extract_imports(conversation["messages"][0]["content"])
         code = extract_program(assistant_response)
         program = f"{imports}\n\n{code}\n\n{conversation['test']}\ncheck({conversation['entry_point']})"
-        return int(execute_code(program, timeout=self.timeout).success)
+        return int(execute_code(program, timeout=self.timeout, sandbox=self.sandbox).success)
