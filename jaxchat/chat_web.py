@@ -1,0 +1,319 @@
+"""Serve a model: a chat page and an OpenAI-compatible API over one continuously batched engine.
+
+    python -m jaxchat.chat_web -i sft -g d20 [-s STEP] [--host 127.0.0.1] [-p 8000] [-t 0.8] [-k 50] [-m 512] [--slots 8]
+
+- `GET /` the chat page; `GET /health` (503 while loading, then 200); `GET /stats`; `GET /metrics` (Prometheus).
+- `POST /chat/completions`: nanochat's request and SSE framing (`data: {"token": ...}` … `data: {"done": true}`).
+- `POST /v1/chat/completions` (streaming or not) and `GET /v1/models`: what the `openai` package, Open WebUI,
+  LibreChat and curl scripts speak. Tool blocks show as fenced code there; nanochat's route keeps the raw markers.
+
+All requests share `--slots` rows of one KV cache (`jaxchat.serving`): decoding runs on a worker thread, the event
+loop only parses, queues and streams. A closed connection frees its row before the next device call.
+"""
+import argparse
+import asyncio
+import json
+import os
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+from jaxchat.chat_api import MAX_TOKENS, ApiError, ReplyText, parse_request
+from jaxchat.checkpoint_manager import SOURCE_DIRS
+from jaxchat.common import UserError, run_main
+
+PAGE = os.path.join(os.path.dirname(__file__), "ui.html")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Serve a jaxchat model: chat page and OpenAI-compatible API.")
+    p.add_argument("-i", "--source", default="sft", choices=sorted(SOURCE_DIRS), help="which stage's checkpoint")
+    p.add_argument("-g", "--model-tag", "--model_tag", default=None, help="default: the largest d<N>")
+    p.add_argument("-s", "--step", type=int, default=None, help="default: the last")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
+    p.add_argument("-p", "--port", type=int, default=8000)
+    p.add_argument("-t", "--temperature", type=float, default=0.8, help="default when a request has none")
+    p.add_argument("-k", "--top-k", "--top_k", type=int, default=50, help="default when a request has none")
+    p.add_argument("-m", "--max-tokens", "--max_tokens", type=int, default=512, help="default reply length")
+    p.add_argument("--slots", type=int, default=8, help="rows decoded together (concurrent requests)")
+    p.add_argument("--chunk", type=int, default=8, help="decode steps per device call (tokens streamed together)")
+    p.add_argument("--max-waiting", "--max_waiting", type=int, default=64, help="queued requests before 503")
+    p.add_argument("--tool", default="calculator", choices=("calculator", "python"),
+                   help="what runs a <|python_start|> block; python needs the kernel sandbox (see README)")
+    p.add_argument("--mesh-data", "--mesh_data", type=int, default=1)
+    from jaxchat.execution import add_sandbox_flag
+    add_sandbox_flag(p)
+    return p
+
+
+def _sse(payload):
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+def _metrics(registry, server):
+    from prometheus_client import Counter, Gauge, Histogram
+    Gauge("jaxchat_requests_running", "requests holding a slot", registry=registry).set_function(
+        lambda: server().stats()["busy_slots"] if server() else 0)
+    Gauge("jaxchat_requests_waiting", "requests queued for a slot", registry=registry).set_function(
+        lambda: server().stats()["queued_requests"] if server() else 0)
+    Gauge("jaxchat_generated_tokens", "tokens generated since start", registry=registry).set_function(
+        lambda: server().stats()["generated_tokens_total"] if server() else 0)
+    return {"requests": Counter("jaxchat_requests", "requests by route and outcome", ["route", "outcome"],
+                                registry=registry),
+            "ttft": Histogram("jaxchat_time_to_first_token_seconds", "from arrival to the first token",
+                              registry=registry, buckets=(.05, .1, .25, .5, 1, 2, 5, 10, 30)),
+            "tps": Histogram("jaxchat_tokens_per_second", "generated tokens per second of each request",
+                             registry=registry, buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000))}
+
+
+def create_app(make_server, model_id, defaults):
+    """The ASGI app. make_server() -> a started SlotServer (run in a thread at start-up, so /health answers 503
+    meanwhile); defaults: the server's temperature, top_k, max_tokens."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+    from jaxchat.serving import QueueFull
+    from jaxchat.serving import Request as Generation
+
+    state = {"server": None, "error": None, "created": int(time.time())}
+    registry = CollectorRegistry()
+    metrics = _metrics(registry, lambda: state["server"])
+
+    @asynccontextmanager
+    async def lifespan(app):
+        async def load():
+            try:
+                state["server"] = await asyncio.to_thread(make_server)
+            except Exception as e:  # the server stays up to say why on /health
+                state["error"] = f"{type(e).__name__}: {e}"
+        task = asyncio.create_task(load())
+        yield
+        task.cancel()
+        if state["server"] is not None:
+            await asyncio.to_thread(state["server"].stop)
+
+    app = FastAPI(title="jaxchat", lifespan=lifespan)
+    app.state.jaxchat = state
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, e):
+        return JSONResponse(e.body(), e.status, headers={"x-should-retry": "true" if e.status >= 500 else "false"})
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, e):
+        return await api_error(request, ApiError(f"invalid request: {e.errors()}"))
+
+    def ready():
+        if state["server"] is None:
+            raise ApiError("the model is " + (f"not available: {state['error']}" if state["error"] else "loading"),
+                           status=503, kind="server_error", code="not_ready")
+        return state["server"]
+
+    async def chat_request(request):
+        server = ready()
+        try:
+            body = json.loads(await request.body() or b"null")
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError("the request body is not valid JSON") from None
+        chat = parse_request(body, defaults)
+        prompt = server.tokenizer.render_for_completion({"messages": chat.messages + [
+            {"role": "assistant", "content": ""}]})
+        if len(prompt) + 1 > server.context:
+            raise ApiError(f"the conversation is {len(prompt)} tokens; this model's context is {server.context} "
+                           f"(and the reply needs at least one)", "messages", "context_length_exceeded")
+        return server, chat, prompt
+
+    async def generate(server, chat, prompt, markers, route):
+        """Start chat.n generations; yield (choice, new_text, finish, tokens generated) as their tokens arrive.
+        Cancels them all when the consumer stops (a closed connection)."""
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        end_ids = server.ids[:2]
+        texts = [ReplyText(server.tokenizer, end_ids, chat.stop, markers) for _ in range(chat.n)]
+        gens = []
+        for i in range(chat.n):
+            emit = lambda tokens, finish, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, tokens, finish))
+            gens.append(Generation(prompt=prompt, max_tokens=chat.max_tokens or MAX_TOKENS, emit=emit,
+                                   temperature=chat.temperature, top_k=chat.top_k, top_p=chat.top_p,
+                                   seed=chat.seed + i))
+        try:
+            for g in gens:
+                server.submit(g)
+        except QueueFull as e:
+            for g in gens:
+                server.cancel(g)
+            raise ApiError(f"the server is busy ({e}); try again shortly", status=503, kind="server_error",
+                           code="queue_full") from None
+        open_choices = set(range(chat.n))
+        try:
+            while open_choices:
+                i, tokens, finish = await queue.get()
+                if i not in open_choices:
+                    continue
+                if finish == "cancelled":
+                    raise ApiError("the server is shutting down", status=503, kind="server_error", code="shutdown")
+                new = texts[i].add(tokens, final=finish is not None)
+                if texts[i].stopped:
+                    server.cancel(gens[i])
+                    finish = "stop"
+                if finish:
+                    open_choices.discard(i)
+                    g = gens[i]
+                    if g.first_token_at is not None:
+                        metrics["ttft"].observe(g.first_token_at - g.submitted)
+                        elapsed = time.monotonic() - g.first_token_at
+                        if elapsed > 0:
+                            metrics["tps"].observe(len(g.tokens) / elapsed)
+                yield i, new, finish, len(gens[i].tokens)
+            metrics["requests"].labels(route, "ok").inc()
+        finally:
+            for i in open_choices:
+                server.cancel(gens[i])
+                metrics["requests"].labels(route, "cancelled").inc()
+
+    @app.get("/")
+    async def page():
+        return FileResponse(PAGE, media_type="text/html")
+
+    @app.get("/health")
+    async def health():
+        server = state["server"]
+        body = {"status": "ok" if server else ("error" if state["error"] else "loading"), "ready": bool(server),
+                "model": model_id}
+        if state["error"]:
+            body["error"] = state["error"]
+        if server:
+            body.update(slots=server.slots, context=server.context)
+        return JSONResponse(body, 200 if server else 503)
+
+    @app.get("/stats")
+    async def stats():
+        return ready().stats()
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": state["created"],
+                                            "owned_by": "jaxchat"}]}
+
+    @app.post("/chat/completions")
+    async def nanochat_completions(request: Request):
+        server, chat, prompt = await chat_request(request)
+        chat.n = 1
+
+        async def events():
+            try:
+                async for _, text, _, _ in generate(server, chat, prompt, None, "nanochat"):
+                    if text:
+                        yield _sse({"token": text, "gpu": 0})
+                yield _sse({"done": True})
+            except ApiError as e:
+                yield _sse(e.body())
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions")
+    async def completions(request: Request):
+        server, chat, prompt = await chat_request(request)
+        tokenizer = server.tokenizer
+        markers = {tokenizer.encode_special(s): text for s, text in (
+            ("<|python_start|>", "\n```python\n"), ("<|python_end|>", "\n```\n"),
+            ("<|output_start|>", "\n```output\n"), ("<|output_end|>", "\n```\n"))}
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": chat.model or model_id}
+        stream = generate(server, chat, prompt, markers, "openai")
+        if not chat.stream:
+            content, finishes, completion = [""] * chat.n, [None] * chat.n, 0
+            async for i, text, finish, generated in stream:
+                content[i] += text
+                if finish:
+                    finishes[i], completion = finish, completion + generated
+            return {**head, "object": "chat.completion", "choices": [
+                {"index": i, "message": {"role": "assistant", "content": content[i]}, "finish_reason": finishes[i],
+                 "logprobs": None} for i in range(chat.n)], "usage": _usage(len(prompt), chat.n, completion)}
+
+        def chunk(choices, usage=None):
+            return _sse({**head, "object": "chat.completion.chunk", "choices": choices,
+                         **({"usage": usage} if chat.include_usage else {})})
+
+        async def events():
+            completion = 0
+            try:
+                for i in range(chat.n):
+                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+                async for i, text, finish, generated in stream:
+                    if text:
+                        yield chunk([{"index": i, "delta": {"content": text}, "finish_reason": None}])
+                    if finish:
+                        completion += generated
+                        yield chunk([{"index": i, "delta": {}, "finish_reason": finish}])
+                if chat.include_usage:
+                    yield _sse({**head, "object": "chat.completion.chunk", "choices": [],
+                                "usage": _usage(len(prompt), chat.n, completion)})
+                yield _sse("[DONE]")
+            except ApiError as e:
+                yield _sse(e.body())
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+def _usage(prompt_tokens, n, completion_tokens):
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    import jax
+    import uvicorn
+
+    from jaxchat.checkpoint_manager import load_model
+    from jaxchat.engine import use_calculator
+    from jaxchat.execution import python_tool
+    from jaxchat.run import make_mesh
+    from jaxchat.serving import SlotServer
+
+    tool = python_tool(args.sandbox) if args.tool == "python" else use_calculator  # refused now, not per request
+    mesh = make_mesh(args)
+    model_id = f"jaxchat-{args.source}-{args.model_tag or 'largest'}"
+
+    def make_server():
+        with jax.set_mesh(mesh):
+            model, tokenizer, meta = load_model(args.source, args.model_tag, args.step)
+            server = SlotServer(model, tokenizer, slots=args.slots, chunk=args.chunk, tool=tool,
+                                max_waiting=args.max_waiting)
+            server.warm_up()
+        server.start()
+        print(f"ready: {args.source} model {meta['model_tag']} step {meta['step']}, {args.slots} slots, context "
+              f"{server.context}", flush=True)
+        return server
+
+    defaults = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens}
+    app = create_app(make_server, model_id, defaults)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            """Ctrl-C first ends the generations in flight (their streams end with an error event), so connections
+            close at once instead of at the graceful-shutdown timeout."""
+            if (slots := app.state.jaxchat["server"]) is not None:
+                threading.Thread(target=slots.stop, daemon=True).start()
+            super().handle_exit(sig, frame)
+
+    print(f"jaxchat: serving on http://{args.host}:{args.port}/ (OpenAI API at http://{args.host}:{args.port}/v1)",
+          flush=True)
+    try:
+        Server(config).run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: stopping is this command's normal end
+        pass
+    print("jaxchat: stopped", flush=True)
+    if app.state.jaxchat["error"]:
+        raise UserError(app.state.jaxchat["error"])
+
+
+if __name__ == "__main__":
+    run_main(main)

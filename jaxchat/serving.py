@@ -1,0 +1,328 @@
+"""Continuous batching for the web server: `slots` rows of one KV cache decoded together; a request is admitted into
+a free row between device calls and leaves it the moment it ends.
+
+- Cache: B rows × L = 2·sequence_len slots of the model's `KVCache`, written at one shared `index`. Row b holds its
+  conversation in slots start[b]..index−1, and its RoPE positions are slot − start[b], so every row can be at a
+  different length and its tokens can sit anywhere.
+- Admission: a prompt is prefilled alone in a fresh one-row cache (left-padded to its power-of-two bucket: one
+  compile per bucket) and its K/V copied into its row just below `index`. `index` ≥ sequence_len whenever the
+  cache is in use, so any prompt fits below it.
+- Decode: one jitted `lax.while_loop` of up to `chunk` steps for all rows (several tokens per device call): each
+  live row picks its next token (a queued tool-output token first, else a sample with the row's own temperature,
+  top-k, top-p, seed and budget). The loop stops early when a row closes a python block (the host runs the tool
+  and queues its output, as in `Engine`) or no row is live.
+- Room: when index + chunk would pass L, every row moves left by index − sequence_len slots; a live row holds at
+  most sequence_len tokens, so none is lost.
+- Host: one worker thread owns the device. Requests come in through `submit`, their tokens go back through each
+  request's `emit` callback, and `cancel` (a closed connection, a stop string) frees the row before the next call.
+"""
+import dataclasses
+import threading
+import time
+from collections import deque
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from jaxchat import sharding
+from jaxchat.common import pad_bucket
+from jaxchat.engine import MAX_FORCED, MIN_BUCKET, _argmax, _HashedOnce, _inverse_cdf, use_calculator
+from jaxchat.model import KVCache
+
+MAX_TOP_K = 200
+
+
+@struct.dataclass
+class Rows:
+    cache: KVCache
+    logits: jax.Array  # (B, V) fp32 next-token logits
+    live: jax.Array  # (B,) bool: the row is generating
+    temperature: jax.Array  # (B,) fp32, 0 = greedy
+    top_k: jax.Array  # (B,) int32, 0 = all
+    top_p: jax.Array  # (B,) fp32, 1 = all
+    seed: jax.Array  # (B,) int32: the row's key is fold_in(key(seed), tokens generated)
+    count: jax.Array  # (B,) int32: tokens generated so far (tool output included)
+    budget: jax.Array  # (B,) int32: max tokens
+    py_open: jax.Array  # (B,) bool: inside a <|python_start|> block
+    needs_tool: jax.Array  # (B,) bool: the block just closed
+    forced: jax.Array  # (B, MAX_FORCED) int32 tool-output tokens to feed
+    forced_len: jax.Array  # (B,)
+    forced_pos: jax.Array  # (B,)
+    out: jax.Array  # (B, chunk) int32 tokens of this call, −1 where the row produced none
+    n: jax.Array  # () columns of `out` filled
+
+
+def sample_rows(logits, keys, temperature, top_k, top_p):
+    """One token per row with the row's own settings: temperature 0 → argmax; top_k (0 = off, ≤ MAX_TOP_K) keeps the
+    k largest logits; top_p (1 = off) the smallest set whose probability reaches p."""
+    V = logits.shape[-1]
+
+    def sample(_):
+        kth = jax.lax.top_k(logits, min(MAX_TOP_K, V))[0]
+        kth = jnp.take_along_axis(kth, jnp.clip(top_k - 1, 0, kth.shape[1] - 1)[:, None], axis=1)
+        x = jnp.where((top_k[:, None] > 0) & (logits < kth), -jnp.inf, logits)
+        probs = jax.nn.softmax(x / jnp.maximum(temperature, 1e-6)[:, None], axis=-1)
+
+        def nucleus(p):  # keep the tokens at least as likely as the one where the sorted running sum reaches top_p
+            sorted_p = -jnp.sort(-p, axis=-1)
+            cut = jnp.sum(jnp.cumsum(sorted_p, axis=-1) - sorted_p < top_p[:, None], axis=-1)
+            floor = jnp.take_along_axis(sorted_p, jnp.maximum(cut - 1, 0)[:, None], axis=1)
+            return jnp.where(p >= floor, p, 0.0)
+
+        probs = jax.lax.cond(jnp.any(top_p < 1), nucleus, lambda p: p, probs)  # a full sort only when asked for
+        return _inverse_cdf(probs, jax.vmap(jax.random.uniform)(keys))
+
+    greedy = _argmax(logits)
+    sampled = jax.lax.cond(jnp.any(temperature > 0), sample, lambda _: greedy, None)
+    return jnp.where(temperature > 0, sampled, greedy)
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def _prefill_one(graphdef, state, tokens, start):
+    """A left-padded prompt (1, T) alone: its last logits (V,) and K/V per layer (n_kv_head, T, head_dim)."""
+    model = nnx.merge(graphdef.value, state)
+    cache = KVCache.create(model.config, 1, tokens.shape[1], jnp.dtype(model.config.compute_dtype), start)
+    logits, cache = model.decode(tokens, cache, at=tokens.shape[1] - 1)
+    return logits[0], tuple(k[0] for k in cache.k), tuple(v[0] for v in cache.v)
+
+
+@partial(jax.jit, donate_argnames=("rows",))
+def _admit(rows, row, logits, k, v, prompt_len, temperature, top_k, top_p, seed, budget):
+    """Copy a prefilled prompt's K/V into `row` just below the shared index and make the row live."""
+    T = k[0].shape[1]
+    put = lambda cache, x: jax.lax.dynamic_update_slice(cache, x[None].astype(cache.dtype),
+                                                         (row, 0, rows.cache.index - T, 0))
+    cache = rows.cache.replace(k=tuple(map(put, rows.cache.k, k)), v=tuple(map(put, rows.cache.v, v)),
+                               start=rows.cache.start.at[row].set(rows.cache.index - prompt_len))
+    at = lambda x, value: x.at[row].set(value)
+    return rows.replace(cache=cache, logits=at(rows.logits, logits), live=at(rows.live, True),
+                        temperature=at(rows.temperature, temperature), top_k=at(rows.top_k, top_k),
+                        top_p=at(rows.top_p, top_p), seed=at(rows.seed, seed), count=at(rows.count, 0),
+                        budget=at(rows.budget, budget), py_open=at(rows.py_open, False),
+                        needs_tool=at(rows.needs_tool, False), forced_len=at(rows.forced_len, 0),
+                        forced_pos=at(rows.forced_pos, 0))
+
+
+@partial(jax.jit, donate_argnames=("rows",))
+def _shift_left(rows, shift):
+    """Move every row's slots left by `shift` (positions are relative to start, so they do not change)."""
+    roll = lambda x: jnp.roll(x, -shift, axis=2)
+    c = rows.cache
+    return rows.replace(cache=c.replace(k=tuple(map(roll, c.k)), v=tuple(map(roll, c.v)), start=c.start - shift,
+                                        index=c.index - shift))
+
+
+@partial(jax.jit, static_argnames=("graphdef", "ids"), donate_argnames=("rows",))
+def _decode_rows(graphdef, ids, state, rows):
+    """Up to rows.out.shape[1] steps of every live row; stops early when a row needs the tool or none is live.
+    ids: (bos, assistant_end, python_start, python_end)."""
+    bos, end, py_open, py_close = ids
+    model = nnx.merge(graphdef.value, state)
+
+    def step(s):
+        keys = jax.vmap(lambda seed, c: jax.random.fold_in(jax.random.key(seed), c))(s.seed, s.count)
+        sampled = sample_rows(s.logits, keys, s.temperature, s.top_k, s.top_p)
+        is_forced = s.forced_pos < s.forced_len
+        forced_tok = jnp.take_along_axis(s.forced, jnp.minimum(s.forced_pos, MAX_FORCED - 1)[:, None], 1)[:, 0]
+        tok = jnp.where(s.live, jnp.where(is_forced, forced_tok, sampled), end)
+        logits, cache = model.decode(tok[:, None], s.cache)
+        count = s.count + s.live
+        ended = s.live & ((tok == end) | (tok == bos) | (count >= s.budget))
+        opened = s.live & ~is_forced & (tok == py_open)
+        closed = s.live & ~is_forced & (tok == py_close)
+        return jax.tree.map(sharding.constrain_rows, s.replace(
+            cache=cache, logits=logits[:, 0], live=s.live & ~ended, count=count,
+            py_open=(s.py_open | opened) & ~closed, needs_tool=closed & s.py_open & ~ended,
+            forced_pos=s.forced_pos + (s.live & is_forced),
+            out=jax.lax.dynamic_update_slice(s.out, jnp.where(s.live, tok, -1)[:, None], (0, s.n)), n=s.n + 1))
+
+    keep_going = lambda s: (s.n < s.out.shape[1]) & jnp.any(s.live) & ~jnp.any(s.needs_tool)
+    return jax.lax.while_loop(keep_going, step, rows.replace(out=jnp.full_like(rows.out, -1), n=jnp.zeros((), jnp.int32)))
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One generation. `emit(tokens, finish)` is called from the worker thread with each piece of new tokens (tool
+    output included) and, once, with finish "stop" (end of turn), "length" (max_tokens or the context), or
+    "cancelled"."""
+    prompt: list
+    max_tokens: int
+    emit: callable
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    submitted: float = dataclasses.field(default_factory=time.monotonic)
+    tokens: list = dataclasses.field(default_factory=list)  # generated so far
+    first_token_at: float | None = None
+    cancelled: bool = False
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the server takes."""
+
+
+class SlotServer:
+    def __init__(self, model, tokenizer, slots=8, chunk=8, tool=None, max_waiting=64):
+        """tool(code) -> str | None runs a closed python block (default: the calculator)."""
+        self.model, self.tokenizer, self.tool = model, tokenizer, tool or use_calculator
+        self.slots, self.chunk, self.max_waiting = slots, chunk, max_waiting
+        self.context = model.config.sequence_len
+        graphdef, self.state = nnx.split(model)
+        self.graphdef = _HashedOnce(graphdef)
+        special = tokenizer.encode_special
+        self.ids = (tokenizer.get_bos_token_id(), special("<|assistant_end|>"), special("<|python_start|>"),
+                    special("<|python_end|>"))
+        self.output_ids = (special("<|output_start|>"), special("<|output_end|>"))
+        self.rows = self._empty_rows()
+        self.requests = [None] * slots  # the request each row serves
+        self.waiting = deque()
+        self.lock = threading.Condition()
+        self.generated_tokens = self.served = 0
+        self._stop = False
+        self._thread = None
+
+    def _empty_rows(self):
+        B, config = self.slots, self.model.config
+        cache = KVCache.create(config, B, 2 * self.context, jnp.dtype(config.compute_dtype))
+        zeros = lambda *shape, dtype=jnp.int32: jnp.zeros(shape, dtype)
+        return Rows(cache=cache.replace(index=jnp.asarray(self.context, jnp.int32)),
+                    logits=zeros(B, config.vocab_size, dtype=jnp.float32), live=zeros(B, dtype=bool),
+                    temperature=zeros(B, dtype=jnp.float32), top_k=zeros(B), top_p=jnp.ones((B,), jnp.float32),
+                    seed=zeros(B), count=zeros(B), budget=zeros(B), py_open=zeros(B, dtype=bool),
+                    needs_tool=zeros(B, dtype=bool), forced=zeros(B, MAX_FORCED), forced_len=zeros(B),
+                    forced_pos=zeros(B), out=zeros(B, self.chunk), n=zeros())
+
+    # ---- the HTTP side's view (any thread) ----------------------------------------------------------------
+    def submit(self, request):
+        if not 0 < len(request.prompt) < self.context:
+            raise ValueError(f"a prompt of {len(request.prompt)} tokens does not fit the context of {self.context}")
+        with self.lock:
+            if len(self.waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+            self.waiting.append(request)
+            self.lock.notify()
+
+    def cancel(self, request):
+        """Stop a request (its row is freed before the next device call); it gets no more tokens."""
+        with self.lock:
+            request.cancelled = True
+            if request in self.waiting:
+                self.waiting.remove(request)
+
+    def stats(self):
+        with self.lock:
+            busy = sum(r is not None for r in self.requests)
+            return {"slots": self.slots, "busy_slots": busy, "free_slots": self.slots - busy,
+                    "queued_requests": len(self.waiting), "generated_tokens_total": self.generated_tokens,
+                    "requests_served_total": self.served}
+
+    def start(self):
+        self._thread = threading.Thread(target=self._loop, name="jaxchat-decode", daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        """End the worker: every request in flight or waiting is finished as "cancelled"."""
+        with self.lock:
+            self._stop = True
+            self.lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def warm_up(self):
+        """Before `start`: compile the decode call and the smallest prefill, so the first requests wait for none."""
+        finished = []
+        self.submit(Request(prompt=[self.ids[0]], max_tokens=2, emit=lambda t, f: f and finished.append(f)))
+        while not finished:
+            self._step()
+        self.generated_tokens = self.served = 0
+
+    # ---- the worker ------------------------------------------------------------------------------------------
+    def _loop(self):
+        try:
+            while True:
+                with self.lock:
+                    while not self._stop and not self.waiting and all(r is None for r in self.requests):
+                        self.lock.wait()
+                    if self._stop:
+                        break
+                self._step()
+        finally:
+            with self.lock:
+                pending = [r for r in self.requests if r is not None] + list(self.waiting)
+                self.waiting.clear()
+                self.requests = [None] * self.slots
+            for r in pending:
+                r.emit([], "cancelled")
+
+    def _step(self):
+        """Free cancelled rows, admit waiting requests, make room, decode one chunk, hand out its tokens."""
+        live = np.zeros(self.slots, bool)
+        with self.lock:
+            for b, r in enumerate(self.requests):
+                if r is not None and r.cancelled:
+                    self.requests[b] = None
+                    r.emit([], "cancelled")
+            admit = []
+            for b in range(self.slots):
+                if self.requests[b] is None and self.waiting:
+                    self.requests[b] = self.waiting.popleft()
+                    admit.append(b)
+            live[:] = [r is not None for r in self.requests]
+        self.rows = self.rows.replace(live=self.rows.live & jnp.asarray(live))
+        for b in admit:
+            self._admit(b, self.requests[b])
+        if not live.any():
+            return
+        if int(self.rows.cache.index) + self.chunk > 2 * self.context:
+            self.rows = _shift_left(self.rows, self.rows.cache.index - self.context)
+        self.rows = _decode_rows(self.graphdef, self.ids, self.state, self.rows)
+        out, n, still, needs = jax.device_get((self.rows.out, self.rows.n, self.rows.live, self.rows.needs_tool))
+        for b, r in enumerate(self.requests):
+            if r is None:
+                continue
+            new = [int(t) for t in out[b, :n] if t >= 0]
+            r.tokens += new
+            if new and r.first_token_at is None:
+                r.first_token_at = time.monotonic()
+            finish = None if still[b] else ("stop" if new and new[-1] in self.ids[:2] else "length")
+            if needs[b]:
+                self._serve_tool(b, r)
+            with self.lock:
+                self.generated_tokens += len(new)
+                if finish:
+                    self.requests[b] = None
+                    self.served += 1
+            if not r.cancelled:
+                r.emit(new, finish)
+
+    def _admit(self, b, r):
+        T = pad_bucket(len(r.prompt), self.context, MIN_BUCKET)
+        tokens = np.full((1, T), self.ids[0], np.int32)
+        tokens[0, T - len(r.prompt):] = r.prompt
+        logits, k, v = _prefill_one(self.graphdef, self.state, jnp.asarray(tokens),
+                                    jnp.asarray([T - len(r.prompt)], jnp.int32))
+        budget = min(r.max_tokens, self.context - len(r.prompt))
+        self.rows = _admit(self.rows, b, logits, k, v, len(r.prompt), float(r.temperature), int(r.top_k),
+                           float(r.top_p), int(r.seed) & 0x7FFFFFFF, budget)
+
+    def _serve_tool(self, b, r):
+        """Run the tool on the row's closed python block; queue its output as the row's next tokens."""
+        start = len(r.tokens) - 1 - r.tokens[::-1].index(self.ids[2])  # the last <|python_start|>
+        code = r.tokens[start + 1:-1]
+        try:
+            result = self.tool(self.tokenizer.decode(code)) if code else None
+        except Exception as e:  # a tool must never take the server down: the model sees the error
+            result = f"Error: {type(e).__name__}: {e}"
+        toks = []
+        if result is not None:
+            toks = [self.output_ids[0], *self.tokenizer.encode(str(result))[:MAX_FORCED - 2], self.output_ids[1]]
+        forced = np.zeros(MAX_FORCED, np.int32)
+        forced[:len(toks)] = toks
+        self.rows = self.rows.replace(forced=self.rows.forced.at[b].set(forced),
+                                      forced_len=self.rows.forced_len.at[b].set(len(toks)),
+                                      forced_pos=self.rows.forced_pos.at[b].set(0),
+                                      needs_tool=self.rows.needs_tool.at[b].set(False))
