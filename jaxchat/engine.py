@@ -161,6 +161,20 @@ class _HashedOnce:
         return isinstance(other, _HashedOnce) and (self.value is other.value or self.value == other.value)
 
 
+def decoding_weights(model, replicate=False):
+    """(graphdef, state) to decode with: kernels in the 16-bit compute dtype when there is one (decoding reads every
+    matrix per token); with `replicate`, every weight on every device of the caller's mesh (no per-token
+    all-gathers; fits models up to a few B), else as the model holds them (FSDP)."""
+    graphdef, state = nnx.split(model)
+    dtype = jnp.dtype(model.config.compute_dtype)
+    if dtype.itemsize < 4:
+        cast = lambda path, x: x.astype(dtype) if "kernel" in jax.tree_util.keystr(path) else x
+        state = jax.tree_util.tree_map_with_path(cast, state)
+    if replicate and not (mesh := jax.sharding.get_mesh()).empty:
+        state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+    return _HashedOnce(graphdef), state
+
+
 class Engine:
     def __init__(self, model, tokenizer, tool=None, replicate_weights=False):
         """tool(code: str) -> str | None runs a closed python block (default: nanochat's calculator).
@@ -169,14 +183,7 @@ class Engine:
         set when the engine is built (no per-token all-gathers; fits models up to a few B)."""
         self.model, self.tokenizer = model, tokenizer
         self.tool = tool or use_calculator
-        graphdef, self.state = nnx.split(model)
-        self.graphdef = _HashedOnce(graphdef)
-        dtype = jnp.dtype(model.config.compute_dtype)
-        if dtype.itemsize < 4:  # decoding reads every matrix per token: hold them in the 16-bit compute dtype
-            cast = lambda path, x: x.astype(dtype) if "kernel" in jax.tree_util.keystr(path) else x
-            self.state = jax.tree_util.tree_map_with_path(cast, self.state)
-        if replicate_weights and not (mesh := jax.sharding.get_mesh()).empty:
-            self.state = jax.device_put(self.state, NamedSharding(mesh, PartitionSpec()))
+        self.graphdef, self.state = decoding_weights(model, replicate_weights)
         special = tokenizer.encode_special
         self.bos, self.assistant_end = tokenizer.get_bos_token_id(), special("<|assistant_end|>")
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")

@@ -1,7 +1,7 @@
 """Continuous batching for the web server: `slots` rows of one KV cache decoded together; a request is admitted into
 a free row between device calls and leaves it the moment it ends.
 
-- Cache: B rows × L = 2·sequence_len slots of the model's `KVCache`, written at one shared `index`. Row b holds its
+- Cache: B rows × L = 1.25·sequence_len slots of the model's `KVCache`, written at one shared `index`. Row b holds its
   conversation in slots start[b]..index−1, and its RoPE positions are slot − start[b], so every row can be at a
   different length and its tokens can sit anywhere.
 - Admission: a prompt is prefilled alone in a fresh one-row cache (left-padded to its power-of-two bucket: one
@@ -12,7 +12,8 @@ a free row between device calls and leaves it the moment it ends.
   top-k, top-p, seed and budget). The loop stops early when a row closes a python block (the host runs the tool
   and queues its output, as in `Engine`) or no row is live.
 - Room: when index + chunk would pass L, every row moves left by index − sequence_len slots; a live row holds at
-  most sequence_len tokens, so none is lost.
+  most sequence_len tokens, so none is lost. A request takes the lowest free row, and a call decodes only the rows
+  up to the last live one (power-of-two buckets, one compile each): a lightly loaded server computes little.
 - Host: one worker thread owns the device. Requests come in through `submit`, their tokens go back through each
   request's `emit` callback, and `cancel` (a closed connection, a stop string) frees the row before the next call.
 """
@@ -26,10 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
+from tqdm import tqdm
 
 from jaxchat import sharding
 from jaxchat.common import pad_bucket
-from jaxchat.engine import MAX_FORCED, MIN_BUCKET, _argmax, _HashedOnce, _inverse_cdf, use_calculator
+from jaxchat.engine import MAX_FORCED, MIN_BUCKET, MIN_ROWS, _argmax, _inverse_cdf, decoding_weights, use_calculator
 from jaxchat.model import KVCache
 
 MAX_TOP_K = 200
@@ -61,9 +63,12 @@ def sample_rows(logits, keys, temperature, top_k, top_p):
     V = logits.shape[-1]
 
     def sample(_):
-        kth = jax.lax.top_k(logits, min(MAX_TOP_K, V))[0]
-        kth = jnp.take_along_axis(kth, jnp.clip(top_k - 1, 0, kth.shape[1] - 1)[:, None], axis=1)
-        x = jnp.where((top_k[:, None] > 0) & (logits < kth), -jnp.inf, logits)
+        def keep_top_k(x):
+            kth = jax.lax.top_k(x, min(MAX_TOP_K, V))[0]
+            kth = jnp.take_along_axis(kth, jnp.clip(top_k - 1, 0, kth.shape[1] - 1)[:, None], axis=1)
+            return jnp.where((top_k[:, None] > 0) & (x < kth), -jnp.inf, x)
+
+        x = jax.lax.cond(jnp.any(top_k > 0), keep_top_k, lambda x: x, logits)
         probs = jax.nn.softmax(x / jnp.maximum(temperature, 1e-6)[:, None], axis=-1)
 
         def nucleus(p):  # keep the tokens at least as likely as the one where the sorted running sum reaches top_p
@@ -115,10 +120,12 @@ def _shift_left(rows, shift):
                                         index=c.index - shift))
 
 
-@partial(jax.jit, static_argnames=("graphdef", "ids"), donate_argnames=("rows",))
-def _decode_rows(graphdef, ids, state, rows):
-    """Up to rows.out.shape[1] steps of every live row; stops early when a row needs the tool or none is live.
-    ids: (bos, assistant_end, python_start, python_end)."""
+@partial(jax.jit, static_argnames=("graphdef", "ids", "active", "window"), donate_argnames=("rows",))
+def _decode_rows(graphdef, ids, state, rows, active, window):
+    """Up to `chunk` = rows.out.shape[1] steps of the first `active` rows (the rest are free) over the last
+    `window` − chunk slots and this call's chunk (every live row's tokens fit there): a lightly loaded server, or
+    one with short conversations, computes only what it serves. Stops early when a row needs the tool or none is
+    live. ids: (bos, assistant_end, python_start, python_end)."""
     bos, end, py_open, py_close = ids
     model = nnx.merge(graphdef.value, state)
 
@@ -140,7 +147,19 @@ def _decode_rows(graphdef, ids, state, rows):
             out=jax.lax.dynamic_update_slice(s.out, jnp.where(s.live, tok, -1)[:, None], (0, s.n)), n=s.n + 1))
 
     keep_going = lambda s: (s.n < s.out.shape[1]) & jnp.any(s.live) & ~jnp.any(s.needs_tool)
-    return jax.lax.while_loop(keep_going, step, rows.replace(out=jnp.full_like(rows.out, -1), n=jnp.zeros((), jnp.int32)))
+    c, lo = rows.cache, rows.cache.index + rows.out.shape[1] - window
+    cut = lambda x: jax.lax.dynamic_slice(x, (0, 0, lo, 0), (active, x.shape[1], window, x.shape[3]))
+    head = jax.tree.map(lambda x: x[:active] if x.ndim else x, rows.replace(cache=None))  # the rest is per row
+    head = head.replace(cache=c.replace(k=tuple(map(cut, c.k)), v=tuple(map(cut, c.v)), start=c.start[:active] - lo,
+                                        index=c.index - lo), out=jnp.full_like(head.out, -1), n=jnp.zeros((), jnp.int32))
+    head = jax.lax.while_loop(keep_going, step, head)
+    paste = lambda x, w: jax.lax.dynamic_update_slice(x, w, (0, 0, lo, 0))
+    h = head.cache
+    cache = c.replace(k=tuple(map(paste, c.k, h.k)), v=tuple(map(paste, c.v, h.v)),
+                      start=c.start.at[:active].set(h.start + lo), index=h.index + lo)
+    rest = jax.tree.map(lambda x, y: x.at[:active].set(y) if x.ndim else y, rows.replace(cache=None),
+                        head.replace(cache=None))
+    return rest.replace(cache=cache)
 
 
 @dataclasses.dataclass(eq=False)
@@ -161,6 +180,15 @@ class Request:
     cancelled: bool = False
 
 
+def _tell(request, tokens, finish):
+    """Hand tokens to a request's callback; one that fails (its client's event loop gone) cancels only its request,
+    never the worker."""
+    try:
+        request.emit(tokens, finish)
+    except Exception:
+        request.cancelled = True
+
+
 class QueueFull(Exception):
     """More requests are waiting than the server takes."""
 
@@ -171,14 +199,26 @@ class SlotServer:
         self.model, self.tokenizer, self.tool = model, tokenizer, tool or use_calculator
         self.slots, self.chunk, self.max_waiting = slots, chunk, max_waiting
         self.context = model.config.sequence_len
-        graphdef, self.state = nnx.split(model)
-        self.graphdef = _HashedOnce(graphdef)
+        # Built under the caller's mesh (if any): rows split over its batch axes, every weight on every device.
+        # The worker thread enters the same mesh (a mesh context belongs to its thread).
+        self.mesh = jax.sharding.get_mesh()
+        self.graphdef, self.state = decoding_weights(model, replicate=True)
         special = tokenizer.encode_special
         self.ids = (tokenizer.get_bos_token_id(), special("<|assistant_end|>"), special("<|python_start|>"),
                     special("<|python_end|>"))
         self.output_ids = (special("<|output_start|>"), special("<|output_end|>"))
+        # Rows held: at least MIN_ROWS (XLA:CPU copies a one-row cache every step) and whole rows per device.
+        shards = sharding.batch_shards()
+        self.held = -(-max(slots, MIN_ROWS) // shards) * shards
+        powers = [1 << i for i in range(self.held.bit_length()) if MIN_ROWS <= 1 << i < self.held]
+        self.buckets = (powers if shards == 1 else []) + [self.held]  # rows decoded: the first bucket > the last live
+        self.room = max(chunk, self.context // 4)  # slots past the context: a shift every `room` steps at most
+        # Slots a call attends to: the longest live conversation plus the chunk, in a few sizes (one compile each).
+        self.windows = sorted({w for w in (self.context // 8, self.context // 2) if w >= 2 * chunk}
+                              | {self.context + chunk})
+        self.index = self.context  # the cache's write index, as the host tracks it (no device round trip)
         self.rows = self._empty_rows()
-        self.requests = [None] * slots  # the request each row serves
+        self.requests = [None] * self.held  # the request each row serves (rows past `slots` stay free)
         self.waiting = deque()
         self.lock = threading.Condition()
         self.generated_tokens = self.served = 0
@@ -186,15 +226,16 @@ class SlotServer:
         self._thread = None
 
     def _empty_rows(self):
-        B, config = self.slots, self.model.config
-        cache = KVCache.create(config, B, 2 * self.context, jnp.dtype(config.compute_dtype))
+        B, config = self.held, self.model.config
+        cache = KVCache.create(config, B, self.context + self.room, jnp.dtype(config.compute_dtype))
         zeros = lambda *shape, dtype=jnp.int32: jnp.zeros(shape, dtype)
-        return Rows(cache=cache.replace(index=jnp.asarray(self.context, jnp.int32)),
+        rows = Rows(cache=cache.replace(index=jnp.asarray(self.context, jnp.int32)),
                     logits=zeros(B, config.vocab_size, dtype=jnp.float32), live=zeros(B, dtype=bool),
                     temperature=zeros(B, dtype=jnp.float32), top_k=zeros(B), top_p=jnp.ones((B,), jnp.float32),
                     seed=zeros(B), count=zeros(B), budget=zeros(B), py_open=zeros(B, dtype=bool),
                     needs_tool=zeros(B, dtype=bool), forced=zeros(B, MAX_FORCED), forced_len=zeros(B),
                     forced_pos=zeros(B), out=zeros(B, self.chunk), n=zeros())
+        return jax.jit(lambda r: jax.tree.map(sharding.constrain_rows, r))(rows)
 
     # ---- the HTTP side's view (any thread) ----------------------------------------------------------------
     def submit(self, request):
@@ -233,39 +274,54 @@ class SlotServer:
             self._thread.join()
 
     def warm_up(self):
-        """Before `start`: compile the decode call and the smallest prefill, so the first requests wait for none."""
-        finished = []
-        self.submit(Request(prompt=[self.ids[0]], max_tokens=2, emit=lambda t, f: f and finished.append(f)))
-        while not finished:
-            self._step()
+        """Before `start`: compile every call a request can need (each prompt bucket's prefill and admission, the
+        decode of each row bucket and window, the shift), so no request waits for a compile."""
+        lengths = sorted({min(pad_bucket(1 << i, self.context, MIN_BUCKET), self.context - 1)
+                          for i in range(self.context.bit_length())})
+        decodes = [(a, w) for a in self.buckets for w in self.windows]
+        with jax.set_mesh(self.mesh), tqdm(total=len(lengths) + len(decodes), desc="compiling", leave=False) as bar:
+            for n in lengths:
+                finished = []
+                self.submit(Request(prompt=[self.ids[0]] * n, max_tokens=1, emit=lambda t, f: f and finished.append(f)))
+                while not finished:
+                    self._step()
+                bar.update()
+            self.rows = _shift_left(self.rows, jnp.zeros((), jnp.int32))
+            for active, window in decodes:  # no row is live: each call compiles and returns at once
+                self.rows = _decode_rows(self.graphdef, self.ids, self.state, self.rows, active, window)
+                bar.update()
         self.generated_tokens = self.served = 0
 
     # ---- the worker ------------------------------------------------------------------------------------------
     def _loop(self):
         try:
-            while True:
-                with self.lock:
-                    while not self._stop and not self.waiting and all(r is None for r in self.requests):
-                        self.lock.wait()
-                    if self._stop:
-                        break
-                self._step()
+            with jax.set_mesh(self.mesh):
+                self._serve()
         finally:
             with self.lock:
                 pending = [r for r in self.requests if r is not None] + list(self.waiting)
                 self.waiting.clear()
-                self.requests = [None] * self.slots
+                self.requests = [None] * self.held
             for r in pending:
-                r.emit([], "cancelled")
+                _tell(r, [], "cancelled")
+
+    def _serve(self):
+        while True:
+            with self.lock:
+                while not self._stop and not self.waiting and all(r is None for r in self.requests):
+                    self.lock.wait()
+                if self._stop:
+                    return
+            self._step()
 
     def _step(self):
         """Free cancelled rows, admit waiting requests, make room, decode one chunk, hand out its tokens."""
-        live = np.zeros(self.slots, bool)
+        live = np.zeros(self.held, bool)
         with self.lock:
             for b, r in enumerate(self.requests):
                 if r is not None and r.cancelled:
                     self.requests[b] = None
-                    r.emit([], "cancelled")
+                    _tell(r, [], "cancelled")
             admit = []
             for b in range(self.slots):
                 if self.requests[b] is None and self.waiting:
@@ -277,10 +333,15 @@ class SlotServer:
             self._admit(b, self.requests[b])
         if not live.any():
             return
-        if int(self.rows.cache.index) + self.chunk > 2 * self.context:
-            self.rows = _shift_left(self.rows, self.rows.cache.index - self.context)
-        self.rows = _decode_rows(self.graphdef, self.ids, self.state, self.rows)
+        if self.index + self.chunk > self.context + self.room:
+            self.rows = _shift_left(self.rows, jnp.asarray(self.index - self.context, jnp.int32))
+            self.index = self.context
+        active = next(b for b in self.buckets if b > np.flatnonzero(live)[-1])
+        longest = max(len(r.prompt) + len(r.tokens) for r in self.requests if r is not None)
+        window = next(w for w in self.windows if w >= longest + self.chunk)
+        self.rows = _decode_rows(self.graphdef, self.ids, self.state, self.rows, active, window)
         out, n, still, needs = jax.device_get((self.rows.out, self.rows.n, self.rows.live, self.rows.needs_tool))
+        self.index += int(n)
         for b, r in enumerate(self.requests):
             if r is None:
                 continue
@@ -297,7 +358,7 @@ class SlotServer:
                     self.requests[b] = None
                     self.served += 1
             if not r.cancelled:
-                r.emit(new, finish)
+                _tell(r, new, finish)
 
     def _admit(self, b, r):
         T = pad_bucket(len(r.prompt), self.context, MIN_BUCKET)

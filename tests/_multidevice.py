@@ -270,6 +270,49 @@ def check_engine_sharded():
     return out
 
 
+def check_server_sharded():
+    """The web server's slots (8 rows) on 1 device and on each mesh, its worker thread decoding 10 prompts greedily:
+    the tokens of every request, and how the cache rows are placed."""
+    import threading
+
+    import jax
+    from flax import nnx
+    from jaxchat import sharding
+    from jaxchat.model import GPT, GPTConfig
+    from jaxchat.serving import Request, SlotServer
+    from jaxchat.tokenizer import RustBPETokenizer
+
+    text = " ".join(f"hello world {i} the cat sat on the mat, number {i * 7}" for i in range(300))
+    tok = RustBPETokenizer.train_from_iterator([text], 300)
+    model = GPT(GPTConfig(**{**TINY, "vocab_size": 300}), rngs=nnx.Rngs(0))
+    leaves, treedef = jax.tree.flatten(nnx.state(model, nnx.Param))
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    nnx.update(model, jax.tree.unflatten(treedef, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]))
+    prompts = [tok.encode(f"hello the cat {i} " * (1 + i % 3), prepend="<|bos|>") for i in range(10)]
+
+    def serve(server):
+        server.start()
+        outs, done = [[] for _ in prompts], [threading.Event() for _ in prompts]
+        for i, p in enumerate(prompts):
+            emit = lambda t, f, i=i: (outs[i].extend(t), f and done[i].set())
+            server.submit(Request(prompt=p, max_tokens=24, emit=emit, temperature=0.0))
+        assert all(d.wait(300) for d in done)
+        server.stop()
+        return outs, str(getattr(server.rows.cache.k[0].sharding, "spec", None))
+
+    ref, _ = serve(SlotServer(model, tok, slots=8, chunk=4))
+    out = {}
+    for shape in MESHES[:2]:
+        mesh = sharding.make_mesh(shape)
+        state = nnx.state(model)
+        sharded = nnx.merge(nnx.graphdef(model), jax.device_put(state, sharding.state_shardings(state, mesh)))
+        with jax.set_mesh(mesh):
+            server = SlotServer(sharded, tok, slots=8, chunk=4)
+        tokens, spec = serve(server)
+        out[str(shape)] = {"same_tokens": tokens == ref, "cache_spec": spec}
+    return out
+
+
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}
 
 if __name__ == "__main__":

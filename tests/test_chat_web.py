@@ -352,3 +352,70 @@ def test_the_command_serves_and_ctrl_c_ends_streams_cleanly(model_and_tokenizer,
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_the_page_in_a_real_browser(served, model_and_tokenizer, tmp_path):
+    """Debian's chromium, headless, through chromedriver: send, see the streamed reply, a slash command, regenerate,
+    edit. The screenshot is kept (JAXCHAT_TEST_ARTEFACTS, else the test's tmp dir)."""
+    import os
+    import shutil
+
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        if os.environ.get("JAXCHAT_TEST_REQUIRE_BROWSER"):
+            pytest.fail("chromium and chromedriver are required here (apt install chromium chromium-driver)")
+        pytest.skip("no chromium/chromedriver (apt install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--window-size=1280,800", "--disable-gpu"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(shutil.which("chromedriver")))
+    wait = WebDriverWait(driver, 60)
+    try:
+        driver.get(served.url + "/")
+        wait.until(lambda d: "context 64 tokens" in d.find_element(By.ID, "status").text)
+        box = driver.find_element(By.ID, "input")
+        box.send_keys("hello the cat", Keys.ENTER)
+        idle = lambda d: d.find_element(By.ID, "send").text == "Send"
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 1 and idle(d))
+        raw = "".join(json.loads(d)["token"] for d in events(httpx.post(
+            served.url + "/chat/completions", timeout=60, json={
+                "messages": [{"role": "user", "content": "hello the cat"}]}))[:-1])
+        for marker in ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"):
+            raw = raw.replace(marker, "")
+        reply = driver.find_element(By.CSS_SELECTOR, ".msg.assistant")
+        assert reply.get_attribute("textContent") == raw and raw  # the greedy reply, streamed into the page
+        shot = os.path.join(os.environ.get("JAXCHAT_TEST_ARTEFACTS", str(tmp_path)), "chat_page.png")
+        os.makedirs(os.path.dirname(shot), exist_ok=True)
+        assert driver.save_screenshot(shot) and os.path.getsize(shot) > 1000
+        print(f"screenshot: {shot}")
+
+        box.send_keys("/temperature 0.5", Keys.ENTER)
+        wait.until(lambda d: "temperature: 0.5" in d.find_element(By.ID, "chat").text)
+        reply.click()  # regenerate: the reply is replaced, not added
+        wait.until(lambda d: idle(d) and len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 1
+                   and d.find_elements(By.CSS_SELECTOR, ".msg.assistant")[0].get_attribute("textContent"))
+        assert len(driver.find_elements(By.CSS_SELECTOR, ".msg.user")) == 1
+        driver.find_element(By.CSS_SELECTOR, ".msg.user").click()  # edit: back in the box, the rest dropped
+        assert driver.find_elements(By.CSS_SELECTOR, ".msg") == []
+        assert driver.find_element(By.ID, "input").get_attribute("value") == "hello the cat"
+    finally:
+        driver.quit()
+
+
+def test_a_full_queue_is_503_with_the_reason(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    idle = SlotServer(model, tok, slots=2, chunk=4, max_waiting=1)  # never started: what is queued stays queued
+    idle.submit(Request(prompt=[tok.get_bos_token_id()], max_tokens=4, emit=lambda t, f: None))
+    s = Served(create_app(lambda: idle, "m", DEFAULTS))
+    try:
+        s.wait_ready()
+        r = httpx.post(s.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full" and "waiting" in r.text
+        assert idle.stats()["queued_requests"] == 1  # the refused request left nothing behind
+    finally:
+        s.stop()

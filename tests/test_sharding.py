@@ -142,3 +142,10 @@ def test_engine_on_meshes_agrees_with_one_device(results):
         assert run["same_tokens"], name
         assert run["logits_diff"] <= 1e-5, (name, run["logits_diff"])
         assert "data" in run["cache_spec"] or "fsdp" in run["cache_spec"], (name, run["cache_spec"])
+
+
+def test_server_slots_sharded_equal_one_device(results):
+    """The web server's rows split over the mesh's batch axes decode what one device does."""
+    for name, run in result(results, "server_sharded").items():
+        assert run["same_tokens"], name
+        assert "data" in run["cache_spec"] or "fsdp" in run["cache_spec"], (name, run["cache_spec"])
