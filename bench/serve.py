@@ -3,14 +3,15 @@ concurrent streams, beside the same requests served one at a time.
 
     python bench/serve.py                                   # jaxchat's d4 benchmark checkpoint if present, else
                                                             # a random model of its shape (speed needs no training)
-    python bench/serve.py --slots 16 --chunk 8 --max-tokens 128
+    python bench/serve.py --slots 16 --chunk 16 --max-tokens 128
 
 Method: uvicorn on 127.0.0.1 in this process, `httpx` streaming clients on another thread's event loop, every
 request a short chat message (~20 prompt tokens), `stream: true` with usage, temperature 1.0, its own seed.
-- concurrent: c requests sent at once to a server of `--slots` rows; aggregate tok/s = completion tokens of all / wall
-  time from the first send to the last [DONE]; TTFT = first content chunk − send (p50, p95); per-stream tok/s =
-  a request's tokens / (its end − its first token), as its user receives them.
-- one at a time: the 16 requests in sequence to a 1-slot server (the peer's way: one conversation per worker).
+- concurrent: c requests sent at once to a server of `--slots` rows, `--rounds` times (at least 16 requests per
+  level); aggregate tok/s = completion tokens of a round / its wall time from the first send to the last [DONE]
+  (median over rounds); TTFT = first content chunk − send (p50, p95); per-stream tok/s = a request's tokens /
+  (its end − its first token), as its user receives them (median).
+- one at a time: 16 requests in sequence to a 1-slot server (the peer's way: one conversation per worker).
 - nanochat (with --nanochat-dir set up as bench/decode.py's peer): its Engine's batch-1 decode tok/s from its CPU
   bench, the peer's one-stream speed. Run one after the other, never both at once.
 """
@@ -95,22 +96,29 @@ async def one(client, i, max_tokens):
     return sent, first or time.perf_counter(), time.perf_counter(), tokens
 
 
-async def concurrent(url, n, max_tokens, sequential=False):
+async def concurrent(url, n, max_tokens, rounds, sequential=False):
+    """`rounds` times: n requests at once (or one after another); [(start, runs)] per round."""
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        start = time.perf_counter()
-        if sequential:
-            runs = [await one(client, i, max_tokens) for i in range(n)]
-        else:
-            runs = await asyncio.gather(*(one(client, i, max_tokens) for i in range(n)))
-        return start, runs
+        out = []
+        for r in range(rounds):
+            start = time.perf_counter()
+            if sequential:
+                runs = [await one(client, r * n + i, max_tokens) for i in range(n)]
+            else:
+                runs = await asyncio.gather(*(one(client, r * n + i, max_tokens) for i in range(n)))
+            out.append((start, runs))
+        return out
 
 
-def summarize(name, start, runs):
+def summarize(name, rounds):
+    """Aggregate tok/s: the median over rounds; TTFT and per-stream tok/s over every request of every round."""
+    runs = [run for _, rs in rounds for run in rs]
     ttft = sorted(f - s for s, f, _, _ in runs)
     total = sum(t for *_, t in runs)
-    wall = max(e for _, _, e, _ in runs) - start
+    aggregate = statistics.median(sum(t for *_, t in rs) / (max(e for _, _, e, _ in rs) - start)
+                                  for start, rs in rounds)
     per_stream = statistics.median(t / max(e - f, 1e-9) for _, f, e, t in runs)
-    row = {"streams": name, "requests": len(runs), "tokens": total, "aggregate_tok_s": total / wall,
+    row = {"streams": name, "requests": len(runs), "tokens": total, "aggregate_tok_s": aggregate,
            "per_stream_tok_s": per_stream, "ttft_p50_s": statistics.median(ttft),
            "ttft_p95_s": ttft[min(len(ttft) - 1, int(0.95 * len(ttft)))]}
     print(f"{name:>14}{len(runs):>6}{total:>8}{row['aggregate_tok_s']:>14,.0f}{per_stream:>14,.0f}"
@@ -138,8 +146,9 @@ def main():
     p.add_argument("--base-dir", default=f"{HOME}/.cache/jaxchat-bench")
     p.add_argument("--model-tag", default="bench_d4_float32")
     p.add_argument("--slots", type=int, default=16)
-    p.add_argument("--chunk", type=int, default=8)
+    p.add_argument("--chunk", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3, help="repeats of each level (the median aggregate is shown)")
     p.add_argument("--streams", type=lambda s: [int(c) for c in s.split(",")], default=[1, 4, 16, 32])
     p.add_argument("--nanochat-dir", default=os.environ.get("NANOCHAT_DIR", f"{HOME}/.cache/nanochat-peer"))
     p.add_argument("--nanochat-base", default=os.environ.get("NANOCHAT_BASE_DIR", f"{HOME}/.cache/nanochat-peer-base"))
@@ -155,11 +164,13 @@ def main():
           f"{'TTFT p95 ms':>12}")
     rows = []
     alone = Served(model, tok, slots=1, chunk=args.chunk)
-    rows.append(summarize("1 at a time", *asyncio.run(concurrent(alone.url, 16, args.max_tokens, sequential=True))))
+    rows.append(summarize("1 at a time", asyncio.run(concurrent(alone.url, 16, args.max_tokens, args.rounds,
+                                                                sequential=True))))
     alone.close()
     served = Served(model, tok, slots=args.slots, chunk=args.chunk)
     for c in args.streams:
-        rows.append(summarize(f"{c} at once", *asyncio.run(concurrent(served.url, c, args.max_tokens))))
+        rounds = max(args.rounds, 16 // c)  # at least 16 requests per level
+        rows.append(summarize(f"{c} at once", asyncio.run(concurrent(served.url, c, args.max_tokens, rounds))))
     served.close()
     base = rows[0]["aggregate_tok_s"]
     for row in rows[1:]:

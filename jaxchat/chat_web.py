@@ -1,6 +1,7 @@
 """Serve a model: a chat page and an OpenAI-compatible API over one continuously batched engine.
 
-    python -m jaxchat.chat_web -i sft -g d20 [-s STEP] [--host 127.0.0.1] [-p 8000] [-t 0.8] [-k 50] [-m 512] [--slots 8]
+    python -m jaxchat.chat_web -i sft -g d20 [-s STEP] [--host 127.0.0.1] [-p 8000] [-t 0.8] [-k 50] [-m 512]
+                               [--slots 8]
 
 - `GET /` the chat page; `GET /health` (503 while loading, then 200); `GET /stats`; `GET /metrics` (Prometheus).
 - `POST /chat/completions`: nanochat's request and SSE framing (`data: {"token": ...}` … `data: {"done": true}`).
@@ -37,7 +38,7 @@ def build_parser():
     p.add_argument("-k", "--top-k", "--top_k", type=int, default=50, help="default when a request has none")
     p.add_argument("-m", "--max-tokens", "--max_tokens", type=int, default=512, help="default reply length")
     p.add_argument("--slots", type=int, default=8, help="rows decoded together (concurrent requests)")
-    p.add_argument("--chunk", type=int, default=8, help="decode steps per device call (tokens streamed together)")
+    p.add_argument("--chunk", type=int, default=16, help="decode steps per device call (tokens streamed together)")
     p.add_argument("--max-waiting", "--max_waiting", type=int, default=64, help="queued requests before 503")
     p.add_argument("--tool", default="calculator", choices=("calculator", "python"),
                    help="what runs a <|python_start|> block; python needs the kernel sandbox (see README)")

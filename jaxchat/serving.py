@@ -11,8 +11,8 @@ a free row between device calls and leaves it the moment it ends.
   live row picks its next token (a queued tool-output token first, else a sample with the row's own temperature,
   top-k, top-p, seed and budget). The loop stops early when a row closes a python block (the host runs the tool
   and queues its output, as in `Engine`) or no row is live.
-- Room: when index + chunk would pass L, every row moves left by index − sequence_len slots; a live row holds at
-  most sequence_len tokens, so none is lost. A request takes the lowest free row, and a call decodes only the rows
+- Room: when index + chunk would pass L, the rows in use move left by index − sequence_len slots; a live row holds
+  at most sequence_len tokens, so none is lost. A request takes the lowest free row, and a call decodes only the rows
   up to the last live one (power-of-two buckets, one compile each): a lightly loaded server computes little.
 - Host: one worker thread owns the device. Requests come in through `submit`, their tokens go back through each
   request's `emit` callback, and `cancel` (a closed connection, a stop string) frees the row before the next call.
@@ -111,12 +111,14 @@ def _admit(rows, row, logits, k, v, prompt_len, temperature, top_k, top_p, seed,
                         forced_pos=at(rows.forced_pos, 0))
 
 
-@partial(jax.jit, donate_argnames=("rows",))
-def _shift_left(rows, shift):
-    """Move every row's slots left by `shift` (positions are relative to start, so they do not change)."""
-    roll = lambda x: jnp.roll(x, -shift, axis=2)
+@partial(jax.jit, static_argnames=("active", "context"), donate_argnames=("rows",))
+def _shift_left(rows, shift, active, context):
+    """Move the first `active` rows' slots shift..shift+context−1 to the front (positions are relative to start, so
+    they do not change; the rows past `active` are free, and nothing is read there before it is written again)."""
     c = rows.cache
-    return rows.replace(cache=c.replace(k=tuple(map(roll, c.k)), v=tuple(map(roll, c.v)), start=c.start - shift,
+    move = lambda x: jax.lax.dynamic_update_slice(
+        x, jax.lax.dynamic_slice(x, (0, 0, shift, 0), (active, x.shape[1], context, x.shape[3])), (0, 0, 0, 0))
+    return rows.replace(cache=c.replace(k=tuple(map(move, c.k)), v=tuple(map(move, c.v)), start=c.start - shift,
                                         index=c.index - shift))
 
 
@@ -150,8 +152,9 @@ def _decode_rows(graphdef, ids, state, rows, active, window):
     c, lo = rows.cache, rows.cache.index + rows.out.shape[1] - window
     cut = lambda x: jax.lax.dynamic_slice(x, (0, 0, lo, 0), (active, x.shape[1], window, x.shape[3]))
     head = jax.tree.map(lambda x: x[:active] if x.ndim else x, rows.replace(cache=None))  # the rest is per row
-    head = head.replace(cache=c.replace(k=tuple(map(cut, c.k)), v=tuple(map(cut, c.v)), start=c.start[:active] - lo,
-                                        index=c.index - lo), out=jnp.full_like(head.out, -1), n=jnp.zeros((), jnp.int32))
+    window_cache = c.replace(k=tuple(map(cut, c.k)), v=tuple(map(cut, c.v)), start=c.start[:active] - lo,
+                             index=c.index - lo)
+    head = head.replace(cache=window_cache, out=jnp.full_like(head.out, -1), n=jnp.zeros((), jnp.int32))
     head = jax.lax.while_loop(keep_going, step, head)
     paste = lambda x, w: jax.lax.dynamic_update_slice(x, w, (0, 0, lo, 0))
     h = head.cache
@@ -194,7 +197,7 @@ class QueueFull(Exception):
 
 
 class SlotServer:
-    def __init__(self, model, tokenizer, slots=8, chunk=8, tool=None, max_waiting=64):
+    def __init__(self, model, tokenizer, slots=8, chunk=16, tool=None, max_waiting=64):
         """tool(code) -> str | None runs a closed python block (default: the calculator)."""
         self.model, self.tokenizer, self.tool = model, tokenizer, tool or use_calculator
         self.slots, self.chunk, self.max_waiting = slots, chunk, max_waiting
@@ -286,10 +289,11 @@ class SlotServer:
                 while not finished:
                     self._step()
                 bar.update()
-            self.rows = _shift_left(self.rows, jnp.zeros((), jnp.int32))
             for active, window in decodes:  # no row is live: each call compiles and returns at once
                 self.rows = _decode_rows(self.graphdef, self.ids, self.state, self.rows, active, window)
                 bar.update()
+            for active in self.buckets:
+                self.rows = _shift_left(self.rows, jnp.zeros((), jnp.int32), active, self.context)
         self.generated_tokens = self.served = 0
 
     # ---- the worker ------------------------------------------------------------------------------------------
@@ -333,10 +337,11 @@ class SlotServer:
             self._admit(b, self.requests[b])
         if not live.any():
             return
-        if self.index + self.chunk > self.context + self.room:
-            self.rows = _shift_left(self.rows, jnp.asarray(self.index - self.context, jnp.int32))
-            self.index = self.context
         active = next(b for b in self.buckets if b > np.flatnonzero(live)[-1])
+        if self.index + self.chunk > self.context + self.room:
+            shift = jnp.asarray(self.index - self.context, jnp.int32)
+            self.rows = _shift_left(self.rows, shift, active, self.context)
+            self.index = self.context
         longest = max(len(r.prompt) + len(r.tokens) for r in self.requests if r is not None)
         window = next(w for w in self.windows if w >= longest + self.chunk)
         self.rows = _decode_rows(self.graphdef, self.ids, self.state, self.rows, active, window)
