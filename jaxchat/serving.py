@@ -217,8 +217,8 @@ class SlotServer:
         self.buckets = (powers if shards == 1 else []) + [self.held]  # rows decoded: the first bucket > the last live
         self.room = max(chunk, self.context // 4)  # slots past the context: a shift every `room` steps at most
         # Slots a call attends to: the longest live conversation plus the chunk, in a few sizes (one compile each).
-        self.windows = sorted({w for w in (self.context // 8, self.context // 2) if w >= 2 * chunk}
-                              | {self.context + chunk})
+        self.windows = [w for w in (1 << i for i in range(self.context.bit_length())) if 4 * chunk <= w < self.context]
+        self.windows.append(self.context + chunk)
         self.index = self.context  # the cache's write index, as the host tracks it (no device round trip)
         self.rows = self._empty_rows()
         self.requests = [None] * self.held  # the request each row serves (rows past `slots` stay free)
