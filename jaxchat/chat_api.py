@@ -7,11 +7,12 @@ Every limit violation is an `ApiError`: HTTP 400 with {"error": {"message", "typ
 import dataclasses
 import random
 
+from jaxchat.sampling import MAX_TOP_K
+
 MAX_MESSAGES = 500
 MAX_MESSAGE_CHARS = 8000
 MAX_TOTAL_CHARS = 32000
 MAX_TOKENS = 4096
-MAX_TOP_K = 200
 MAX_CHOICES = 8
 MAX_STOPS = 4
 

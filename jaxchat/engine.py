@@ -33,6 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxchat import sharding
 from jaxchat.common import pad_bucket
 from jaxchat.model import KVCache
+from jaxchat.sampling import sample_next_token
 
 MIN_BUCKET = 16  # shortest prefill length; prompts pad up to the next power of two
 MIN_ROWS = 2  # with a single row XLA:CPU drops the batch dim and then copies the whole cache every step
@@ -53,47 +54,6 @@ class DecodeState:
     forced_len: jax.Array  # (B,)
     forced_pos: jax.Array  # (B,)
     key: jax.Array
-
-
-def sample_next_token(logits, keys, temperature, top_k=None):
-    """logits (B, V) fp32, one key per row. temperature 0 → argmax; top_k keeps the k largest logits.
-    Sampling inverts the CDF with one uniform per row: Gumbel-max would draw B·V random numbers per step, which
-    cost more than the whole forward pass of a small model on CPU."""
-
-    def sample(_):
-        values, ids = jax.lax.top_k(logits, top_k) if top_k else (logits, None)
-        probs = jax.nn.softmax(values / temperature, axis=-1)
-        u = jax.vmap(jax.random.uniform)(keys)
-        pick = _inverse_cdf(probs, u)
-        return pick if ids is None else jnp.take_along_axis(ids, pick[:, None], axis=-1)[:, 0]
-
-    return jax.lax.cond(temperature > 0, sample, lambda _: _argmax(logits), None)
-
-
-def _argmax(x):
-    """Row argmax (first maximum) as two plain reductions: XLA:CPU's variadic argmax reduce is slower."""
-    is_max = x == jnp.max(x, axis=-1, keepdims=True)
-    return (-jnp.max(jnp.where(is_max, -jnp.arange(x.shape[-1], dtype=jnp.float32), -jnp.inf), -1)).astype(jnp.int32)
-
-
-def _inverse_cdf(probs, u, block=128):
-    """For each row the first index whose cumulative probability exceeds u·total: first the block, then the index
-    inside it, each from a cumulative sum done as a small triangular matmul (XLA:CPU's cumsum over a whole
-    vocabulary is much slower). Zero-probability entries are never picked."""
-    B, V = probs.shape
-    nb = -(-V // block)
-    blocks = jnp.pad(probs, ((0, 0), (0, nb * block - V))).reshape(B, nb, block)
-    # x @ upper(n) = running sums of x; "highest": GPUs would otherwise run fp32 matmuls as TF32 (10-bit mantissa)
-    running_sums = lambda x, n: jnp.matmul(x, jnp.triu(jnp.ones((n, n), jnp.float32)), precision="highest")
-    block_cdf = running_sums(blocks.sum(-1), nb)
-    target = u * block_cdf[:, -1]
-    b = jnp.minimum(jnp.sum(block_cdf <= target[:, None], -1), nb - 1)
-    inside = jnp.take_along_axis(blocks, b[:, None, None], axis=1)[:, 0]
-    before = jnp.take_along_axis(block_cdf, b[:, None], axis=1)[:, 0] - inside.sum(-1)
-    cdf = before[:, None] + running_sums(inside, block)
-    i = b * block + jnp.minimum(jnp.sum(cdf <= target[:, None], -1), block - 1)
-    chosen = jnp.take_along_axis(probs, jnp.minimum(i, V - 1)[:, None], axis=1)[:, 0]
-    return jnp.where((i < V) & (chosen > 0), i, _argmax(probs)).astype(jnp.int32)  # rounding at the very end
 
 
 @partial(jax.jit, static_argnames=("graphdef", "rows", "max_len"))

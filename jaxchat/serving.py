@@ -11,9 +11,11 @@ a free row between device calls and leaves it the moment it ends.
   live row picks its next token (a queued tool-output token first, else a sample with the row's own temperature,
   top-k, top-p, seed and budget). The loop stops early when a row closes a python block (the host runs the tool
   and queues its output, as in `Engine`) or no row is live.
+- Only what is used: a request takes the lowest free row, and a call decodes only the rows up to the last live one
+  and attends only over the last slots the longest live conversation needs (power-of-two sizes of both, each
+  compiled at start-up): a lightly loaded server, or one of short conversations, computes little.
 - Room: when index + chunk would pass L, the rows in use move left by index − sequence_len slots; a live row holds
-  at most sequence_len tokens, so none is lost. A request takes the lowest free row, and a call decodes only the rows
-  up to the last live one (power-of-two buckets, one compile each): a lightly loaded server computes little.
+  at most sequence_len tokens, so none is lost.
 - Host: one worker thread owns the device. Requests come in through `submit`, their tokens go back through each
   request's `emit` callback, and `cancel` (a closed connection, a stop string) frees the row before the next call.
 """
@@ -31,10 +33,9 @@ from tqdm import tqdm
 
 from jaxchat import sharding
 from jaxchat.common import pad_bucket
-from jaxchat.engine import MAX_FORCED, MIN_BUCKET, MIN_ROWS, _argmax, _inverse_cdf, decoding_weights, use_calculator
+from jaxchat.engine import MAX_FORCED, MIN_BUCKET, MIN_ROWS, decoding_weights, use_calculator
 from jaxchat.model import KVCache
-
-MAX_TOP_K = 200
+from jaxchat.sampling import sample_rows
 
 
 @struct.dataclass
@@ -55,34 +56,6 @@ class Rows:
     forced_pos: jax.Array  # (B,)
     out: jax.Array  # (B, chunk) int32 tokens of this call, −1 where the row produced none
     n: jax.Array  # () columns of `out` filled
-
-
-def sample_rows(logits, keys, temperature, top_k, top_p):
-    """One token per row with the row's own settings: temperature 0 → argmax; top_k (0 = off, ≤ MAX_TOP_K) keeps the
-    k largest logits; top_p (1 = off) the smallest set whose probability reaches p."""
-    V = logits.shape[-1]
-
-    def sample(_):
-        def keep_top_k(x):
-            kth = jax.lax.top_k(x, min(MAX_TOP_K, V))[0]
-            kth = jnp.take_along_axis(kth, jnp.clip(top_k - 1, 0, kth.shape[1] - 1)[:, None], axis=1)
-            return jnp.where((top_k[:, None] > 0) & (x < kth), -jnp.inf, x)
-
-        x = jax.lax.cond(jnp.any(top_k > 0), keep_top_k, lambda x: x, logits)
-        probs = jax.nn.softmax(x / jnp.maximum(temperature, 1e-6)[:, None], axis=-1)
-
-        def nucleus(p):  # keep the tokens at least as likely as the one where the sorted running sum reaches top_p
-            sorted_p = -jnp.sort(-p, axis=-1)
-            cut = jnp.sum(jnp.cumsum(sorted_p, axis=-1) - sorted_p < top_p[:, None], axis=-1)
-            floor = jnp.take_along_axis(sorted_p, jnp.maximum(cut - 1, 0)[:, None], axis=1)
-            return jnp.where(p >= floor, p, 0.0)
-
-        probs = jax.lax.cond(jnp.any(top_p < 1), nucleus, lambda p: p, probs)  # a full sort only when asked for
-        return _inverse_cdf(probs, jax.vmap(jax.random.uniform)(keys))
-
-    greedy = _argmax(logits)
-    sampled = jax.lax.cond(jnp.any(temperature > 0), sample, lambda _: greedy, None)
-    return jnp.where(temperature > 0, sampled, greedy)
 
 
 @partial(jax.jit, static_argnames=("graphdef",))

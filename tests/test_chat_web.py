@@ -419,3 +419,12 @@ def test_a_full_queue_is_503_with_the_reason(model_and_tokenizer):
         assert idle.stats()["queued_requests"] == 1  # the refused request left nothing behind
     finally:
         s.stop()
+
+
+def test_python_tool_without_the_sandbox_is_refused_before_serving(monkeypatch):
+    from jaxchat import chat_web, execution
+    from jaxchat.common import UserError
+
+    monkeypatch.setattr(execution, "boundary_problem", lambda: "bubblewrap is not installed")
+    with pytest.raises(UserError, match="bubblewrap is not installed.*--unsafe-weak-sandbox"):
+        chat_web.main(["-g", "no_such_model", "--tool", "python"])

@@ -11,6 +11,7 @@ from flax import nnx
 from jaxchat import engine as E
 from jaxchat.engine import Engine, use_calculator
 from jaxchat.model import GPT, GPTConfig
+from jaxchat.sampling import sample_next_token
 from jaxchat.tokenizer import RustBPETokenizer
 
 from test_model import randomize
@@ -242,12 +243,12 @@ def test_sampling_follows_the_distribution():
     for temperature, top_k, want in [(1.0, None, {3: .1, 130: .2, 131: .3, 299: .4}),
                                      (1.0, 2, {131: 3 / 7, 299: 4 / 7}),
                                      (0.5, None, {3: 1 / 30, 130: 4 / 30, 131: 9 / 30, 299: 16 / 30})]:
-        picks = np.asarray(jax.jit(E.sample_next_token, static_argnums=3)(logits, keys, temperature, top_k))
+        picks = np.asarray(jax.jit(sample_next_token, static_argnums=3)(logits, keys, temperature, top_k))
         assert set(picks.tolist()) == set(want)
         for token, p in want.items():
             assert abs(np.mean(picks == token) - p) < 5 * np.sqrt(p * (1 - p) / 4096), (temperature, top_k, token)
     tie = jnp.zeros((2, VOCAB)).at[:, 7].set(1.0).at[:, 9].set(1.0)
-    assert E.sample_next_token(tie, keys[:2], 0.0).tolist() == [7, 7]
+    assert sample_next_token(tie, keys[:2], 0.0).tolist() == [7, 7]
 
 
 @pytest.mark.parametrize("expr, value", [
