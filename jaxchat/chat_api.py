@@ -111,8 +111,8 @@ def parse_request(body, defaults):
         raise ApiError("logprobs are not supported", "logprobs")
     if body.get("tools") and body.get("tool_choice") == "required":
         raise ApiError("tool calls are not supported: the model's one tool is its own python block", "tool_choice")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = body.get(param)
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in stop):
@@ -153,6 +153,11 @@ class ReplyText:
             else:
                 run.append(t)
         return "".join(pieces) + self.tokenizer.decode(run)
+
+    def count(self):
+        """Tokens of the reply so far, its end token included (what `usage` reports)."""
+        ends = [i for i, t in enumerate(self.tokens) if t in self.end_ids]
+        return ends[0] + 1 if ends else len(self.tokens)
 
     def add(self, tokens, final=False):
         """The new text these tokens make visible ("" while a character or a possible stop string is incomplete)."""

@@ -18,13 +18,14 @@ import os
 import threading
 import time
 import uuid
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 
 from jaxchat.chat_api import MAX_TOKENS, ApiError, ReplyText, parse_request
 from jaxchat.checkpoint_manager import SOURCE_DIRS
 from jaxchat.common import UserError, run_main
 
 PAGE = os.path.join(os.path.dirname(__file__), "ui.html")
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # proxies must not hold the stream back
 
 
 def build_parser():
@@ -76,7 +77,7 @@ def create_app(make_server, model_id, defaults):
     from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-    from jaxchat.serving import QueueFull
+    from jaxchat.serving import QueueFull, Stopped
     from jaxchat.serving import Request as Generation
 
     state = {"server": None, "error": None, "created": int(time.time())}
@@ -107,8 +108,14 @@ def create_app(make_server, model_id, defaults):
     async def validation_error(request, e):
         return await api_error(request, ApiError(f"invalid request: {e.errors()}"))
 
+    def current():
+        """The serving SlotServer, or None while loading or once its worker has ended (then state says why)."""
+        if state["server"] is not None and state["server"].failure:
+            state["error"], state["server"] = state["server"].failure, None
+        return state["server"]
+
     def ready():
-        if state["server"] is None:
+        if current() is None:
             raise ApiError("the model is " + (f"not available: {state['error']}" if state["error"] else "loading"),
                            status=503, kind="server_error", code="not_ready")
         return state["server"]
@@ -127,12 +134,12 @@ def create_app(make_server, model_id, defaults):
                            f"(and the reply needs at least one)", "messages", "context_length_exceeded")
         return server, chat, prompt
 
-    async def generate(server, chat, prompt, markers, route):
-        """Start chat.n generations; yield (choice, new_text, finish, tokens generated) as their tokens arrive.
-        Cancels them all when the consumer stops (a closed connection)."""
+    def generate(server, chat, prompt, markers, route, request=None):
+        """Submit chat.n generations now (a full queue is a 503 before any response starts); returns an async
+        generator of (choice, new_text, finish, tokens generated) as their tokens arrive. Closing it cancels what
+        is unfinished; with `request` (a reply that is not streamed), so does the client going away."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        end_ids = server.ids[:2]
-        texts = [ReplyText(server.tokenizer, end_ids, chat.stop, markers) for _ in range(chat.n)]
+        texts = [ReplyText(server.tokenizer, server.ids[:2], chat.stop, markers) for _ in range(chat.n)]
         gens = []
         for i in range(chat.n):
             emit = lambda tokens, finish, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, tokens, finish))
@@ -142,37 +149,49 @@ def create_app(make_server, model_id, defaults):
         try:
             for g in gens:
                 server.submit(g)
-        except QueueFull as e:
+        except (QueueFull, Stopped) as e:
             for g in gens:
                 server.cancel(g)
-            raise ApiError(f"the server is busy ({e}); try again shortly", status=503, kind="server_error",
-                           code="queue_full") from None
-        open_choices = set(range(chat.n))
-        try:
-            while open_choices:
-                i, tokens, finish = await queue.get()
-                if i not in open_choices:
-                    continue
-                if finish == "cancelled":
-                    raise ApiError("the server is shutting down", status=503, kind="server_error", code="shutdown")
-                new = texts[i].add(tokens, final=finish is not None)
-                if texts[i].stopped:
+            busy = isinstance(e, QueueFull)
+            raise ApiError(f"the server is busy ({e}); try again shortly" if busy else str(e), status=503,
+                           kind="server_error", code="queue_full" if busy else "unavailable") from None
+
+        async def next_event():
+            while request is not None:  # a reply not streamed: notice a client that left
+                try:
+                    return await asyncio.wait_for(queue.get(), 1.0)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return None
+            return await queue.get()
+
+        async def results():
+            open_choices = set(range(chat.n))
+            try:
+                while open_choices:
+                    event = await next_event()
+                    if event is None:
+                        return
+                    i, tokens, finish = event
+                    if i not in open_choices:
+                        continue
+                    if finish == "cancelled":
+                        raise ApiError(server.failure or "the request was cancelled", status=503,
+                                       kind="server_error", code="unavailable")
+                    new = texts[i].add(tokens, final=finish is not None)
+                    if texts[i].stopped:
+                        server.cancel(gens[i])
+                        finish = "stop"
+                    if finish:
+                        open_choices.discard(i)
+                        _observe(metrics, gens[i], texts[i].count())
+                    yield i, new, finish, texts[i].count()
+                metrics["requests"].labels(route, "ok").inc()
+            finally:
+                for i in open_choices:
                     server.cancel(gens[i])
-                    finish = "stop"
-                if finish:
-                    open_choices.discard(i)
-                    g = gens[i]
-                    if g.first_token_at is not None:
-                        metrics["ttft"].observe(g.first_token_at - g.submitted)
-                        elapsed = time.monotonic() - g.first_token_at
-                        if elapsed > 0:
-                            metrics["tps"].observe(len(g.tokens) / elapsed)
-                yield i, new, finish, len(gens[i].tokens)
-            metrics["requests"].labels(route, "ok").inc()
-        finally:
-            for i in open_choices:
-                server.cancel(gens[i])
-                metrics["requests"].labels(route, "cancelled").inc()
+                    metrics["requests"].labels(route, "cancelled").inc()
+        return results()
 
     @app.get("/")
     async def page():
@@ -180,7 +199,7 @@ def create_app(make_server, model_id, defaults):
 
     @app.get("/health")
     async def health():
-        server = state["server"]
+        server = current()
         body = {"status": "ok" if server else ("error" if state["error"] else "loading"), "ready": bool(server),
                 "model": model_id}
         if state["error"]:
@@ -207,15 +226,18 @@ def create_app(make_server, model_id, defaults):
         server, chat, prompt = await chat_request(request)
         chat.n = 1
 
+        stream = generate(server, chat, prompt, None, "nanochat")
+
         async def events():
             try:
-                async for _, text, _, _ in generate(server, chat, prompt, None, "nanochat"):
-                    if text:
-                        yield _sse({"token": text, "gpu": 0})
+                async with aclosing(stream):
+                    async for _, text, _, _ in stream:
+                        if text:
+                            yield _sse({"token": text, "gpu": 0})
                 yield _sse({"done": True})
             except ApiError as e:
                 yield _sse(e.body())
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
 
     @app.post("/v1/chat/completions")
     async def completions(request: Request):
@@ -225,13 +247,14 @@ def create_app(make_server, model_id, defaults):
             ("<|python_start|>", "\n```python\n"), ("<|python_end|>", "\n```\n"),
             ("<|output_start|>", "\n```output\n"), ("<|output_end|>", "\n```\n"))}
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": chat.model or model_id}
-        stream = generate(server, chat, prompt, markers, "openai")
+        stream = generate(server, chat, prompt, markers, "openai", None if chat.stream else request)
         if not chat.stream:
             content, finishes, completion = [""] * chat.n, [None] * chat.n, 0
-            async for i, text, finish, generated in stream:
-                content[i] += text
-                if finish:
-                    finishes[i], completion = finish, completion + generated
+            async with aclosing(stream):
+                async for i, text, finish, generated in stream:
+                    content[i] += text
+                    if finish:
+                        finishes[i], completion = finish, completion + generated
             return {**head, "object": "chat.completion", "choices": [
                 {"index": i, "message": {"role": "assistant", "content": content[i]}, "finish_reason": finishes[i],
                  "logprobs": None} for i in range(chat.n)], "usage": _usage(len(prompt), chat.n, completion)}
@@ -245,21 +268,30 @@ def create_app(make_server, model_id, defaults):
             try:
                 for i in range(chat.n):
                     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-                async for i, text, finish, generated in stream:
-                    if text:
-                        yield chunk([{"index": i, "delta": {"content": text}, "finish_reason": None}])
-                    if finish:
-                        completion += generated
-                        yield chunk([{"index": i, "delta": {}, "finish_reason": finish}])
+                async with aclosing(stream):
+                    async for i, text, finish, generated in stream:
+                        if text:
+                            yield chunk([{"index": i, "delta": {"content": text}, "finish_reason": None}])
+                        if finish:
+                            completion += generated
+                            yield chunk([{"index": i, "delta": {}, "finish_reason": finish}])
                 if chat.include_usage:
                     yield _sse({**head, "object": "chat.completion.chunk", "choices": [],
                                 "usage": _usage(len(prompt), chat.n, completion)})
                 yield _sse("[DONE]")
             except ApiError as e:
                 yield _sse(e.body())
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
 
     return app
+
+
+def _observe(metrics, generation, tokens):
+    """A finished generation's time to first token and tokens per second."""
+    if generation.first_token_at is not None:
+        metrics["ttft"].observe(generation.first_token_at - generation.submitted)
+        if (elapsed := time.monotonic() - generation.first_token_at) > 0:
+            metrics["tps"].observe(tokens / elapsed)
 
 
 def _usage(prompt_tokens, n, completion_tokens):

@@ -64,7 +64,7 @@ def sample_rows(logits, keys, temperature, top_k, top_p):
             sorted_p = -jnp.sort(-p, axis=-1)
             cut = jnp.sum(jnp.cumsum(sorted_p, axis=-1) - sorted_p < top_p[:, None], axis=-1)
             floor = jnp.take_along_axis(sorted_p, jnp.maximum(cut - 1, 0)[:, None], axis=1)
-            return jnp.where(p >= floor, p, 0.0)
+            return jnp.where((top_p[:, None] >= 1) | (p >= floor), p, 0.0)
 
         probs = jax.lax.cond(jnp.any(top_p < 1), nucleus, lambda p: p, probs)  # a full sort only when asked for
         return inverse_cdf(probs, jax.vmap(jax.random.uniform)(keys))

@@ -169,6 +169,10 @@ class QueueFull(Exception):
     """More requests are waiting than the server takes."""
 
 
+class Stopped(Exception):
+    """The server's worker has ended (stopped, or failed): nothing more will be served."""
+
+
 class SlotServer:
     def __init__(self, model, tokenizer, slots=8, chunk=16, tool=None, max_waiting=64):
         """tool(code) -> str | None runs a closed python block (default: the calculator)."""
@@ -200,6 +204,7 @@ class SlotServer:
         self.generated_tokens = self.served = 0
         self._stop = False
         self._thread = None
+        self.failure = None  # why the worker ended, when it did
 
     def _empty_rows(self):
         B, config = self.held, self.model.config
@@ -218,6 +223,8 @@ class SlotServer:
         if not 0 < len(request.prompt) < self.context:
             raise ValueError(f"a prompt of {len(request.prompt)} tokens does not fit the context of {self.context}")
         with self.lock:
+            if self.failure:
+                raise Stopped(self.failure)
             if len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting")
             self.waiting.append(request)
@@ -271,11 +278,17 @@ class SlotServer:
 
     # ---- the worker ------------------------------------------------------------------------------------------
     def _loop(self):
+        reason = "the decode loop failed"
         try:
             with jax.set_mesh(self.mesh):
                 self._serve()
+            reason = "the server is shutting down"
+        except Exception as e:  # a device error: every request and /health say so, none hangs
+            reason = f"the decode loop failed: {type(e).__name__}: {e}"
+            raise
         finally:
             with self.lock:
+                self.failure = reason
                 pending = [r for r in self.requests if r is not None] + list(self.waiting)
                 self.waiting.clear()
                 self.requests = [None] * self.held
@@ -328,7 +341,7 @@ class SlotServer:
             if new and r.first_token_at is None:
                 r.first_token_at = time.monotonic()
             finish = None if still[b] else ("stop" if new and new[-1] in self.ids[:2] else "length")
-            if needs[b]:
+            if needs[b] and not r.cancelled:
                 self._serve_tool(b, r)
             with self.lock:
                 self.generated_tokens += len(new)
