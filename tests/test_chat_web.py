@@ -1,6 +1,7 @@
 """The web server on 127.0.0.1 (port 0), a tiny random model: both chat endpoints equal the engine's greedy replies,
 the real `openai` client, limits as OpenAI-shaped 400s, concurrent streams, disconnects, health while loading."""
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -60,6 +61,17 @@ class Served:
         self.server.should_exit = True
         self.thread.join(10)
         assert not self.thread.is_alive()
+
+
+@contextlib.contextmanager
+def serving(slot_server):
+    """slot_server behind a fresh app on a free port, ready; the app stopped afterwards."""
+    s = Served(create_app(lambda: slot_server, "m", DEFAULTS))
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        s.stop()
 
 
 @pytest.fixture(scope="module")
@@ -411,14 +423,10 @@ def test_a_full_queue_is_503_with_the_reason(model_and_tokenizer):
     model, tok = model_and_tokenizer
     idle = SlotServer(model, tok, slots=2, chunk=4, max_waiting=1)  # never started: what is queued stays queued
     idle.submit(Request(prompt=[tok.get_bos_token_id()], max_tokens=4, emit=lambda t, f: None))
-    s = Served(create_app(lambda: idle, "m", DEFAULTS))
-    try:
-        s.wait_ready()
+    with serving(idle) as s:
         r = httpx.post(s.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full" and "waiting" in r.text
         assert idle.stats()["queued_requests"] == 1  # the refused request left nothing behind
-    finally:
-        s.stop()
 
 
 def test_python_tool_without_the_sandbox_is_refused_before_serving(monkeypatch):
@@ -438,13 +446,15 @@ class SlowSlots(SlotServer):
         super()._step()
 
 
-def test_a_reply_not_streamed_is_cancelled_when_its_client_leaves(model_and_tokenizer):
-    model, tok = model_and_tokenizer
-    slow = SlowSlots(model, tok, slots=2, chunk=1)
-    slow.start()
-    s = Served(create_app(lambda: slow, "m", DEFAULTS))
-    try:
-        s.wait_ready()
+@pytest.fixture
+def slow(model_and_tokenizer):
+    server = SlowSlots(*model_and_tokenizer, slots=2, chunk=1)
+    server.start()
+    return server
+
+
+def test_a_reply_not_streamed_is_cancelled_when_its_client_leaves(slow):
+    with serving(slow) as s:
         with pytest.raises(httpx.ReadTimeout):  # ~50 tokens at 0.2 s each: the client gives up after 1 s
             httpx.post(s.url + "/v1/chat/completions", timeout=1.0, json={
                 "messages": [{"role": "user", "content": "hi"}], "temperature": 1.0, "max_tokens": 4096})
@@ -452,41 +462,10 @@ def test_a_reply_not_streamed_is_cancelled_when_its_client_leaves(model_and_toke
         while slow.stats()["busy_slots"] and time.monotonic() < deadline:
             time.sleep(0.1)
         assert slow.stats()["busy_slots"] == 0 and slow.stats()["generated_tokens_total"] < 40
-    finally:
-        s.stop()
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the worker's traceback
-def test_a_failed_decode_loop_is_503_everywhere_and_nothing_hangs(model_and_tokenizer):
-    model, tok = model_and_tokenizer
-    broken = SlotServer(model, tok, slots=2, chunk=4)
-
-    def lost():
-        raise RuntimeError("device lost")
-
-    broken._step = lost
-    broken.start()
-    s = Served(create_app(lambda: broken, "m", DEFAULTS))
-    try:
-        s.wait_ready()
-        body = {"messages": [{"role": "user", "content": "hi"}]}
-        first = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=10)
-        assert first.status_code == 503 and "device lost" in first.json()["error"]["message"]
-        health = httpx.get(s.url + "/health")
-        assert health.status_code == 503 and "device lost" in health.json()["error"]
-        again = httpx.post(s.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=10)
-        assert again.status_code == 503 and "device lost" in again.json()["error"]["message"]
-    finally:
-        s.stop()
-
-
-def test_stopping_ends_streams_in_flight_with_an_error_event(model_and_tokenizer):
-    model, tok = model_and_tokenizer
-    slow = SlowSlots(model, tok, slots=2, chunk=1)
-    slow.start()
-    s = Served(create_app(lambda: slow, "m", DEFAULTS))
-    try:
-        s.wait_ready()
+def test_stopping_ends_streams_in_flight_with_an_error_event(slow):
+    with serving(slow) as s:
         with httpx.stream("POST", s.url + "/v1/chat/completions", timeout=30, json={
                 "messages": [{"role": "user", "content": "hi"}], "temperature": 1.0, "stream": True}) as r:
             lines = (line for line in r.iter_lines() if line.startswith("data: "))
@@ -495,5 +474,22 @@ def test_stopping_ends_streams_in_flight_with_an_error_event(model_and_tokenizer
             rest = list(lines)
         assert "shutting down" in rest[-1] and json.loads(rest[-1][6:])["error"]["code"] == "unavailable"
         assert httpx.get(s.url + "/health").status_code == 503
-    finally:
-        s.stop()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the worker's traceback
+def test_a_failed_decode_loop_is_503_everywhere_and_nothing_hangs(model_and_tokenizer):
+    broken = SlotServer(*model_and_tokenizer, slots=2, chunk=4)
+
+    def lost():
+        raise RuntimeError("device lost")
+
+    broken._step = lost
+    broken.start()
+    with serving(broken) as s:
+        body = {"messages": [{"role": "user", "content": "hi"}]}
+        first = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=10)
+        assert first.status_code == 503 and "device lost" in first.json()["error"]["message"]
+        health = httpx.get(s.url + "/health")
+        assert health.status_code == 503 and "device lost" in health.json()["error"]
+        again = httpx.post(s.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=10)
+        assert again.status_code == 503 and "device lost" in again.json()["error"]["message"]
