@@ -319,8 +319,9 @@ class SlotServer:
                     admit.append(b)
             live[:] = [r is not None for r in self.requests]
         self.rows = self.rows.replace(live=self.rows.live & jnp.asarray(live))
+        prefilled = {}  # prompt -> its prefill: the n choices of one request (or equal prompts) prefill once
         for b in admit:
-            self._admit(b, self.requests[b])
+            self._admit(b, self.requests[b], prefilled)
         if not live.any():
             return
         active = next(b for b in self.buckets if b > np.flatnonzero(live)[-1])
@@ -351,12 +352,15 @@ class SlotServer:
             if not r.cancelled:
                 _tell(r, new, finish)
 
-    def _admit(self, b, r):
-        T = pad_bucket(len(r.prompt), self.context, MIN_BUCKET)
-        tokens = np.full((1, T), self.ids[0], np.int32)
-        tokens[0, T - len(r.prompt):] = r.prompt
-        logits, k, v = _prefill_one(self.graphdef, self.state, jnp.asarray(tokens),
-                                    jnp.asarray([T - len(r.prompt)], jnp.int32))
+    def _admit(self, b, r, prefilled):
+        key = tuple(r.prompt)
+        if key not in prefilled:
+            T = pad_bucket(len(r.prompt), self.context, MIN_BUCKET)
+            tokens = np.full((1, T), self.ids[0], np.int32)
+            tokens[0, T - len(r.prompt):] = r.prompt
+            prefilled[key] = _prefill_one(self.graphdef, self.state, jnp.asarray(tokens),
+                                          jnp.asarray([T - len(r.prompt)], jnp.int32))
+        logits, k, v = prefilled[key]
         budget = min(r.max_tokens, self.context - len(r.prompt))
         self.rows = _admit(self.rows, b, logits, k, v, len(r.prompt), float(r.temperature), int(r.top_k),
                            float(r.top_p), int(r.seed) & 0x7FFFFFFF, budget)
