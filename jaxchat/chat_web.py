@@ -80,7 +80,7 @@ def create_app(make_server, model_id, defaults):
     from jaxchat.serving import QueueFull, Stopped
     from jaxchat.serving import Request as Generation
 
-    state = {"server": None, "error": None, "created": int(time.time())}
+    state = {"server": None, "loaded": None, "error": None, "created": int(time.time())}
     registry = CollectorRegistry()
     metrics = _metrics(registry, lambda: state["server"])
 
@@ -88,7 +88,7 @@ def create_app(make_server, model_id, defaults):
     async def lifespan(app):
         async def load():
             try:
-                state["server"] = await asyncio.to_thread(make_server)
+                state["server"] = state["loaded"] = await asyncio.to_thread(make_server)
             except Exception as e:  # the server stays up to say why on /health
                 state["error"] = f"{type(e).__name__}: {e}"
         task = asyncio.create_task(load())
@@ -308,7 +308,7 @@ def main(argv=None):
     from jaxchat.engine import use_calculator
     from jaxchat.execution import python_tool
     from jaxchat.run import make_mesh
-    from jaxchat.serving import SlotServer
+    from jaxchat.serving import STOPPED, SlotServer
 
     tool = python_tool(args.sandbox) if args.tool == "python" else use_calculator  # refused now, not per request
     mesh = make_mesh(args)
@@ -344,8 +344,11 @@ def main(argv=None):
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: stopping is this command's normal end
         pass
     print("jaxchat: stopped", flush=True)
-    if app.state.jaxchat["error"]:
+    loaded = app.state.jaxchat["loaded"]
+    if loaded is None and app.state.jaxchat["error"]:  # the model never loaded
         raise UserError(app.state.jaxchat["error"])
+    if loaded is not None and loaded.failure not in (None, STOPPED):  # the decode loop failed while serving
+        raise UserError(loaded.failure)
 
 
 if __name__ == "__main__":

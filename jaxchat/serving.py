@@ -37,6 +37,8 @@ from jaxchat.engine import MAX_FORCED, MIN_BUCKET, MIN_ROWS, decoding_weights, u
 from jaxchat.model import KVCache
 from jaxchat.sampling import sample_rows
 
+STOPPED = "the server is shutting down"  # SlotServer.failure after stop(); anything else is a failed decode loop
+
 
 @struct.dataclass
 class Rows:
@@ -282,7 +284,7 @@ class SlotServer:
         try:
             with jax.set_mesh(self.mesh):
                 self._serve()
-            reason = "the server is shutting down"
+            reason = STOPPED
         except Exception as e:  # a device error: every request and /health say so, none hangs
             reason = f"the decode loop failed: {type(e).__name__}: {e}"
             raise
