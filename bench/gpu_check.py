@@ -27,7 +27,6 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 per device, as nanochat's MFU
 FULL = dict(depth=20, vocab=65536, seq=2048, tokens=131072, batches=(8, 16, 32), decode_batches=(1, 32),
             prompt=128, new_tokens=256, attn=[(2, 2048, 10, 10, 128), (2, 1000, 8, 2, 128), (1, 777, 4, 4, 64)])
 TOY = dict(depth=2, vocab=512, seq=128, tokens=1024, batches=(2, 4, 8), decode_batches=(1, 4),
@@ -107,7 +106,7 @@ def part_train(size, batch, attn_impl="auto"):
             times.append(time.perf_counter() - t0)
     step_s = sorted(times[1:])[len(times[1:]) // 2]
     tok_s = size["tokens"] / step_s
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in device.device_kind), None)
+    peak = memory.peak_flops(device.device_kind)
     arguments = analysis.argument_size_in_bytes
     xla_peak = arguments + analysis.temp_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
     params = sum(x.nbytes for x in jax.tree.leaves(state.params))
@@ -115,7 +114,7 @@ def part_train(size, batch, attn_impl="auto"):
     stats = device.memory_stats() or {}
     return {"device_batch_size": batch, "accum": accum, "attn_impl": attn_impl, "compile_s": compile_s,
             "step_s": step_s, "step_times_s": times, "tok_s": tok_s, "loss": float(metrics["loss"]),
-            "mfu": flops_per_token * tok_s / (peak * 1e12) if peak else None,
+            "mfu": flops_per_token * tok_s / peak if peak else None,
             "peak_bytes_in_use": stats.get("peak_bytes_in_use"), "xla_program_peak_bytes": xla_peak,
             "jaxchat_memory_estimate_bytes": estimate}
 

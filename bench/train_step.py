@@ -19,11 +19,11 @@ import jax
 import numpy as np
 
 from jaxchat import sharding
+from jaxchat.memory import peak_flops
 from jaxchat.model import config_for_depth
 from jaxchat.optim import OptimConfig, hyperparams
 from jaxchat.train import init_train_state, train_step
 
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 per device, as nanochat's MFU
 
 
 def parse_args():
@@ -85,8 +85,8 @@ def main():
     tok_s = args.total_batch_size / step_s
     flops = flops_per_token * tok_s
     kind = devices[0].device_kind
-    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
-    mfu = f" | MFU {100 * flops / (peak * 1e12 * len(devices)):.1f}% of {peak:g} TFLOP/s/device" if peak else ""
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(kind)
+    mfu = f" | MFU {100 * flops / (peak * len(devices)):.1f}% of {peak / 1e12:g} TFLOP/s/device" if peak else ""
     print(f"loss {float(metrics['loss']):.4f} | compile {compile_s:.1f} s | step median {1e3 * step_s:.1f} ms "
           f"(min {1e3 * min(times[1:]):.1f}) | {tok_s:,.0f} tok/s | {flops / 1e9:,.1f} GFLOP/s{mfu}")
     print(peak_memory(devices[0]))

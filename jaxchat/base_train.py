@@ -16,6 +16,7 @@ from jaxchat.common import UserError, run_main
 from jaxchat.dataloader import DataLoader
 from jaxchat.engine import SAMPLE_PROMPTS, sample_greedy
 from jaxchat.loss_eval import evaluate_bpb
+from jaxchat.memory import peak_flops
 from jaxchat.model import config_for_depth
 from jaxchat.optim import get_lr_multiplier, get_muon_momentum, hyperparams
 from jaxchat.run import (NANOCHAT_EVAL_TOKENS, TrainingRun, add_training_flags, batch_rows, devices_line, eval_tokens,
@@ -27,7 +28,6 @@ from jaxchat.train import check_finite, init_train_state, train_step
 RESUME_KEYS = ("dtype", "num_iterations", "target_flops", "target_param_data_ratio", "embedding_lr",
                "unembedding_lr", "matrix_lr", "weight_decay", "grad_clip", "warmup_ratio", "warmdown_ratio",
                "final_lr_frac", "data_dir")
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 per device, nanochat's MFU basis
 
 
 def build_parser():
@@ -95,7 +95,7 @@ def _loop(run, args, config, rows, accum):
     val_steps = max(1, eval_tokens(args.eval_tokens, args.total_batch_size, num_iterations) // (rows * T))
     token_bytes = tokenizer.token_bytes()
     n_dev, kind = jax.device_count(), jax.devices()[0].device_kind
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
+    peak = peak_flops(kind)
     print(f"{devices_line()} | {run.model_tag}: {config}")
     print(f"params {num_params:,} | FLOPs/token {flops_per_token:.4g} | {num_iterations} steps × {args.total_batch_size:,}"
           f" tokens ({accum} micro-batches of {rows}×{T}) = {num_iterations * args.total_batch_size:,} tokens | "

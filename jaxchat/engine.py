@@ -121,6 +121,19 @@ class _HashedOnce:
         return isinstance(other, _HashedOnce) and (self.value is other.value or self.value == other.value)
 
 
+def tool_output_tokens(tool, tokenizer, code, output_ids):
+    """The tokens a closed python block's row is fed next: <|output_start|> the tool's result <|output_end|> (cut
+    to MAX_FORCED), or none when there is no code or the tool returns None. A tool that raises never stops the
+    decoding: the model sees the error as the result."""
+    if not code:
+        return []
+    try:
+        result = tool(tokenizer.decode(code))
+    except Exception as e:
+        result = f"Error: {type(e).__name__}: {e}"
+    return [] if result is None else [output_ids[0], *tokenizer.encode(str(result))[:MAX_FORCED - 2], output_ids[1]]
+
+
 def decoding_weights(model, replicate=False):
     """(graphdef, state) to decode with: kernels in the 16-bit compute dtype when there is one (decoding reads every
     matrix per token); with `replicate`, every weight on every device of the caller's mesh (no per-token
@@ -147,7 +160,7 @@ class Engine:
         special = tokenizer.encode_special
         self.bos, self.assistant_end = tokenizer.get_bos_token_id(), special("<|assistant_end|>")
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
-        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+        self.output_ids = (special("<|output_start|>"), special("<|output_end|>"))
         self._held = None  # (tokens in the cache, DecodeState) of the last single-row generate, for the next turn
 
     def _start(self, prompts, num_samples, max_tokens, seed, keep_cache=False):
@@ -213,10 +226,9 @@ class Engine:
         out, py_start, n = np.asarray(ds.out), np.array(ds.py_start), int(ds.n)
         forced, forced_len, forced_pos = np.array(ds.forced), np.array(ds.forced_len), np.array(ds.forced_pos)
         for b in np.flatnonzero(needs):
-            code = out[b, py_start[b] + 1:n - 1].tolist()
-            result = self.tool(self.tokenizer.decode(code)) if code else None
-            if result is not None:
-                toks = [self.output_start, *self.tokenizer.encode(str(result))[:MAX_FORCED - 2], self.output_end]
+            toks = tool_output_tokens(self.tool, self.tokenizer, out[b, py_start[b] + 1:n - 1].tolist(),
+                                      self.output_ids)
+            if toks:
                 forced[b, :len(toks)], forced_len[b], forced_pos[b] = toks, len(toks), 0
             py_start[b] = -1
         return ds.replace(forced=jnp.asarray(forced), forced_len=jnp.asarray(forced_len),

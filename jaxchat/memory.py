@@ -35,6 +35,12 @@ DEVICES = {
     "tpu-v6e": ("TPU v6e", 32 * GIB),
 }
 GPU_MEM_FRACTION = 0.9
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 per device, nanochat's MFU basis
+
+
+def peak_flops(device_kind):
+    """Dense bf16 FLOP/s of one device of this kind (jax's device_kind), or None where unknown (CPUs)."""
+    return next((v for k, v in PEAK_FLOPS.items() if k in device_kind), None)
 
 
 def build_parser():

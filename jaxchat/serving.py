@@ -33,7 +33,8 @@ from tqdm import tqdm
 
 from jaxchat import sharding
 from jaxchat.common import pad_bucket
-from jaxchat.engine import MAX_FORCED, MIN_BUCKET, MIN_ROWS, decoding_weights, use_calculator
+from jaxchat.engine import (MAX_FORCED, MIN_BUCKET, MIN_ROWS, decoding_weights, tool_output_tokens,
+                            use_calculator)
 from jaxchat.model import KVCache
 from jaxchat.sampling import sample_rows
 
@@ -370,14 +371,7 @@ class SlotServer:
     def _serve_tool(self, b, r):
         """Run the tool on the row's closed python block; queue its output as the row's next tokens."""
         start = len(r.tokens) - 1 - r.tokens[::-1].index(self.ids[2])  # the last <|python_start|>
-        code = r.tokens[start + 1:-1]
-        try:
-            result = self.tool(self.tokenizer.decode(code)) if code else None
-        except Exception as e:  # a tool must never take the server down: the model sees the error
-            result = f"Error: {type(e).__name__}: {e}"
-        toks = []
-        if result is not None:
-            toks = [self.output_ids[0], *self.tokenizer.encode(str(result))[:MAX_FORCED - 2], self.output_ids[1]]
+        toks = tool_output_tokens(self.tool, self.tokenizer, r.tokens[start + 1:-1], self.output_ids)
         forced = np.zeros(MAX_FORCED, np.int32)
         forced[:len(toks)] = toks
         self.rows = self.rows.replace(forced=self.rows.forced.at[b].set(forced),
