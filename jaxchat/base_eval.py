@@ -11,10 +11,10 @@ import os
 
 import jax
 
-from jaxchat import core_eval
+from jaxchat import core_eval, distributed
 from jaxchat.checkpoint_manager import load_model
 from jaxchat.common import UserError, flag_adder, get_base_dir, run_main, write_results
-from jaxchat.dataloader import DataLoader
+from jaxchat.dataloader import DistributedDataLoader
 from jaxchat.engine import SAMPLE_PROMPTS, sample_greedy
 from jaxchat.loss_eval import evaluate_bpb
 from jaxchat.run import make_mesh
@@ -45,8 +45,9 @@ def main(argv=None):
     if unknown := [e for e in evals if e not in EVALS]:
         raise UserError(f"--eval: unknown {unknown}; choose from {', '.join(EVALS)}")
     if "core" in evals:  # find (or fetch) the bundle before any compute: a problem shows at once
-        try:
-            bundle = core_eval.get_eval_bundle(args.eval_bundle or None, download=bool(args.download_bundle))
+        try:  # process 0 first: it downloads, the others then find the bundle on disk
+            bundle = distributed.writer_first("eval_bundle", lambda: core_eval.get_eval_bundle(
+                args.eval_bundle or None, download=bool(args.download_bundle)))
             core_eval.load_bundle(bundle)  # complete and readable?
         except core_eval.BundleMissing as e:
             print(f"CORE skipped: {e}")
@@ -61,8 +62,8 @@ def main(argv=None):
             steps = max(1, args.split_tokens // (rows * T))
             token_bytes = tokenizer.token_bytes()
             for split in ("train", "val"):
-                with DataLoader(tokenizer, rows, T, split, args.data_dir or None) as loader:
-                    results[f"{split}_bpb"] = evaluate_bpb(model, iter(loader), steps, token_bytes)
+                with DistributedDataLoader(tokenizer, rows, T, split, args.data_dir or None) as loader:
+                    results[f"{split}_bpb"] = evaluate_bpb(model, loader, steps, token_bytes, global_rows=rows)
                 print(f"{split} bpb: {results[f'{split}_bpb']:.6f} ({steps} × {rows} × {T} tokens)")
         if "sample" in evals:
             results["samples"] = sample_greedy(model, tokenizer, SAMPLE_PROMPTS, max_tokens=16)
@@ -71,7 +72,7 @@ def main(argv=None):
         if "core" in evals:
             results["core"] = core_eval.evaluate_model(model, tokenizer, args.max_per_task, bundle)
     name = f"{tag}_{meta['step']:06d}"
-    if "core" in results:
+    if "core" in results and distributed.is_writer():
         csv_path = core_eval.write_csv(os.path.join(get_base_dir(), "base_eval", name + ".csv"), results["core"])
         print(f"CORE metric: {results['core']['core_metric']:.4f} (per task in {csv_path})")
     write_results("base_eval", name, results)

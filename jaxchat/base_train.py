@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from jaxchat import sharding
 from jaxchat.common import UserError, run_main
-from jaxchat.dataloader import DataLoader
+from jaxchat.dataloader import DistributedDataLoader
 from jaxchat.engine import SAMPLE_PROMPTS, sample_greedy
 from jaxchat.loss_eval import evaluate_bpb
 from jaxchat.memory import peak_flops
@@ -91,7 +91,7 @@ def _loop(run, args, config, rows, accum):
     num_params, flops_per_token = model.num_params(), model.estimate_flops()
     num_iterations = horizon(args, num_params, flops_per_token)
     run.meta["num_iterations"] = num_iterations
-    loader = DataLoader(tokenizer, rows, T, "train", args.data_dir or None, state=run.dataloader_state_dict)
+    loader = DistributedDataLoader(tokenizer, rows, T, "train", args.data_dir or None, state=run.dataloader_state_dict)
     val_steps = max(1, eval_tokens(args.eval_tokens, args.total_batch_size, num_iterations) // (rows * T))
     token_bytes = tokenizer.token_bytes()
     n_dev, kind = jax.device_count(), jax.devices()[0].device_kind
@@ -105,8 +105,8 @@ def _loop(run, args, config, rows, accum):
     losses = {}  # step -> the step's loss, for this invocation (tests compare runs with them)
 
     def evaluate(step):
-        with DataLoader(tokenizer, rows, T, "val", args.data_dir or None) as val:
-            bpb = evaluate_bpb(run.model, iter(val), val_steps, token_bytes)
+        with DistributedDataLoader(tokenizer, rows, T, "val", args.data_dir or None) as val:
+            bpb = evaluate_bpb(run.model, val, val_steps, token_bytes, global_rows=rows)
         loop["val_bpb"], loop["min_val_bpb"] = bpb, min(loop["min_val_bpb"], bpb)
         run.writer.scalars(step, {"val/bpb": bpb})
         tqdm.write(f"step {step:05d} | val bpb {bpb:.6f}")
@@ -152,7 +152,7 @@ def _loop(run, args, config, rows, accum):
             do_eval and evaluate(step)
             do_sample and sample(step)
             do_save and run.save(step, loader.get_state())
-        batch = sharding.shard_batch(loader.next_stacked(accum), batch_axis=1)
+        batch = sharding.shard_batch(loader.next_stacked(accum), batch_axis=1, global_rows=rows)
         lrm = get_lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
         if pending is None:
             mark = time.perf_counter()

@@ -11,6 +11,9 @@ Layout (nanochat's, one directory per step instead of three files):
             optim/      the optimizer state (Adam moments, Muon momentum, step count)
             meta/       JSON: the caller's keys (model_config, loop_state, ...), `step`, `tokenizer_fingerprint`
 
+With several processes (jax.distributed) every process calls the same methods on the same path, a filesystem they
+all see: orbax writes each process's shards, process 0 the meta, the lock and the tokenizer copy.
+
 A run writes through one Checkpointer: `with Checkpointer(dir, keep).lock() as ckpt:`, then
 `ckpt.save(step, model_state, optim_state, meta, tokenizer)`. The lock refuses a second run on the same
 directory (both would write, and delete, the same steps); the kernel drops it when its process ends, so a
@@ -40,7 +43,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxchat import sharding
+from jaxchat import distributed, sharding
 from jaxchat.common import UserError, get_base_dir
 from jaxchat.model import EXECUTION_FIELDS, GPT, GPTConfig
 from jaxchat.tokenizer import get_tokenizer
@@ -84,7 +87,7 @@ class Checkpointer:
             raise UserError(f"no checkpoint directory {self.directory}")
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create, step_format_fixed_length=6)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
-        self._lock_file = None
+        self._lock_file, self._locked = None, False
         self._fingerprint = None  # of the tokenizer this run saves with, once its copy is on disk
 
     def __enter__(self):
@@ -97,9 +100,16 @@ class Checkpointer:
     def lock(self):
         """Make this the directory's only writer until close(). Another run holding it (another process, or
         another Checkpointer in this one: flock locks an open file, not a process) is named in one UserError.
-        Returns self."""
-        if self._lock_file is not None:
+        Held by process 0 alone (the run's one writer); the others go on once it holds it. Returns self."""
+        if self._locked:
             return self
+        if distributed.is_writer():
+            self._take_lock()
+        distributed.barrier("checkpoint_lock")  # a refused process 0 exits instead: its peers stop
+        self._locked = True
+        return self
+
+    def _take_lock(self):
         os.makedirs(self.directory, exist_ok=True)
         f = open(os.path.join(self.directory, LOCK_FILE), "a+")
         try:
@@ -115,14 +125,15 @@ class Checkpointer:
                    "command": shlex.join([os.path.basename(sys.orig_argv[0]), *sys.orig_argv[1:]])}, f)
         f.flush()
         self._lock_file = f
-        return self
 
     def clear(self):
         """Delete every step and the tokenizer copy, for a fresh run over an old one (takes the lock)."""
         self.lock()
         for step in self.all_steps():
-            self.manager.delete(step)
-        shutil.rmtree(os.path.join(self.directory, TOKENIZER_DIR), ignore_errors=True)
+            self.manager.delete(step)  # collective: every process calls it
+        if distributed.is_writer():
+            shutil.rmtree(os.path.join(self.directory, TOKENIZER_DIR), ignore_errors=True)
+        distributed.barrier("clear")
         self._fingerprint = None
 
     def save(self, step, model_state, optim_state, meta, tokenizer):
@@ -132,7 +143,7 @@ class Checkpointer:
         if self._fingerprint is None:
             self._fingerprint = tokenizer.fingerprint()
             path = os.path.join(self.directory, TOKENIZER_DIR)
-            if not os.path.isdir(path):  # a resumed run's copy is already there (resume checked it: check_tokenizer)
+            if distributed.is_writer() and not os.path.isdir(path):  # a resumed run's copy is already there (resume checked it: check_tokenizer)
                 shutil.rmtree(path + ".tmp", ignore_errors=True)
                 tokenizer.save(path + ".tmp")
                 os.rename(path + ".tmp", path)  # atomic: a reader sees the whole copy or none
@@ -163,7 +174,7 @@ class Checkpointer:
         finally:
             if self._lock_file is not None:
                 self._lock_file.close()
-                self._lock_file = None
+            self._lock_file, self._locked = None, False
 
     # ---- reading ---------------------------------------------------------------------------------------------
     def all_steps(self):
@@ -205,8 +216,9 @@ class Checkpointer:
             except DamagedCheckpoint as e:
                 damaged.append(f"step {step} is damaged ({e.reason})")
                 continue
-            for bad in (s for s in self.all_steps() if s > step):
+            for bad in (s for s in self.all_steps() if s > step and distributed.is_writer()):
                 _move_aside(self._step_dir(bad))
+            distributed.barrier("move_aside")
             self.manager.reload()
             if damaged:
                 print(f"{self.directory}: {', '.join(damaged)}: resuming from step {step} (damaged steps moved "

@@ -44,10 +44,12 @@ def write_atomic(path, data):
 
 def write_results(subdir, name, results):
     """An evaluation's results as JSON in $JAXCHAT_BASE_DIR/<subdir>/<name>.json; says where and returns the path."""
+    from jaxchat import distributed
     path = os.path.join(get_base_dir(), subdir, name + ".json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    write_atomic(path, json.dumps(results, indent=2).encode())
-    print(f"results written to {path}")
+    if distributed.is_writer():  # every process has the same results; one writes them
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_atomic(path, json.dumps(results, indent=2).encode())
+        print(f"results written to {path}")
     return path
 
 
@@ -91,10 +93,22 @@ def configure_accelerator():
 
 
 def run_main(main):
-    """Entry point of a stage: run main(); bad user input ends with one 'error: ...' line, not a traceback."""
+    """Entry point of a stage: start jax.distributed when asked (`jaxchat.distributed`), run main(argv); bad user
+    input ends with one 'error: ...' line, not a traceback. With several processes any failure ends this process
+    at once, so that its peers stop within the distributed timeout instead of waiting for it."""
+    import traceback
+    from jaxchat import distributed
     configure_accelerator()
-    use_compilation_cache()
     try:
-        main()
+        argv = distributed.initialize(sys.argv[1:])
+        use_compilation_cache()
+        main(argv)
     except UserError as e:
-        sys.exit(f"error: {e}")
+        distributed.exit_now(f"error: {e}")
+    except BaseException as e:
+        if distributed.process_count() == 1 or isinstance(e, SystemExit) and not e.code:
+            raise
+        if not isinstance(e, SystemExit):  # argparse has printed its own message
+            traceback.print_exc()
+        distributed.exit_now(f"error: process {distributed.process_index()} of {distributed.process_count()} "
+                             f"failed; stopping")

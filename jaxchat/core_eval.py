@@ -154,7 +154,7 @@ def score_rows(model, rows, pad_id, max_len, batch_tokens=BATCH_TOKENS, desc=Non
     mean_loss, exact = np.zeros(len(rows), np.float64), np.zeros(len(rows), bool)
 
     def collect(out, members, ids):
-        nll, pred = np.asarray(out[0]), np.asarray(out[1])
+        nll, pred = sharding.to_host(out)
         for b, r in enumerate(members):
             _, s, e, _ = rows[r]
             mean_loss[r] = nll[b, s - 1:e - 1].mean() if e > s else np.inf

@@ -1,10 +1,16 @@
 """Pretraining data loader: a grain pipeline with nanochat's BOS-aligned best-fit packing and exact, resumable state.
 
-Pipeline (one per process):
+Streams. A batch of B rows comes from `num_streams` independent streams of B / num_streams rows each (by default one
+per device, as nanochat's one loader per GPU); stream j packs documents j, j+n, ... of every row group. The streams,
+and so every batch, are the same however many processes share the devices: `DistributedDataLoader` runs only the
+streams behind the rows this process's devices hold, and its state holds every stream's, so a run saved by two
+processes resumes on one and vice versa.
 
-    MapDataset.source([(file, row_group), ...])   row groups r, r+n, ... of each file of the split (nanochat's rule)
+Pipeline (one per stream):
+
+    MapDataset.source([(file, row_group), ...])   every row group of the split's files, in order
       .repeat(num_epochs)                         None = forever; element k of the repeated source is in epoch k // len
-      .map_with_index(read + tokenize)            -> (k, [BOS-prefixed int32 token arrays, one per document])
+      .map_with_index(read + tokenize)            -> (k, [BOS-prefixed int32 token arrays: this stream's documents])
       .to_iter_dataset(ReadOptions(...))          row groups are read and tokenized ahead in grain's threads
     _BestFitPackIterDataset                       rows of T+1 tokens (below)
       .batch(B).map(split)                        {"inputs": (B, T), "targets": (B, T)} int32
@@ -29,9 +35,11 @@ approximate: it skips to the next row group.)
 """
 import bisect
 import concurrent.futures
+import functools
 import hashlib
 import itertools
 import json
+import os
 import weakref
 
 import grain
@@ -39,6 +47,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jaxchat import distributed
 from jaxchat.common import UserError
 from jaxchat.dataset import iter_file_batches, split_files
 
@@ -168,15 +177,24 @@ def _split_rows(batch):
             "epoch": int(batch["epoch"][-1]), "used": int(batch["used"][-1]), "cropped": int(batch["cropped"][-1])}
 
 
-class _ShardReader:
-    """Row groups of the split's files -> texts -> BOS-prefixed int32 token arrays. Held by the grain pipeline (not the
-    DataLoader, so that an abandoned DataLoader can be collected and close its threads)."""
+@functools.lru_cache(maxsize=32)  # a process's streams read the same row groups at about the same time: once
+def _read_row_group(path, rg, _version):
+    """The texts of one parquet row group; `_version` (mtime, size) keeps a rewritten file from being served stale."""
+    try:
+        return pq.ParquetFile(path).read_row_group(rg, columns=["text"]).column("text").to_pylist()
+    except (OSError, pa.ArrowException) as e:
+        raise UserError(f"cannot read data file {path} (row group {rg}): {e}") from None
 
-    def __init__(self, files, tokenizer, tokenizer_threads, tokenizer_batch_size):
-        self.files, self.tokenizer = files, tokenizer
+
+class _ShardReader:
+    """Row groups of the split's files -> this stream's texts -> BOS-prefixed int32 token arrays. Held by the grain
+    pipeline (not the DataLoader, so that an abandoned DataLoader can be collected and close its threads)."""
+
+    def __init__(self, files, tokenizer, tokenizer_threads, tokenizer_batch_size, stream, num_streams):
+        self.files, self.tokenizer, self.stream, self.num_streams = files, tokenizer, stream, num_streams
         self._bos, self._threads, self._tbs = tokenizer.get_bos_token_id(), tokenizer_threads, tokenizer_batch_size
         self._text_cache = (None, None)  # (path, [row-group texts]) of the last non-parquet file read
-        self.elements = []  # [(file index, row group)] of this process, set by the DataLoader
+        self.elements = []  # [(file index, row group)] of the split, set by the DataLoader
 
     def row_group_sizes(self, path):
         if path.endswith(".parquet"):
@@ -197,13 +215,17 @@ class _ShardReader:
         return batches
 
     def read_texts(self, file_idx, rg):
+        """This stream's documents of a row group."""
         path = self.files[file_idx]
         if not path.endswith(".parquet"):
-            return self._file_batches(path)[rg]
-        try:
-            return pq.ParquetFile(path).read_row_group(rg, columns=["text"]).column("text").to_pylist()
-        except (OSError, pa.ArrowException) as e:
-            raise UserError(f"cannot read data file {path} (row group {rg}): {e}") from None
+            texts = self._file_batches(path)[rg]
+        else:
+            try:
+                stat = os.stat(path)
+            except OSError as e:
+                raise UserError(f"cannot read data file {path} (row group {rg}): {e}") from None
+            texts = _read_row_group(path, rg, (stat.st_mtime_ns, stat.st_size))
+        return texts[self.stream::self.num_streams]
 
     def tokenize(self, texts):
         out = []
@@ -238,32 +260,27 @@ class DataLoader:
     """
 
     def __init__(self, tokenizer, B, T, split, data_dir=None, *, buffer_size=1000, tokenizer_threads=4,
-                 tokenizer_batch_size=128, process_index=None, process_count=None, state=None, num_epochs=None,
+                 tokenizer_batch_size=128, stream=0, num_streams=1, state=None, num_epochs=None,
                  read_threads=1, read_ahead=2, prefetch_batches=0):
-        if process_index is None or process_count is None:
-            import jax
-            process_index = jax.process_index() if process_index is None else process_index
-            process_count = jax.process_count() if process_count is None else process_count
-        assert 0 <= process_index < process_count and B >= 1 and T >= 1 and buffer_size >= 1
-        self.B, self.T, self.split = B, T, split
-        self.process_index, self.process_count = process_index, process_count
+        assert 0 <= stream < num_streams and B >= 1 and T >= 1 and buffer_size >= 1
+        self.B, self.T, self.split, self.stream, self.num_streams = B, T, split, stream, num_streams
         self.files = split_files(split, data_dir)
-        reader = _ShardReader(self.files, tokenizer, tokenizer_threads, tokenizer_batch_size)
+        reader = _ShardReader(self.files, tokenizer, tokenizer_threads, tokenizer_batch_size, stream, num_streams)
         n_rgs, n_docs = [], 0
         for path in self.files:
             counts = reader.row_group_sizes(path)
             n_rgs.append(len(counts))
-            n_docs += sum(counts[process_index::process_count])
-        reader.elements = [(f, rg) for f, n in enumerate(n_rgs) for rg in range(process_index, n, process_count)]
+            n_docs += sum(len(range(stream, c, num_streams)) for c in counts)
+        reader.elements = [(f, rg) for f, n in enumerate(n_rgs) for rg in range(n)]
         if n_docs == 0:
             raise UserError(f"the {split} split ({len(self.files)} file(s) in {self.files[0].rsplit('/', 1)[0]}) has "
-                            f"no documents for process {process_index} of {process_count} (files have "
+                            f"no documents for stream {stream} of {num_streams} (one per device; files have "
                             f"{sum(n_rgs)} row groups in all)")
-        self.row_groups = list(reader.elements)  # (file index, row group) of one epoch of this process
+        self.row_groups = list(reader.elements)  # (file index, row group) of one epoch
         names = [[path.rsplit("/", 1)[-1], n] for path, n in zip(self.files, n_rgs)]
         self._config = {"version": STATE_VERSION, "split": split, "seq_len": T, "buffer_size": buffer_size,
                         "tokenizer_batch_size": tokenizer_batch_size, "vocab_size": tokenizer.get_vocab_size(),
-                        "process": [process_index, process_count],
+                        "stream": [stream, num_streams],
                         "data": hashlib.sha1(json.dumps(names).encode()).hexdigest()[:16]}
         source = grain.MapDataset.source(reader.elements).repeat(num_epochs).map_with_index(reader.read_and_tokenize)
         rows = _BestFitPackIterDataset(
@@ -325,6 +342,66 @@ class DataLoader:
 
     def close(self):
         self._close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.close()
+
+
+class DistributedDataLoader:
+    """Batches {"inputs", "targets"} of B global rows from `num_streams` streams (B / num_streams rows each;
+    default one stream per device), of which this process builds only `rows` (a range of the global rows; default
+    the rows its devices hold under the active mesh), for `sharding.shard_batch(batch, global_rows=B)`.
+    `get_state()` holds every stream's state, gathered from every process (all call it together); `state=`
+    restores any process's share of it. Other keywords: DataLoader's."""
+
+    def __init__(self, tokenizer, B, T, split, data_dir=None, *, num_streams=None, rows=None, state=None, **kwargs):
+        if num_streams is None or rows is None:
+            import jax
+            from jaxchat import sharding
+            num_streams = jax.device_count() if num_streams is None else num_streams
+            rows = sharding.local_rows(B) if rows is None else rows
+        per, rem = divmod(B, num_streams)
+        assert rem == 0 and rows.start % per == 0 and len(rows) % per == 0, (B, num_streams, rows)
+        if state is not None and len(state.get("streams", ())) != num_streams:
+            raise UserError(f"the data loader state has {len(state.get('streams', ()))} streams, this run "
+                            f"{num_streams} (one per device): resume on as many devices")
+        self.B, self.streams = B, range(rows.start // per, rows.stop // per)
+        self.loaders = []
+        try:
+            for j in self.streams:
+                self.loaders.append(DataLoader(tokenizer, per, T, split, data_dir, stream=j, num_streams=num_streams,
+                                               state=None if state is None else state["streams"][j], **kwargs))
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def epoch(self):
+        return min(loader.epoch for loader in self.loaders)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        parts = [next(loader) for loader in self.loaders]
+        return {key: np.concatenate([p[key] for p in parts]) for key in ("inputs", "targets")}
+
+    def next_stacked(self, accum):
+        micro = [next(self) for _ in range(accum)]
+        return {key: np.stack([m[key] for m in micro]) for key in ("inputs", "targets")}
+
+    def get_state(self):
+        shares = distributed.all_gather_json("loader_state", {j: l.get_state() for j, l in zip(self.streams,
+                                                                                                self.loaders)})
+        merged = {int(j): state for share in shares for j, state in share.items()}
+        return {"streams": [merged[j] for j in range(len(merged))]}
+
+    def close(self):
+        for loader in self.loaders:
+            loader.close()
 
     def __enter__(self):
         return self

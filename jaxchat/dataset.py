@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jaxchat import distributed
 from jaxchat.common import UserError, file_lock, get_base_dir, run_main
 from jaxchat.download import RETRY_DELAY, BadFile, DownloadError, Progress, download_one
 
@@ -257,6 +258,7 @@ def build_parser():
     return p
 
 
+@distributed.one_writer  # several processes: process 0 writes the files, the others wait for them
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.num_files is None:

@@ -215,7 +215,7 @@ class Engine:
         ids = (self.bos, self.assistant_end, self.python_start, self.python_end)
         while True:
             ds = _decode(self.graphdef, ids, self.state, ds, stop_n, float(temperature), top_k or None)
-            needs, n = jax.device_get((ds.needs_tool, ds.n))
+            needs, n = sharding.to_host((ds.needs_tool, ds.n))
             if needs.any():
                 ds = self._serve_tools(ds, needs)
             if not needs.any() or n >= stop_n:
@@ -223,8 +223,9 @@ class Engine:
 
     def _serve_tools(self, ds, needs):
         """Run the tool on every closed python block; queue its output as forced tokens of that row."""
-        out, py_start, n = np.asarray(ds.out), np.array(ds.py_start), int(ds.n)
-        forced, forced_len, forced_pos = np.array(ds.forced), np.array(ds.forced_len), np.array(ds.forced_pos)
+        out, py_start, forced, forced_len, forced_pos = map(np.array, sharding.to_host(  # writable copies
+            (ds.out, ds.py_start, ds.forced, ds.forced_len, ds.forced_pos)))
+        n = int(ds.n)
         for b in np.flatnonzero(needs):
             toks = tool_output_tokens(self.tool, self.tokenizer, out[b, py_start[b] + 1:n - 1].tolist(),
                                       self.output_ids)
@@ -245,7 +246,7 @@ class Engine:
         done, out = False, None
         while shown < n_cols and not done:
             ds = self._run(ds, min(shown + stream_every, n_cols), temperature, top_k)
-            out, mask, n, done_rows = jax.device_get((ds.out, ds.out_mask, ds.n, ds.done))
+            out, mask, n, done_rows = sharding.to_host((ds.out, ds.out_mask, ds.n, ds.done))
             for t in range(shown, n):
                 yield out[:num_samples, t].tolist(), mask[:num_samples, t].tolist()
             shown, done = n, done_rows[:num_samples].all()
@@ -260,7 +261,7 @@ class Engine:
         prompts = [list(p) for p in tokens] if several else [list(tokens)]
         ds, n_cols = self._start(prompts, num_samples, max_tokens, seed)
         ds = self._run(ds, n_cols, temperature, top_k)
-        out, mask, n = jax.device_get((ds.out, ds.out_mask, ds.n))
+        out, mask, n = sharding.to_host((ds.out, ds.out_mask, ds.n))
         results, masks = [], []
         for row in range(len(prompts) * num_samples):
             prompt, gen = prompts[row // num_samples], out[row, :n].tolist()

@@ -13,6 +13,7 @@ import os
 import time
 import tomllib
 
+from jaxchat import distributed
 from jaxchat.common import UserError, run_main
 
 # stage name -> module; each module has build_parser() and main(argv), and runs alone as `python -m jaxchat.<module>`
@@ -122,6 +123,7 @@ def main(argv=None):
     parser.add_argument("--config", required=True,
                         help="a name in jaxchat/configs/ (tiny, d20, ...) or a path to a .toml file")
     parser.add_argument("--stages", default="", help="run only these of the config's stages, e.g. base_train,base_eval")
+    distributed.add_flags(parser)  # read by run_main before this parser (listed here for --help)
     args, rest = parser.parse_known_args(argv)
     config = load_config(args.config)
     if args.stages:

@@ -21,13 +21,14 @@ def bpb_sums(model, inputs, targets, token_bytes):
     return jnp.sum(jnp.where(nbytes > 0, losses, 0.0)), jnp.sum(nbytes)
 
 
-def evaluate_bpb(model, batches, steps, token_bytes):
+def evaluate_bpb(model, batches, steps, token_bytes, global_rows=None):
     """Mean bpb over `steps` batches ({"inputs", "targets"} int arrays (B, T)) from the iterator `batches`, with
-    the rows split over the mesh the caller set (`jax.set_mesh`), if any."""
+    the rows split over the mesh the caller set (`jax.set_mesh`), if any. `global_rows`: the batches hold only this
+    process's rows of batches of that many (`DistributedDataLoader`)."""
     token_bytes = jnp.asarray(np.asarray(token_bytes, dtype=np.int32))
     nats, nbytes = 0.0, 0
     for _ in tqdm(range(steps), desc="val bpb", unit="batch", leave=False, disable=steps < 2):
-        batch = sharding.shard_batch(next(batches))
+        batch = sharding.shard_batch(next(batches), global_rows=global_rows)
         n, b = bpb_sums(model, batch["inputs"], batch["targets"], token_bytes)
         nats += float(n)
         nbytes += int(b)

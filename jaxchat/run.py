@@ -22,7 +22,7 @@ from flax import nnx
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-from jaxchat import sharding
+from jaxchat import distributed, sharding
 from jaxchat.checkpoint_manager import (Checkpointer, check_model_config, check_tokenizer, checkpoint_dir,
                                         find_largest_model, load_model)
 from jaxchat.common import UserError, flag_adder, get_base_dir
@@ -123,7 +123,8 @@ def batch_rows(args, per_step, row_len=1):
 
 def devices_line():
     mesh = jax.sharding.get_mesh()
-    return f"{jax.default_backend()} × {jax.device_count()} ({jax.devices()[0].device_kind}), mesh {dict(mesh.shape)}"
+    hosts = f" on {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    return f"{jax.default_backend()} × {jax.device_count()} ({jax.devices()[0].device_kind}){hosts}, mesh {dict(mesh.shape)}"
 
 
 def chat_run(stage, args, settings, loop_state):
@@ -147,19 +148,24 @@ class SummaryWriter:
     `writer.scalars(step, {"train/loss": 3.2})`; view with `tensorboard --logdir $JAXCHAT_BASE_DIR/runs`."""
 
     def __init__(self, logdir):
-        self.writer = EventFileWriter(logdir)
+        self.writer = EventFileWriter(logdir) if distributed.is_writer() else None  # process 0 logs for all
 
     def scalars(self, step, values):
+        if self.writer is None:
+            return
         summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=k, simple_value=float(v))
                                              for k, v in values.items()])
         self.writer.add_event(event_pb2.Event(step=step, wall_time=time.time(), summary=summary))
 
     def text(self, step, tag, text):
+        if self.writer is None:
+            return
         from tensorboard.plugins.text.summary_v2 import text_pb
         self.writer.add_event(event_pb2.Event(step=step, wall_time=time.time(), summary=text_pb(tag, text)))
 
     def close(self):
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 class TrainingRun:

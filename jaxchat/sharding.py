@@ -103,14 +103,46 @@ def batch_spec(ndim, batch_axis=0):
     return logical_to_spec(names)
 
 
-def shard_batch(batch, batch_axis=0):
+def shard_batch(batch, batch_axis=0, global_rows=None):
     """device_put every array of `batch` with its `batch_axis` split over the batch axes of the mesh set by
-    `jax.set_mesh`; without one, onto the default device."""
+    `jax.set_mesh`; without one, onto the default device. `batch` is the whole batch, the same on every process;
+    or, with `global_rows`, only this process's rows (`local_rows`) of a batch of that many rows."""
     mesh = jax.sharding.get_mesh()
     if mesh.empty:
         return jax.device_put(batch)
-    put = lambda x: jax.device_put(x, NamedSharding(mesh, batch_spec(np.ndim(x), batch_axis)))
+
+    def put(x):
+        where = NamedSharding(mesh, batch_spec(np.ndim(x), batch_axis))
+        if global_rows is None:
+            return jax.device_put(x, where)
+        shape = list(np.shape(x))
+        shape[batch_axis] = global_rows
+        return jax.make_array_from_process_local_data(where, x, tuple(shape))
     return jax.tree.map(put, batch)
+
+
+def local_rows(global_rows):
+    """range of the rows of a batch of `global_rows` that this process's devices hold under the active mesh (all
+    of them with one process): the rows its loader must build."""
+    mesh = jax.sharding.get_mesh()
+    if mesh.empty or jax.process_count() == 1:
+        return range(global_rows)
+    where = NamedSharding(mesh, batch_spec(1))
+    starts = sorted({i[0].start or 0 for i in where.addressable_devices_indices_map((global_rows,)).values()})
+    per = global_rows // batch_shards()
+    if starts != list(range(starts[0], starts[0] + per * len(starts), per)):  # jax.make_mesh keeps a host's together
+        raise ValueError(f"this process's devices hold rows starting at {starts}, not one contiguous block")
+    return range(starts[0], starts[0] + per * len(starts))
+
+
+def to_host(tree):
+    """numpy copies of a tree of arrays, whole on every process: an array split over other processes' devices is
+    gathered from them first (every process must call this together)."""
+    if all(getattr(x, "is_fully_addressable", True) or getattr(x, "is_fully_replicated", False)
+           for x in jax.tree.leaves(tree)):
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
 def sharding_table(model, mesh=None):

@@ -75,7 +75,7 @@ def run_categorical_eval(task, tokenizer, model, batch_size=32, max_problems=Non
         for r, p in enumerate(prompts):
             tokens[r, :len(p)] = p
         positions = np.array([len(p) - 1 for p in prompts] + [0] * (rows - len(prompts)), np.int32)
-        logits = np.asarray(_logits_at(model, *sharding.shard_batch((tokens, positions))))
+        logits = sharding.to_host(_logits_at(model, *sharding.shard_batch((tokens, positions))))
         for row, conversation in enumerate(conversations):
             letters = conversation["letters"]
             for letter in letters:

@@ -5,6 +5,7 @@ first time; offline, those comparisons are skipped with the reason, and ours is 
 """
 import argparse
 
+from jaxchat import distributed
 from jaxchat.common import UserError, run_main
 from jaxchat.dataset import parquets_iter_batched
 from jaxchat.tokenizer import RustBPETokenizer, get_tokenizer
@@ -56,6 +57,7 @@ def build_parser():
     return p
 
 
+@distributed.one_writer  # several processes: process 0 writes the files, the others wait for them
 def main(argv=None):
     args = build_parser().parse_args(argv)
     ours = get_tokenizer(args.tokenizer_dir)

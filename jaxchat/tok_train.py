@@ -10,6 +10,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from jaxchat import distributed
 from jaxchat.common import get_base_dir, run_main
 from jaxchat.dataset import iter_texts
 from jaxchat.tokenizer import RustBPETokenizer
@@ -26,6 +27,7 @@ def build_parser():
     return p
 
 
+@distributed.one_writer  # several processes: process 0 writes the files, the others wait for them
 def main(argv=None):
     args = build_parser().parse_args(argv)
     out_dir = args.out_dir or os.path.join(get_base_dir(), "tokenizer")

@@ -152,7 +152,7 @@ def test_a_damaged_checkpoint_at_the_cli_is_one_line(tmp_path):
                 Checkpointer(directory).restore(2, t.abstract_model())
             except DamagedCheckpoint:
                 pass
-        run_main(lambda: load_model("base", "t"))
+        run_main(lambda _: load_model("base", "t"))
     ''')
     env = dict(os.environ, JAXCHAT_BASE_DIR=str(tmp_path), JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -1,4 +1,4 @@
-"""The pretraining loader: BOS-aligned best-fit packing, exact resumable state, process striding, clear errors."""
+"""The pretraining loader: BOS-aligned best-fit packing, exact resumable state, streams, clear errors."""
 import gc
 import json
 import os
@@ -11,7 +11,7 @@ import pytest
 
 from jaxchat import dataset
 from jaxchat.common import UserError
-from jaxchat.dataloader import DataLoader
+from jaxchat.dataloader import DataLoader, DistributedDataLoader
 from jaxchat.tokenizer import RustBPETokenizer
 
 WORDS = ("the of and to in is was for on that with as by at from his her an were are which this be or has had "
@@ -19,7 +19,7 @@ WORDS = ("the of and to in is was for on that with as by at from his her an were
 RG = 16  # documents per row group in the test shards
 FILE_DOCS = [50, 40, 33, 20]  # three train files (4, 3, 3 row groups) and a validation file
 B, T = 4, 64
-KW = dict(buffer_size=24, tokenizer_batch_size=8, tokenizer_threads=2, process_index=0, process_count=1)
+KW = dict(buffer_size=24, tokenizer_batch_size=8, tokenizer_threads=2, stream=0, num_streams=1)
 
 
 class CharTokenizer:
@@ -133,8 +133,7 @@ def test_matches_nanochat_best_fit_including_ties(tmp_path):
                     for i in range(0, len(rg), 4):
                         yield rg[i:i + 4]
 
-    loader = DataLoader(tok, 3, 23, "train", d, buffer_size=7, tokenizer_batch_size=4, process_index=0,
-                        process_count=1)
+    loader = DataLoader(tok, 3, 23, "train", d, buffer_size=7, tokenizer_batch_size=4)
     got = np.concatenate([rows_of(b) for b in take(loader, 60)])
     np.testing.assert_array_equal(got, np.array(nanochat_rows(doc_batches(), 24, 7, 180)))
 
@@ -146,8 +145,7 @@ def test_best_fit_hand_case_and_cropped_fraction(tmp_path):
     lengths = [7, 3, 5, 2, 9, 4, 6]
     texts = [chr(97 + i) * (n - 1) for i, n in enumerate(lengths)]
     d = write_files(tmp_path, [texts])
-    loader = DataLoader(CharTokenizer(), 1, 9, "train", d, buffer_size=100, num_epochs=1, process_index=0,
-                        process_count=1)
+    loader = DataLoader(CharTokenizer(), 1, 9, "train", d, buffer_size=100, num_epochs=1)
     rows = [rows_of(b)[0] for b in loader]
     doc = {ch: [1] + [2 + ord(ch)] * (n - 1) for ch, n in zip("abcdefg", lengths)}
     assert [list(r) for r in rows] == [doc["e"] + doc["d"][:1], doc["a"] + doc["b"], doc["g"] + doc["f"]]
@@ -211,24 +209,44 @@ def test_val_pass_is_fresh_and_finite(corpus):
     assert_same(take(DataLoader(tok, 2, 32, "val", d, **KW), 5), take(DataLoader(tok, 2, 32, "val", d, **KW), 5))
 
 
-def test_process_striding(tmp_path):
+def test_streams_split_every_row_group(tmp_path):
+    """Stream j of n packs documents j, j+n, ... of every row group: disjoint streams that cover the data."""
     texts = [[f"{f}.{i:03d}|" + "x" * (i % 7) for i in range(n)] for f, n in enumerate((50, 40, 33, 20))]
     d = write_files(tmp_path, texts)
     tok = CharTokenizer()
     seen = []
-    for r in range(2):
-        loader = DataLoader(tok, 2, 40, "train", d, buffer_size=8, tokenizer_batch_size=4, num_epochs=1,
-                            process_index=r, process_count=2)
-        assert loader.row_groups == [(f, g) for f, n in enumerate((4, 3, 3)) for g in range(r, n, 2)]
+    for j in range(3):
+        loader = DataLoader(tok, 2, 40, "train", d, buffer_size=8, tokenizer_batch_size=4, num_epochs=1, stream=j,
+                            num_streams=3)
+        assert loader.row_groups == [(f, g) for f, n in enumerate((4, 3, 3)) for g in range(n)]
         ids = set()
         for b in loader:
             for row in rows_of(b):
                 docs = "".join(chr(t - 2) if t != 1 else "\n" for t in row).split("\n")[1:]
                 ids |= {(int(doc[0]), int(doc[2:5])) for doc in docs if len(doc) >= 6}  # "f.iii|" was not cropped
-        assert all((i // RG) % 2 == r for _, i in ids)  # this process's row groups only
+        assert ids and all((i % RG) % 3 == j for _, i in ids)  # this stream's documents only
         seen.append(ids)
-    assert not seen[0] & seen[1]
-    assert {(f, i // RG) for f, i in seen[0] | seen[1]} == {(f, g) for f, n in enumerate((4, 3, 3)) for g in range(n)}
+    assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
+    assert {(f, i // RG) for f, i in set().union(*seen)} == {(f, g) for f, n in enumerate((4, 3, 3)) for g in range(n)}
+
+
+def test_distributed_loader_is_its_streams_side_by_side(corpus):
+    """The global batch is the streams' rows in stream order, whichever process builds which streams; its state
+    restores any share of them (a run saved by 2 processes resumes on 1, and the reverse)."""
+    d, _, tok = corpus
+    kw = {k: v for k, v in KW.items() if k not in ("stream", "num_streams")}
+    whole = DistributedDataLoader(tok, 4, T, "train", d, num_streams=4, **kw)
+    streams = [DataLoader(tok, 1, T, "train", d, stream=j, num_streams=4, **kw) for j in range(4)]
+    for _ in range(3):
+        got = next(whole)["inputs"]
+        np.testing.assert_array_equal(got, np.concatenate([next(s)["inputs"] for s in streams]))
+    state = whole.get_state()
+    halves = [DistributedDataLoader(tok, 4, T, "train", d, num_streams=4, rows=range(r, r + 2), state=state, **kw)
+              for r in (0, 2)]
+    after = whole.next_stacked(2)["inputs"]
+    np.testing.assert_array_equal(np.concatenate([h.next_stacked(2)["inputs"] for h in halves], axis=1), after)
+    with pytest.raises(UserError, match="4 streams, this run 2"):
+        DistributedDataLoader(tok, 4, T, "train", d, num_streams=2, state=state, **kw)
 
 
 def test_errors_name_the_file(corpus, tmp_path):
@@ -248,8 +266,9 @@ def test_errors_name_the_file(corpus, tmp_path):
     empty = write_files(tmp_path / "empty", [[]])
     with pytest.raises(UserError, match="no documents"):
         DataLoader(tok, B, T, "train", empty, **KW)
-    with pytest.raises(UserError, match="process 2 of 3"):  # the val file has two row groups
-        DataLoader(tok, B, T, "val", d, **{**KW, "process_index": 2, "process_count": 3})
+    two = write_files(tmp_path / "two", [["a b", "c d"], ["e f"]])  # train: 2 documents; val: 1
+    with pytest.raises(UserError, match="stream 2 of 3"):
+        DataLoader(tok, B, T, "train", two, **{**KW, "stream": 2, "num_streams": 3})
     state = DataLoader(tok, B, T, "train", d, **KW).get_state()
     with pytest.raises(UserError, match="seq_len"):
         DataLoader(tok, B, T + 1, "train", d, state=state, **KW)

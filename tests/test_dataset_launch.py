@@ -146,7 +146,7 @@ def test_data_stage_uses_your_own_directory(tmp_path, capsys):
 CACHE_PROBE = """
 import os, jax, jax.numpy as jnp
 from jaxchat.common import run_main
-def main():
+def main(argv):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # cache even this small program
     print(jax.jit(lambda x: jnp.sin(x) * 3)(jnp.arange(8.0)).sum())
     print("cache:", jax.config.jax_compilation_cache_dir)

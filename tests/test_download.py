@@ -176,7 +176,7 @@ def test_cli_downloads_n_shards_plus_pinned_val(server, tmp_path, capsys):
 def test_cli_partial_failure_exits_nonzero(server, tmp_path):
     server.modes["shard_00001.parquet"] = "404"
     with pytest.raises(SystemExit) as e:
-        run_main(lambda: dataset.main(["-n", "3", "--base-url", f"{server.root}/plain", "--data-dir", str(tmp_path)]))
+        run_main(lambda _: dataset.main(["-n", "3", "--base-url", f"{server.root}/plain", "--data-dir", str(tmp_path)]))
     assert "1 of 4 shards" in str(e.value.code) and "shard_00001.parquet: HTTP 404" in str(e.value.code)
     assert parquets(tmp_path) == ["shard_00000.parquet", "shard_00002.parquet", "shard_01822.parquet"]
 
@@ -188,7 +188,7 @@ def test_cli_unreachable_source_fails_loudly(tmp_path, monkeypatch):
         port = s.getsockname()[1]
     argv = ["-n", "2", "--base-url", f"http://127.0.0.1:{port}", "--data-dir", str(tmp_path)]
     with pytest.raises(SystemExit) as e:
-        run_main(lambda: dataset.main(argv))
+        run_main(lambda _: dataset.main(argv))
     msg = str(e.value.code)
     assert msg.startswith("error: 3 of 3 shards could not be downloaded")
     assert "shard_01822.parquet: <urlopen error" in msg and "(after 5 attempts)" in msg
