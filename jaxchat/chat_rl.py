@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxchat import sharding
+from jaxchat import distributed, sharding
 from jaxchat.common import UserError, pad_bucket, run_main
 from jaxchat.engine import Engine
 from jaxchat.optim import hyperparams
@@ -44,10 +44,14 @@ def load_tasks():
     from jaxchat.tasks.arithmetic import Arithmetic
     from jaxchat.tasks.gsm8k import GSM8K
     try:
-        return GSM8K(subset="main", split="train"), GSM8K(subset="main", split="test"), "GSM8K"
+        tasks, error = (GSM8K(subset="main", split="train"), GSM8K(subset="main", split="test"), "GSM8K"), None
     except UserError as e:
-        tqdm.write(f"GSM8K is not available ({str(e).splitlines()[0]}); using the synthetic Arithmetic problems")
-        return Arithmetic(size=8000, split="train"), Arithmetic(size=1000, split="test"), "Arithmetic"
+        tasks, error = None, e
+    if distributed.everyone("gsm8k", error is None):  # every process trains on the same problems
+        return tasks
+    reason = str(error).splitlines()[0] if error else "not on every process"
+    tqdm.write(f"GSM8K is not available ({reason}); using the synthetic Arithmetic problems")
+    return Arithmetic(size=8000, split="train"), Arithmetic(size=1000, split="test"), "Arithmetic"
 
 
 def rollouts(engine, tokenizer, task, indices, num_samples, args, seed):

@@ -129,8 +129,8 @@ class Checkpointer:
     def clear(self):
         """Delete every step and the tokenizer copy, for a fresh run over an old one (takes the lock)."""
         self.lock()
-        for step in self.all_steps():
-            self.manager.delete(step)  # collective: every process calls it
+        for step in self.agreed_steps():
+            self.manager.delete(step)  # collective: every process deletes the same steps
         if distributed.is_writer():
             shutil.rmtree(os.path.join(self.directory, TOKENIZER_DIR), ignore_errors=True)
         distributed.barrier("clear")
@@ -143,7 +143,8 @@ class Checkpointer:
         if self._fingerprint is None:
             self._fingerprint = tokenizer.fingerprint()
             path = os.path.join(self.directory, TOKENIZER_DIR)
-            if distributed.is_writer() and not os.path.isdir(path):  # a resumed run's copy is already there (resume checked it: check_tokenizer)
+            # process 0 copies it; a resumed run's copy is already there (resume checked it: check_tokenizer)
+            if distributed.is_writer() and not os.path.isdir(path):
                 shutil.rmtree(path + ".tmp", ignore_errors=True)
                 tokenizer.save(path + ".tmp")
                 os.rename(path + ".tmp", path)  # atomic: a reader sees the whole copy or none
@@ -180,6 +181,11 @@ class Checkpointer:
     def all_steps(self):
         return sorted(self.manager.all_steps())
 
+    def agreed_steps(self):
+        """all_steps() as process 0 sees them, on every process: one answer even where a shared filesystem shows
+        hosts a directory listing at different moments (every process calls this together)."""
+        return distributed.all_gather_json("steps", self.all_steps())[0]
+
     def restore_meta(self, step=None):
         """The meta of `step` (default: the latest)."""
         return self._restore_item(self._step(step), "meta", ocp.args.JsonRestore())
@@ -210,11 +216,13 @@ class Checkpointer:
         of the resumed run, which saves that step again."""
         self.lock()
         damaged = []
-        for step in reversed(self.all_steps()):
+        for step in reversed(self.agreed_steps()):
             try:
-                restored = self.restore(step, abstract_model_state, abstract_optim_state)
+                restored, reason = self.restore(step, abstract_model_state, abstract_optim_state), None
             except DamagedCheckpoint as e:
-                damaged.append(f"step {step} is damaged ({e.reason})")
+                reason = e.reason
+            if not distributed.everyone("restored", reason is None):  # each process reads its own shards
+                damaged.append(f"step {step} is damaged ({reason or 'on another process'})")
                 continue
             for bad in (s for s in self.all_steps() if s > step and distributed.is_writer()):
                 _move_aside(self._step_dir(bad))

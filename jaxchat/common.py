@@ -4,6 +4,9 @@ import fcntl
 import json
 import os
 import sys
+import traceback
+
+from jaxchat import distributed
 
 
 def get_base_dir(create=True):
@@ -44,7 +47,6 @@ def write_atomic(path, data):
 
 def write_results(subdir, name, results):
     """An evaluation's results as JSON in $JAXCHAT_BASE_DIR/<subdir>/<name>.json; says where and returns the path."""
-    from jaxchat import distributed
     path = os.path.join(get_base_dir(), subdir, name + ".json")
     if distributed.is_writer():  # every process has the same results; one writes them
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -96,8 +98,6 @@ def run_main(main):
     """Entry point of a stage: start jax.distributed when asked (`jaxchat.distributed`), run main(argv); bad user
     input ends with one 'error: ...' line, not a traceback. With several processes any failure ends this process
     at once, so that its peers stop within the distributed timeout instead of waiting for it."""
-    import traceback
-    from jaxchat import distributed
     configure_accelerator()
     try:
         argv = distributed.initialize(sys.argv[1:])

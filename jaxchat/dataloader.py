@@ -51,7 +51,7 @@ from jaxchat import distributed
 from jaxchat.common import UserError
 from jaxchat.dataset import iter_file_batches, split_files
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: one state per stream (1: per process)
 _SEQ = 1 << 32  # document identity (k, i) as the single int k * _SEQ + i (stream order = int order)
 
 
@@ -365,8 +365,11 @@ class DistributedDataLoader:
             rows = sharding.local_rows(B) if rows is None else rows
         per, rem = divmod(B, num_streams)
         assert rem == 0 and rows.start % per == 0 and len(rows) % per == 0, (B, num_streams, rows)
-        if state is not None and len(state.get("streams", ())) != num_streams:
-            raise UserError(f"the data loader state has {len(state.get('streams', ()))} streams, this run "
+        if state is not None and "streams" not in state:
+            raise UserError("the data loader state predates per-device streams (a jaxchat before multi-process "
+                            "support): this run cannot resume exactly; start it again")
+        if state is not None and len(state["streams"]) != num_streams:
+            raise UserError(f"the data loader state has {len(state['streams'])} streams, this run "
                             f"{num_streams} (one per device): resume on as many devices")
         self.B, self.streams = B, range(rows.start // per, rows.stop // per)
         self.loaders = []

@@ -56,8 +56,9 @@ def initialize(argv):
     parser = argparse.ArgumentParser(add_help=False)
     add_flags(parser)
     args, rest = parser.parse_known_args(argv)
-    auto = args.coordinator == "auto" or (not args.coordinator and args.num_processes <= 1 and _cluster_started_several())
-    if not auto and args.num_processes <= 1 and not args.coordinator:
+    nothing_given = not args.coordinator and args.num_processes <= 1
+    auto = args.coordinator == "auto" or (nothing_given and _cluster_started_several())
+    if nothing_given and not auto:
         return rest
     if not auto and not (args.coordinator and args.num_processes >= 1 and 0 <= args.process_id < args.num_processes):
         raise UserError(f"several processes need --coordinator=HOST:PORT, --num_processes=N and --process_id in "
@@ -78,7 +79,11 @@ def initialize(argv):
     if not is_writer():  # one voice: process 0 prints and shows progress; every process's errors still show
         import tqdm
         sys.stdout = open(os.devnull, "w")
-        tqdm.tqdm.__init__ = functools.partialmethod(tqdm.tqdm.__init__, disable=True)
+        shown = tqdm.tqdm.__init__
+
+        def hidden(self, *args, **kwargs):
+            shown(self, *args, **{**kwargs, "disable": True})  # even where a caller passes disable=
+        tqdm.tqdm.__init__ = hidden
     return rest
 
 
@@ -96,7 +101,9 @@ def is_writer():
 
 
 def _client():
-    from jax._src.distributed import global_state  # the coordination service jax.distributed started
+    # The coordination service that jax.distributed started: its barrier and key-value store wait as long as asked
+    # (a device collective would time out while process 0 trains a tokenizer). JAX exposes it only here.
+    from jax._src.distributed import global_state
     return global_state.client
 
 
@@ -112,8 +119,18 @@ def all_gather_json(name, value, timeout=BARRIER_TIMEOUT):
         return [value]
     client, key = _client(), f"jaxchat/{name}/{next(_barriers)}"
     client.key_value_set(f"{key}/{process_index()}", json.dumps(value))
-    return [json.loads(client.blocking_key_value_get(f"{key}/{p}", int(timeout * 1000)))
-            for p in range(process_count())]
+    values = [json.loads(client.blocking_key_value_get(f"{key}/{p}", int(timeout * 1000)))
+              for p in range(process_count())]
+    barrier(f"{name}/read")  # everyone has read every value: each process removes its own
+    client.key_value_delete(f"{key}/{process_index()}")
+    return values
+
+
+def everyone(name, ok):
+    """True when `ok` holds on every process: a decision that changes what runs next (skip a task whose data
+    could not be had, fall back to other data) must be the same everywhere, or the processes run different
+    collectives and wait for each other forever."""
+    return all(all_gather_json(name, bool(ok)))
 
 
 def writer_first(name, fn):

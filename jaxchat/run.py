@@ -124,7 +124,8 @@ def batch_rows(args, per_step, row_len=1):
 def devices_line():
     mesh = jax.sharding.get_mesh()
     hosts = f" on {jax.process_count()} processes" if jax.process_count() > 1 else ""
-    return f"{jax.default_backend()} × {jax.device_count()} ({jax.devices()[0].device_kind}){hosts}, mesh {dict(mesh.shape)}"
+    kind = jax.devices()[0].device_kind
+    return f"{jax.default_backend()} × {jax.device_count()} ({kind}){hosts}, mesh {dict(mesh.shape)}"
 
 
 def chat_run(stage, args, settings, loop_state):
@@ -197,7 +198,7 @@ class TrainingRun:
         self.start_step = self.step
 
     def _start(self, fresh, loop_state):
-        if steps := self.ckpt.all_steps():
+        if steps := self.ckpt.agreed_steps():
             if not self.args.overwrite:
                 raise UserError(f"{self.ckpt.directory} already holds checkpoints (steps {steps}): --resume=1 "
                                 f"continues that run, --overwrite=1 replaces it, --model_tag=NAME starts another")

@@ -113,6 +113,8 @@ def shard_batch(batch, batch_axis=0, global_rows=None):
 
     def put(x):
         where = NamedSharding(mesh, batch_spec(np.ndim(x), batch_axis))
+        if global_rows is None and jax.process_count() > 1:  # each process copies only its devices' rows
+            return jax.make_array_from_callback(np.shape(x), where, lambda index: x[index])
         if global_rows is None:
             return jax.device_put(x, where)
         shape = list(np.shape(x))

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from jaxchat import sharding
+from jaxchat import distributed, sharding
 from jaxchat.common import UserError, pad_bucket
 
 
@@ -121,7 +121,12 @@ def run_chat_eval(task_name, model, tokenizer, engine, batch_size=32, num_sample
     registry = _task_registry(sandbox)
     if task_name not in registry:
         raise UserError(f"unknown task {task_name!r}; tasks: {', '.join(registry)}")
-    task = registry[task_name]()
+    try:
+        task, error = registry[task_name](), None
+    except UserError as e:  # its data or its sandbox cannot be had
+        task, error = None, e
+    if not distributed.everyone(f"task/{task_name}", error is None):
+        raise error or UserError(f"{task_name} cannot be had on another process")
     if task.eval_type == "categorical":
         return run_categorical_eval(task, tokenizer, model, batch_size, max_problems)
     return run_generative_eval(task, tokenizer, engine, num_samples, max_new_tokens, temperature, top_k,

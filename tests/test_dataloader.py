@@ -247,6 +247,8 @@ def test_distributed_loader_is_its_streams_side_by_side(corpus):
     np.testing.assert_array_equal(np.concatenate([h.next_stacked(2)["inputs"] for h in halves], axis=1), after)
     with pytest.raises(UserError, match="4 streams, this run 2"):
         DistributedDataLoader(tok, 4, T, "train", d, num_streams=2, state=state, **kw)
+    with pytest.raises(UserError, match="predates per-device streams"):  # a checkpoint of an older jaxchat
+        DistributedDataLoader(tok, 4, T, "train", d, num_streams=4, state=state["streams"][0], **kw)
 
 
 def test_errors_name_the_file(corpus, tmp_path):
