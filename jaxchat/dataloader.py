@@ -247,7 +247,25 @@ def _close_iterator(holder):
         holder.pop().close()
 
 
-class DataLoader:
+class _Batches:
+    """What both loaders share: iteration, `accum` micro-batches stacked, closing as a context manager."""
+
+    def __iter__(self):
+        return self
+
+    def next_stacked(self, accum):
+        """`accum` micro-batches stacked: {"inputs", "targets"} of shape (accum, B, T), as train_step takes."""
+        micro = [next(self) for _ in range(accum)]
+        return {key: np.stack([m[key] for m in micro]) for key in ("inputs", "targets")}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.close()
+
+
+class DataLoader(_Batches):
     """Batches {"inputs", "targets"} (np.int32, (B, T)) of BOS-aligned best-fit rows from a split's shards.
 
     Iterates forever over epochs (`num_epochs=None`) or makes a finite pass (`num_epochs=1`: StopIteration when the
@@ -303,9 +321,6 @@ class DataLoader:
             raise RuntimeError("this DataLoader is closed")
         return self._holder[0]
 
-    def __iter__(self):
-        return self
-
     def __next__(self):
         b = next(self._it)
         self.epoch, self.tokens_used, self.tokens_cropped = b["epoch"], b["used"], b["cropped"]
@@ -335,22 +350,11 @@ class DataLoader:
         self.epoch, self.batches = state["epoch"], state["batches"]
         self.tokens_used, self.tokens_cropped = state["tokens_used"], state["tokens_cropped"]
 
-    def next_stacked(self, accum):
-        """`accum` micro-batches stacked: {"inputs", "targets"} of shape (accum, B, T), as train_step takes."""
-        micro = [next(self) for _ in range(accum)]
-        return {key: np.stack([m[key] for m in micro]) for key in ("inputs", "targets")}
-
     def close(self):
         self._close()
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *_):
-        self.close()
-
-
-class DistributedDataLoader:
+class DistributedDataLoader(_Batches):
     """Batches {"inputs", "targets"} of B global rows from `num_streams` streams (B / num_streams rows each;
     default one stream per device), of which this process builds only `rows` (a range of the global rows; default
     the rows its devices hold under the active mesh), for `sharding.shard_batch(batch, global_rows=B)`.
@@ -385,16 +389,9 @@ class DistributedDataLoader:
     def epoch(self):
         return min(loader.epoch for loader in self.loaders)
 
-    def __iter__(self):
-        return self
-
     def __next__(self):
         parts = [next(loader) for loader in self.loaders]
         return {key: np.concatenate([p[key] for p in parts]) for key in ("inputs", "targets")}
-
-    def next_stacked(self, accum):
-        micro = [next(self) for _ in range(accum)]
-        return {key: np.stack([m[key] for m in micro]) for key in ("inputs", "targets")}
 
     def get_state(self):
         shares = distributed.all_gather_json("loader_state", {j: l.get_state() for j, l in zip(self.streams,
@@ -405,9 +402,3 @@ class DistributedDataLoader:
     def close(self):
         for loader in self.loaders:
             loader.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *_):
-        self.close()
