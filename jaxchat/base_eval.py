@@ -17,6 +17,7 @@ from jaxchat.common import UserError, flag_adder, get_base_dir, run_main, write_
 from jaxchat.dataloader import DistributedDataLoader
 from jaxchat.engine import SAMPLE_PROMPTS, sample_greedy
 from jaxchat.loss_eval import evaluate_bpb
+from jaxchat.report import get_report
 from jaxchat.run import make_mesh
 
 EVALS = ("core", "bpb", "sample")
@@ -44,14 +45,10 @@ def main(argv=None):
     evals = [e for e in args.eval.split(",") if e]
     if unknown := [e for e in evals if e not in EVALS]:
         raise UserError(f"--eval: unknown {unknown}; choose from {', '.join(EVALS)}")
-    if "core" in evals:  # find (or fetch) the bundle before any compute: a problem shows at once
-        try:  # process 0 first: it downloads, the others then find the bundle on disk
-            bundle = distributed.writer_first("eval_bundle", lambda: core_eval.get_eval_bundle(
-                args.eval_bundle or None, download=bool(args.download_bundle)))
-            core_eval.load_bundle(bundle)  # complete and readable?
-        except core_eval.BundleMissing as e:
-            print(f"CORE skipped: {e}")
-            evals.remove("core")
+    bundle = core_eval.find_bundle(args.eval_bundle or None, bool(args.download_bundle)) if "core" in evals else None
+    core_skipped = "core" in evals and bundle is None
+    if core_skipped:
+        evals.remove("core")
     with jax.set_mesh(make_mesh(args)):
         model, tokenizer, meta = load_model("base", args.model_tag or None, None if args.step < 0 else args.step)
         tag = meta["model_tag"]
@@ -76,7 +73,22 @@ def main(argv=None):
         csv_path = core_eval.write_csv(os.path.join(get_base_dir(), "base_eval", name + ".csv"), results["core"])
         print(f"CORE metric: {results['core']['core_metric']:.4f} (per task in {csv_path})")
     write_results("base_eval", name, results)
+    get_report().log("Base model evaluation", report_data(tag, results, core_skipped))
     return results
+
+
+def report_data(tag, results, core_skipped):
+    data = {"model": f"base {tag} step {results['step']}"}
+    if "core" in results:
+        data["CORE"] = results["core"]["core_metric"]
+        data["CORE per task"] = [{"task": t, "accuracy": a, "centered": results["core"]["centered_results"][t]}
+                                 for t, a in results["core"]["results"].items()]
+    elif core_skipped:
+        data["CORE skipped"] = "no CORE bundle on disk, and downloading it was off"
+    data.update({f"{split} bpb": results[f"{split}_bpb"] for split in ("train", "val") if f"{split}_bpb" in results})
+    if "samples" in results:
+        data["samples"] = "\n".join(results["samples"])
+    return data
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import time
 import jax
 from tqdm import tqdm
 
-from jaxchat import sharding
+from jaxchat import core_eval, sharding
 from jaxchat.common import UserError, run_main
 from jaxchat.dataloader import DistributedDataLoader
 from jaxchat.engine import SAMPLE_PROMPTS, sample_greedy
@@ -48,6 +48,10 @@ def build_parser():
     add("eval_tokens", type=int, default=-1, help="val tokens per bpb evaluation (-1: a tenth of the run's training "
                                                   f"tokens, at most {NANOCHAT_EVAL_TOKENS:,} as nanochat)")
     add("sample_every", type=int, default=2000)
+    add("core_metric_every", type=int, default=2000, help="CORE every N steps and at the end (-1: never)")
+    add("core_metric_max_per_task", type=int, default=500, help="CORE examples per task during training")
+    add("eval_bundle", default="", help="CORE bundle directory (default: $JAXCHAT_EVAL_BUNDLE, else the base dir's)")
+    add("download_bundle", type=int, default=1, help="fetch nanochat's CORE bundle when there is none; 0: no CORE")
     add("data_dir", default="", help="pretraining shards (default: $JAXCHAT_BASE_DIR/base_data)")
     return p
 
@@ -79,7 +83,8 @@ def train(args):
     model_tag = args.model_tag or f"d{args.depth}"
     settings = {"device_batch_size": args.device_batch_size, "max_seq_len": T, "total_batch_size": args.total_batch_size,
                 "batch_rows": rows}
-    loop_state = {"min_val_bpb": float("inf"), "val_bpb": None, "total_training_time": 0.0}
+    loop_state = {"min_val_bpb": float("inf"), "val_bpb": None, "total_training_time": 0.0, "timed_steps": 0,
+                  "core_metric": []}
     fresh = lambda: (init_train_state(config, optim, args.seed), tokenizer, {})
     with TrainingRun("base", model_tag, args, settings, loop_state, optim=optim, resume_keys=RESUME_KEYS, fresh=fresh,
                      model_config=config, tokenizer=tokenizer) as run:
@@ -94,6 +99,8 @@ def _loop(run, args, config, rows, accum):
     loader = DistributedDataLoader(tokenizer, rows, T, "train", args.data_dir or None, state=run.dataloader_state_dict)
     val_steps = max(1, eval_tokens(args.eval_tokens, args.total_batch_size, num_iterations) // (rows * T))
     token_bytes = tokenizer.token_bytes()
+    bundle = core_eval.find_bundle(args.eval_bundle or None, bool(args.download_bundle)) \
+        if args.core_metric_every > 0 else None
     n_dev, kind = jax.device_count(), jax.devices()[0].device_kind
     peak = peak_flops(kind)
     print(f"{devices_line()} | {run.model_tag}: {config}")
@@ -111,6 +118,16 @@ def _loop(run, args, config, rows, accum):
         run.writer.scalars(step, {"val/bpb": bpb})
         tqdm.write(f"step {step:05d} | val bpb {bpb:.6f}")
 
+    def core(step):
+        """CORE during training, for "time to a CORE score": logged against the step, with the training time and
+        FLOPs so far in the same TensorBoard run."""
+        out = core_eval.evaluate_model(run.model, tokenizer, args.core_metric_max_per_task, bundle)
+        loop["core_metric"].append({"step": step, "total_training_time": loop["total_training_time"],
+                                    "total_training_flops": step * args.total_batch_size * flops_per_token,
+                                    "CORE": out["core_metric"]})
+        run.writer.scalars(step, {"core_metric": out["core_metric"]})
+        tqdm.write(f"step {step:05d} | CORE {out['core_metric']:.4f}")
+
     def sample(step):
         samples = sample_greedy(run.model, tokenizer, SAMPLE_PROMPTS, max_tokens=16)
         run.writer.text(step, "samples", "\n\n".join(samples))
@@ -121,10 +138,13 @@ def _loop(run, args, config, rows, accum):
         smooth = run.smooth_loss(s, loss)
         if s - run.start_step > 10:  # the first steps of a process include compilation (nanochat: step > 10)
             loop["total_training_time"] += dt
+            loop["timed_steps"] += 1
         tok_s = args.total_batch_size / dt
         mfu = 100 * flops_per_token * tok_s / (peak * n_dev) if peak else None
         values = {"train/loss": smooth, "train/lrm": lrm, "train/tok_per_sec": tok_s,
-                  "train/grad_norm": float(metrics["grad_norm"]), "train/dt": dt, "train/epoch": loader.epoch}
+                  "train/grad_norm": float(metrics["grad_norm"]), "train/dt": dt, "train/epoch": loader.epoch,
+                  "total_training_flops": (s + 1) * args.total_batch_size * flops_per_token,
+                  "total_training_time": loop["total_training_time"]}
         run.writer.scalars(s, values if mfu is None else {**values, "train/mfu": mfu})
         bar.set_postfix_str(f"loss {smooth:.4f} | {tok_s:,.0f} tok/s" + (f" | mfu {mfu:.1f}%" if mfu else ""))
         bar.update(1)
@@ -146,10 +166,12 @@ def _loop(run, args, config, rows, accum):
     while step < num_iterations:
         do_eval = args.eval_every > 0 and step % args.eval_every == 0
         do_sample = args.sample_every > 0 and step > 0 and step % args.sample_every == 0
+        do_core = bundle is not None and step > 0 and step % args.core_metric_every == 0
         do_save = args.save_every > 0 and step % args.save_every == 0 and step != run.start_step
-        if do_eval or do_sample or do_save:
+        if do_eval or do_sample or do_core or do_save:
             flush()
             do_eval and evaluate(step)
+            do_core and core(step)
             do_sample and sample(step)
             do_save and run.save(step, loader.get_state())
         batch = sharding.shard_batch(loader.next_stacked(accum), batch_axis=1, global_rows=rows)
@@ -163,6 +185,8 @@ def _loop(run, args, config, rows, accum):
     flush()
     run.save(step, loader.get_state())  # before the final evaluation: a crash there loses nothing
     evaluate(step)
+    if bundle is not None:
+        core(step)
     if args.sample_every > 0:
         sample(step)
     bar.close()
@@ -170,8 +194,19 @@ def _loop(run, args, config, rows, accum):
     minutes = loop["total_training_time"] / 60
     print(f"done: {num_iterations} steps | min val bpb {loop['min_val_bpb']:.6f} | training time {minutes:.2f} min "
           f"| checkpoints in {run.ckpt.directory}")
+    tok_s = loop["timed_steps"] * args.total_batch_size / loop["total_training_time"] if loop["timed_steps"] else None
+    run.report("Base model training", {
+        "parameters": num_params, "FLOPs per token": flops_per_token, "iterations": num_iterations,
+        "training tokens": num_iterations * args.total_batch_size,
+        "tokens : params ratio": num_iterations * args.total_batch_size / num_params,
+        "min val bpb": loop["min_val_bpb"], "final val bpb": loop["val_bpb"],
+        "CORE during training": loop["core_metric"] or "not measured (no bundle, or --core_metric_every=-1)",
+        "tok/s": tok_s, "MFU %": 100 * flops_per_token * tok_s / (peak * n_dev) if peak and tok_s else None,
+        "total training FLOPs": num_iterations * args.total_batch_size * flops_per_token,
+        "total training time (s)": loop["total_training_time"]})
     return {"losses": losses, "val_bpb": loop["val_bpb"], "min_val_bpb": loop["min_val_bpb"], "num_params": num_params,
-            "num_iterations": num_iterations, "total_training_time": loop["total_training_time"]}
+            "num_iterations": num_iterations, "total_training_time": loop["total_training_time"],
+            "core_metric": loop["core_metric"]}
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Evaluate a chat model: `python -m jaxchat.chat_eval -i sft [-a "ARC-Easy|GSM8K"] [-g d20] [-x 100]`.
+"""Evaluate a chat model: `python -m jaxchat.chat_eval -i sft [-a "ARC-Easy|GSM8K"] [-g d20] [-x 100]`; `-i mid,sft,rl`
+evaluates several stages' models in turn.
 
 Categorical tasks (ARC, MMLU) by the best answer letter after one forward pass, generative ones (GSM8K, HumanEval,
 SpellingBee) by pass@k over `-n` samples through the engine (`task_eval.py` scores them). ChatCORE is computed only
@@ -13,13 +14,15 @@ from jaxchat.checkpoint_manager import SOURCE_DIRS, load_model
 from jaxchat.common import UserError, run_main, write_results
 from jaxchat.engine import Engine
 from jaxchat.execution import add_sandbox_flag
+from jaxchat.report import get_report
 from jaxchat.run import make_mesh
 from jaxchat.task_eval import ALL_TASKS, EXTRA_TASKS, chatcore, run_chat_eval
 
 
 def build_parser():
     p = argparse.ArgumentParser(description="Evaluate a jaxchat chat model.")
-    p.add_argument("-i", "--source", default="sft", choices=sorted(SOURCE_DIRS), help="which stage's checkpoint")
+    p.add_argument("-i", "--source", default="sft", help=f"which stage's checkpoint ({', '.join(sorted(SOURCE_DIRS))}); "
+                                                         f"several split by | or , (mid,sft,rl) are evaluated in turn")
     p.add_argument("-a", "--task-name", "--task_name", default="", help=f"tasks split by | or , (default: ChatCORE's "
                                                                         f"{', '.join(ALL_TASKS)}; also Arithmetic)")
     p.add_argument("-t", "--temperature", type=float, default=0.0)
@@ -36,23 +39,33 @@ def build_parser():
 
 
 def main(argv=None):
+    """Evaluates each source of `-i` (e.g. `-i mid,sft,rl`, as a pipeline's report wants); returns the results of
+    the last one."""
     args = build_parser().parse_args(argv)
     names = [t for t in args.task_name.replace(",", "|").split("|") if t] or ALL_TASKS
     if unknown := [t for t in names if t not in ALL_TASKS + EXTRA_TASKS]:
         raise UserError(f"unknown task(s) {unknown}; tasks: {', '.join(ALL_TASKS + EXTRA_TASKS)}")
+    sources = [x for x in args.source.replace(",", "|").split("|") if x]
+    if unknown := [x for x in sources if x not in SOURCE_DIRS]:
+        raise UserError(f"-i: unknown source(s) {unknown}; sources: {', '.join(sorted(SOURCE_DIRS))}")
     with jax.set_mesh(make_mesh(args)):
-        model, tokenizer, meta = load_model(args.source, args.model_tag, args.step)
-        engine = Engine(model, tokenizer)
-        results, skipped = {}, {}
-        for name in names:
-            try:
-                results[name] = run_chat_eval(name, model, tokenizer, engine, args.batch_size, args.num_samples,
-                                              args.max_new_tokens, args.temperature, args.top_k, args.max_problems,
-                                              sandbox=args.sandbox)
-                print(f"{name}: {100 * results[name]:.2f}%")
-            except UserError as e:  # its data (or HumanEval's sandbox) cannot be had: say so, never score 0
-                skipped[name] = str(e)
-                print(f"{name}: skipped ({e})")
+        return [evaluate(source, names, args) for source in sources][-1]
+
+
+def evaluate(source, names, args):
+    model, tokenizer, meta = load_model(source, args.model_tag, args.step)
+    engine = Engine(model, tokenizer)
+    print(f"\n{source} {meta['model_tag']} step {meta['step']}")
+    results, skipped = {}, {}
+    for name in names:
+        try:
+            results[name] = run_chat_eval(name, model, tokenizer, engine, args.batch_size, args.num_samples,
+                                          args.max_new_tokens, args.temperature, args.top_k, args.max_problems,
+                                          sandbox=args.sandbox)
+            print(f"{name}: {100 * results[name]:.2f}%")
+        except UserError as e:  # its data (or HumanEval's sandbox) cannot be had: say so, never score 0
+            skipped[name] = str(e)
+            print(f"{name}: skipped ({e})")
     score = chatcore({t: results[t] for t in ALL_TASKS}) if all(t in results for t in ALL_TASKS) else None
     print(f"\n{'task':<16}{'accuracy':>10}")
     for name in names:
@@ -60,9 +73,13 @@ def main(argv=None):
     print(f"ChatCORE: {score:.4f}" if score is not None else
           f"ChatCORE: not computed (needs all of {', '.join(ALL_TASKS)}; missing: "
           f"{', '.join(t for t in ALL_TASKS if t not in results)})")
-    out = {"source": args.source, "model_tag": meta["model_tag"], "step": meta["step"], "results": results,
+    out = {"source": source, "model_tag": meta["model_tag"], "step": meta["step"], "results": results,
            "skipped": skipped, "chatcore": score, "max_problems": args.max_problems, "num_samples": args.num_samples}
-    write_results("chat_eval", f"{args.source}_{meta['model_tag']}_{meta['step']:06d}", out)
+    write_results("chat_eval", f"{source}_{meta['model_tag']}_{meta['step']:06d}", out)
+    get_report().log(f"Chat evaluation {source}", {
+        "model": f"{source} {meta['model_tag']} step {meta['step']}",
+        "settings": {k: getattr(args, k) for k in ("max_problems", "num_samples", "temperature", "max_new_tokens")},
+        "results": results, "skipped": {k: v.splitlines()[0] for k, v in skipped.items()}, "ChatCORE": score})
     return out
 
 

@@ -128,9 +128,11 @@ def train(args):
               f"{data_name} | {num_steps} steps × {args.examples_per_step} problems × {args.num_samples} samples "
               f"({accum} micro-batches of {rows} rows)")
 
+        pass_log = {}  # step -> pass@1, the evaluations of this invocation
+
         def evaluate(step, engine):
             passes = pass_at_k(engine, tokenizer, test_task, eval_n, args.eval_samples, args, seed=1_000_000)
-            loop["pass@1"] = passes[1]
+            loop["pass@1"] = pass_log[step] = passes[1]
             run.writer.scalars(step, {f"val/pass@{k}": v for k, v in passes.items()})
             tqdm.write(f"step {step:05d} | {data_name} pass@1 {passes[1]:.4f} | pass@{args.eval_samples} "
                        f"{passes[args.eval_samples]:.4f} ({eval_n} problems)")
@@ -163,6 +165,12 @@ def train(args):
         run.save(step, {"step": step})  # before the final evaluation: a crash there loses nothing
         evaluate(step, Engine(run.model, tokenizer))
         bar.close()
+        run.report("Chat RL", {
+            "source": f"{args.source} step {run.meta['source_step']}", "data": data_name, "iterations": num_steps,
+            "rollouts per step": f"{args.examples_per_step} problems × {args.num_samples} samples",
+            "mean reward, first and last step of this run": [rewards_log[min(rewards_log)], rewards_log[max(rewards_log)]]
+            if rewards_log else None,
+            f"pass@1 at temperature {args.temperature} ({eval_n} test problems), by step": pass_log})
     print(f"done: {num_steps} steps | {data_name} pass@1 {loop['pass@1']:.4f} | checkpoints in {run.ckpt.directory}")
     return {"rewards": rewards_log, "pass@1": loop["pass@1"], "num_steps": num_steps, "data": data_name}
 

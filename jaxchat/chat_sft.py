@@ -17,7 +17,7 @@ from tqdm import tqdm
 from jaxchat import sharding
 from jaxchat.chat_data import PaddedLoader
 from jaxchat.common import UserError, run_main
-from jaxchat.mixtures import build_mixture, describe
+from jaxchat.mixtures import MIXTURE_KEYS, build_mixture, describe
 from jaxchat.optim import hyperparams
 from jaxchat.run import add_chat_flags, batch_rows, chat_run, devices_line, make_mesh
 from jaxchat.task_eval import run_chat_eval
@@ -34,6 +34,7 @@ def build_parser():
     add("eval_metrics_every", type=int, default=200, help="MMLU / ARC-Easy accuracy every N steps (-1: never)")
     add("eval_metrics_max_problems", type=int, default=1024)
     add("extra_jsonl", default="", help="your own conversations (JSONL files, comma-separated) to add to the mix")
+    add("mixture", default="", help="NAME=N,...: N conversations of these parts of the training mixture (0: none)")
     return p
 
 
@@ -75,12 +76,12 @@ def main(argv=None):
 
 def train(args):
     rows, accum = batch_rows(args, args.target_examples_per_step)
-    train_task, sizes, missing = build_mixture("sft", "train", args.extra_jsonl)
+    train_task, sizes, missing = build_mixture("sft", "train", args.extra_jsonl, args.mixture)
     val_task, val_sizes, val_missing = build_mixture("sft", "val")
     print(describe("sft", "train", sizes, missing) + "\n" + describe("sft", "val", val_sizes, val_missing))
     settings = {"device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
                 "target_examples_per_step": args.target_examples_per_step, "batch_rows": rows}
-    with chat_run("sft", args, settings, {"val_loss": None}) as run:
+    with chat_run("sft", args, settings, {"val_loss": None}, MIXTURE_KEYS) as run:
         tokenizer = run.tokenizer
         T = args.max_seq_len or run.model.config.sequence_len
         num_iterations = args.num_iterations if args.num_iterations > 0 else \
@@ -89,7 +90,7 @@ def train(args):
         print(f"{devices_line()} | sft {run.model_tag} from {args.source} step {run.meta['source_step']} | "
               f"{num_iterations} steps × {args.target_examples_per_step} conversations ({accum} micro-batches of "
               f"{rows}) | T ≤ {T}")
-        unavailable, losses = {}, {}
+        unavailable, losses, train_time = {}, {}, 0.0
 
         def evaluate(step, last):
             if last or (args.eval_every > 0 and step % args.eval_every == 0):
@@ -115,7 +116,8 @@ def train(args):
             lrm = args.init_lr_frac * (1 - step / num_iterations)
             run.state, metrics = train_step(run.state, sharding.shard_batch(batch, batch_axis=1), hyperparams(lrm, 0.95))
             loss = losses[step] = check_finite(metrics["loss"], step)
-            tok_s = tokens / (time.perf_counter() - t0)
+            dt = time.perf_counter() - t0
+            train_time, tok_s = train_time + dt, tokens / dt
             smooth = run.smooth_loss(step, loss)
             run.writer.scalars(step, {"train/loss": smooth, "train/lrm": lrm, "train/num_tokens": tokens,
                                       "train/tok_per_sec": tok_s, "train/epoch": loader.epoch,
@@ -126,6 +128,12 @@ def train(args):
         run.save(step, loader.get_state())  # before the final evaluation: a crash there loses nothing
         evaluate(step, last=True)
         bar.close()
+        run.report("Chat SFT", {
+            "source": f"{args.source} step {run.meta['source_step']}", "mixture": sizes, "left out": missing,
+            "iterations": num_iterations, "conversations": num_iterations * args.target_examples_per_step,
+            "seconds per step": train_time / (step - run.start_step) if step > run.start_step else None,
+            "final train loss": smooth if losses else None, "final val loss": run.loop_state["val_loss"],
+            "cropped conversations": f"{loader.cropped} of {loader.seen}"})
     print(f"done: {num_iterations} steps | val loss {run.loop_state['val_loss']:.4f} | cropped conversations "
           f"{loader.cropped} of {loader.seen} | checkpoints in {run.ckpt.directory}")
     return {"losses": losses, "val_loss": run.loop_state["val_loss"], "num_iterations": num_iterations,

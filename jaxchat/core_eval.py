@@ -32,7 +32,7 @@ import yaml  # PyYAML: already required by flax and orbax-checkpoint
 from flax import nnx
 from tqdm import tqdm
 
-from jaxchat import sharding
+from jaxchat import distributed, sharding
 from jaxchat.common import UserError, file_lock, get_base_dir, pad_bucket
 from jaxchat.download import BadFile, download_file
 
@@ -290,6 +290,18 @@ def load_bundle(bundle_dir):
         raise UserError(f"CORE bundle {bundle_dir} is incomplete: missing {', '.join(missing)}; pass --eval-bundle "
                         f"DIR with a complete bundle (or remove {bundle_dir} to download it again)")
     return tasks, baselines
+
+
+def find_bundle(bundle_dir=None, download=True):
+    """The CORE bundle's directory, checked complete, before any compute (a problem shows at once); None, with a
+    note printed, when there is none and it may not be downloaded. Process 0 downloads, the others then find it."""
+    try:
+        bundle = distributed.writer_first("eval_bundle", lambda: get_eval_bundle(bundle_dir, download=download))
+        load_bundle(bundle)
+        return bundle
+    except BundleMissing as e:
+        print(f"CORE skipped: {e}")
+        return None
 
 
 def load_task_data(path, max_per_task=-1):

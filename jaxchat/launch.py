@@ -4,7 +4,8 @@ A config (`jaxchat/configs/NAME.toml`, shipped in the package, or a path) lists 
 the flags of each stage in a table named after it; `--stages=a,b` runs only some of them (e.g. `--stages=base_train
 --resume=1`). Overrides on the command line: `--stage.key=value` for one stage, or `--key=value` for every stage of
 the config that has that flag. Every key and the type of every value are checked against the stage's own flags
-before anything runs.
+before anything runs. A whole pipeline starts a new report card and ends by writing it
+(`$JAXCHAT_BASE_DIR/report/report.md`, copied to ./report.md); `--stages` adds its stages to the current one.
 """
 import argparse
 import functools
@@ -15,6 +16,7 @@ import tomllib
 
 from jaxchat import distributed
 from jaxchat.common import UserError, run_main
+from jaxchat.report import get_report
 
 # stage name -> module; each module has build_parser() and main(argv), and runs alone as `python -m jaxchat.<module>`
 STAGES = {"data": "jaxchat.dataset", "tok_train": "jaxchat.tok_train", "tok_eval": "jaxchat.tok_eval",
@@ -123,6 +125,8 @@ def main(argv=None):
     parser.add_argument("--config", required=True,
                         help="a name in jaxchat/configs/ (tiny, d20, ...) or a path to a .toml file")
     parser.add_argument("--stages", default="", help="run only these of the config's stages, e.g. base_train,base_eval")
+    parser.add_argument("--gpu_hourly_rate", "--gpu-hourly-rate", type=float, default=None,
+                        help="dollars per device-hour for the report's cost (default: by device kind)")
     distributed.add_flags(parser)  # read by run_main before this parser (listed here for --help)
     args, rest = parser.parse_known_args(argv)
     config = load_config(args.config)
@@ -133,13 +137,19 @@ def main(argv=None):
         config["stages"] = [s for s in config["stages"] if s in chosen]
     overrides = parse_overrides(rest, config)
     plan = [(stage, stage_argv(stage, {**config.get(stage, {}), **overrides[stage]})) for stage in config["stages"]]
+    commands = [f"python -m {STAGES[stage]} {' '.join(stage_args)}".strip() for stage, stage_args in plan]
+    report = get_report()
+    if not args.stages or report.header() is None:  # a whole pipeline starts a new report; --stages adds to one
+        report.reset(args.config, commands, rest)
     t_start = time.time()
-    for stage, stage_args in plan:
-        print(f"\n=== {stage}: python -m {STAGES[stage]} {' '.join(stage_args)}", flush=True)
+    for (stage, stage_args), command in zip(plan, commands):
+        print(f"\n=== {stage}: {command}", flush=True)
         t0 = time.time()
         importlib.import_module(STAGES[stage]).main(stage_args)
         print(f"=== {stage} done in {time.time() - t0:.1f}s", flush=True)
-    print(f"\npipeline {args.config} done in {time.time() - t_start:.1f}s")
+    path, summary = report.generate(args.gpu_hourly_rate)
+    print(f"\npipeline {args.config} done in {time.time() - t_start:.1f}s\n\n{summary}\n\nreport: {path} "
+          f"(and ./report.md)")
 
 
 if __name__ == "__main__":

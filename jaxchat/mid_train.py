@@ -17,7 +17,7 @@ from jaxchat import sharding
 from jaxchat.chat_data import PackedLoader
 from jaxchat.common import run_main
 from jaxchat.loss_eval import evaluate_bpb
-from jaxchat.mixtures import build_mixture, describe
+from jaxchat.mixtures import MIXTURE_KEYS, build_mixture, describe
 from jaxchat.optim import get_muon_momentum, hyperparams
 from jaxchat.run import add_chat_flags, batch_rows, chat_run, devices_line, eval_tokens, make_mesh, source_config
 from jaxchat.train import check_finite, train_step
@@ -31,6 +31,7 @@ def build_parser():
     add("eval_tokens", type=int, default=-1, help="val tokens per val-bpb evaluation (-1: a tenth of the run's "
                                                   "tokens, at most nanochat's 20 × 524,288)")
     add("extra_jsonl", default="", help="your own conversations (JSONL files, comma-separated) to add to the mix")
+    add("mixture", default="", help="NAME=N,...: N conversations of these parts of the training mixture (0: none)")
     return p
 
 
@@ -46,14 +47,14 @@ def main(argv=None):
 
 
 def train(args):
-    train_task, sizes, missing = build_mixture("mid", "train", args.extra_jsonl)
+    train_task, sizes, missing = build_mixture("mid", "train", args.extra_jsonl, args.mixture)
     val_task, val_sizes, val_missing = build_mixture("mid", "val")
     print(describe("mid", "train", sizes, missing) + "\n" + describe("mid", "val", val_sizes, val_missing))
     T = args.max_seq_len or source_config(args)["sequence_len"]
     rows, accum = batch_rows(args, args.total_batch_size, row_len=T)
     settings = {"device_batch_size": args.device_batch_size, "max_seq_len": T, "total_batch_size": args.total_batch_size,
                 "batch_rows": rows}
-    with chat_run("mid", args, settings, {"val_bpb": None}) as run:
+    with chat_run("mid", args, settings, {"val_bpb": None}, MIXTURE_KEYS) as run:
         tokenizer, token_bytes = run.tokenizer, run.tokenizer.token_bytes()
         loader = PackedLoader(tokenizer, train_task, rows, T, "all", state=run.dataloader_state_dict)
         epoch_len = len(train_task)
@@ -69,7 +70,7 @@ def train(args):
             run.writer.scalars(step, {"val/bpb": run.loop_state["val_bpb"]})
             tqdm.write(f"step {step:05d} | val bpb {run.loop_state['val_bpb']:.4f}")
 
-        losses = {}
+        losses, train_time = {}, 0.0
         bar = tqdm(total=1.0, initial=progress(run.step), desc=f"mid_train {run.model_tag}", unit="epoch",
                    bar_format="{l_bar}{bar}| {n:.3f}/{total} [{elapsed}<{remaining}{postfix}]")
         step = run.step
@@ -83,7 +84,8 @@ def train(args):
             batch = sharding.shard_batch(loader.next_stacked(accum), batch_axis=1)
             run.state, metrics = train_step(run.state, batch, hyperparams(lrm, get_muon_momentum(step)))
             loss = losses[step] = check_finite(metrics["loss"], step)
-            tok_s = args.total_batch_size / (time.perf_counter() - t0)
+            dt = time.perf_counter() - t0
+            train_time, tok_s = train_time + dt, args.total_batch_size / dt
             smooth = run.smooth_loss(step, loss)
             run.writer.scalars(step, {"train/loss": smooth, "train/lrm": lrm, "train/progress": progress(step + 1),
                                       "train/tok_per_sec": tok_s, "train/cropped": loader.cropped})
@@ -93,6 +95,12 @@ def train(args):
         run.save(step, loader.get_state())  # before the final evaluation: a crash there loses nothing
         evaluate(step)
         bar.close()
+        run.report("Midtraining", {
+            "source": f"{args.source} step {run.meta['source_step']}", "mixture": sizes, "left out": missing,
+            "iterations": step, "training tokens": step * args.total_batch_size,
+            "tok/s": (step - run.start_step) * args.total_batch_size / train_time if train_time else None,
+            "final train loss": smooth if losses else None, "final val bpb": run.loop_state["val_bpb"],
+            "cropped conversations": f"{loader.cropped} of {loader.seen}"})
     print(f"done: {step} steps | val bpb {run.loop_state['val_bpb']:.4f} | cropped conversations {loader.cropped} of "
           f"{loader.seen} | checkpoints in {run.ckpt.directory}")
     return {"losses": losses, "val_bpb": run.loop_state["val_bpb"], "num_steps": step, "cropped": loader.cropped}

@@ -13,8 +13,10 @@ keys are nanochat's: `model_config`, `user_config`, `device_batch_size`, `max_se
 `loop_state` (`smooth_train_loss`, `min_val_bpb`, `total_training_time`, ...).
 """
 import dataclasses
+import glob
 import json
 import os
+import resource
 import time
 
 import jax
@@ -28,6 +30,7 @@ from jaxchat.checkpoint_manager import (Checkpointer, check_model_config, check_
 from jaxchat.common import UserError, flag_adder, get_base_dir
 from jaxchat.model import REMAT, GPTConfig
 from jaxchat.optim import OptimConfig
+from jaxchat.report import get_report
 from jaxchat.train import abstract_train_state, init_train_state
 
 EMA_BETA = 0.9  # smoothing of the logged training loss (nanochat's)
@@ -128,9 +131,19 @@ def devices_line():
     return f"{jax.default_backend()} × {jax.device_count()} ({kind}){hosts}, mesh {dict(mesh.shape)}"
 
 
-def chat_run(stage, args, settings, loop_state):
+def peak_memory():
+    """{what: GiB} of the most memory this process has held: on each device where JAX tracks it (GPU, TPU), else
+    the host's resident set (CPU)."""
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+    if all(peaks):
+        return {"peak device memory (GiB)": max(peaks) / 2**30}
+    return {"peak host memory, RSS (GiB)": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def chat_run(stage, args, settings, loop_state, resume_keys=()):
     """The TrainingRun of a chat stage. Fresh, it starts from the source stage's checkpoint (its weights and its
-    tokenizer, a fresh optimizer); `run.meta["source_step"]` names the step it started from."""
+    tokenizer, a fresh optimizer); `run.meta["source_step"]` names the step it started from. `resume_keys`: the
+    stage's own flags a resumed run must share (beside CHAT_RESUME_KEYS)."""
     model_tag = args.model_tag or find_largest_model(os.path.dirname(checkpoint_dir(args.source, "x")))
     optim = optim_config(args)
 
@@ -140,16 +153,23 @@ def chat_run(stage, args, settings, loop_state):
         state = init_train_state(model.config, optim, args.seed)
         return state.replace(params=nnx.state(model)), tokenizer, {"source_step": meta["step"]}
 
-    return TrainingRun(stage, model_tag, args, settings, loop_state, optim=optim, resume_keys=CHAT_RESUME_KEYS,
-                       fresh=fresh)
+    return TrainingRun(stage, model_tag, args, settings, loop_state, optim=optim,
+                       resume_keys=CHAT_RESUME_KEYS + tuple(resume_keys), fresh=fresh)
 
 
 class SummaryWriter:
     """TensorBoard scalars and text without TensorFlow (tensorboard's own event-file writer, as torch uses):
-    `writer.scalars(step, {"train/loss": 3.2})`; view with `tensorboard --logdir $JAXCHAT_BASE_DIR/runs`."""
+    `writer.scalars(step, {"train/loss": 3.2})`; view with `tensorboard --logdir $JAXCHAT_BASE_DIR/runs`.
+    fresh: a new run replaces the curves an earlier run left in `logdir` (as it replaces its checkpoints); a resumed
+    run adds to them."""
 
-    def __init__(self, logdir):
-        self.writer = EventFileWriter(logdir) if distributed.is_writer() else None  # process 0 logs for all
+    def __init__(self, logdir, fresh=False):
+        self.logdir = logdir
+        self.writer = None
+        if distributed.is_writer():  # process 0 logs for all
+            for old in glob.glob(os.path.join(logdir, "events.out.tfevents.*")) if fresh else ():
+                os.remove(old)
+            self.writer = EventFileWriter(logdir)
 
     def scalars(self, step, values):
         if self.writer is None:
@@ -188,14 +208,15 @@ class TrainingRun:
         self.ckpt.lock()
         try:
             if args.resume:
-                self._resume(optim, resume_keys, model_config, tokenizer)
+                self._resume(optim, resume_keys, model_config, tokenizer, loop_state)
             else:
                 self._start(fresh, loop_state)
         except BaseException:
             self.ckpt.close()
             raise
-        self.writer = SummaryWriter(os.path.join(get_base_dir(), "runs", args.run or f"{stage}_{model_tag}"))
-        self.start_step = self.step
+        self.writer = SummaryWriter(os.path.join(get_base_dir(), "runs", args.run or f"{stage}_{model_tag}"),
+                                    fresh=not args.resume)
+        self.start_step, self.started = self.step, time.time()
 
     def _start(self, fresh, loop_state):
         if steps := self.ckpt.agreed_steps():
@@ -206,7 +227,7 @@ class TrainingRun:
         self.state, self.tokenizer, self.meta = fresh()
         self.step, self.dataloader_state_dict, self.loop_state = 0, None, dict(loop_state, smooth_train_loss=0.0)
 
-    def _resume(self, optim, resume_keys, model_config, tokenizer):
+    def _resume(self, optim, resume_keys, model_config, tokenizer, loop_state):
         saved = self.ckpt.newest_meta()
         if model_config is not None:
             check_model_config(saved, model_config, self.ckpt.directory)
@@ -223,7 +244,7 @@ class TrainingRun:
         params, opt_state, meta = self.ckpt.restore_latest(abstract.params, abstract.opt_state)
         self.state = abstract.replace(params=params, opt_state=opt_state)
         self.step, self.dataloader_state_dict, self.loop_state = \
-            meta["step"], meta["dataloader_state_dict"], meta["loop_state"]
+            meta["step"], meta["dataloader_state_dict"], {**loop_state, **meta["loop_state"]}
         self.meta = meta
 
     @property
@@ -240,6 +261,13 @@ class TrainingRun:
         meta = {**self.meta, "model_config": dataclasses.asdict(self.model.config), "user_config": vars(self.args),
                 **self.settings, "dataloader_state_dict": dataloader_state_dict, "loop_state": self.loop_state}
         self.ckpt.save(step, self.state.params, self.state.opt_state, json.loads(json.dumps(meta)), self.tokenizer)
+
+    def report(self, title, results):
+        """Record this run in the report card: its flags, devices, wall time (this invocation) and peak memory,
+        then the stage's `results`, and where its curves are."""
+        get_report().log(title, {"settings": vars(self.args), "devices": devices_line(),
+                                 "wall time (s)": time.time() - self.started, **peak_memory(), **results,
+                                 "tensorboard": self.writer.logdir})
 
     def close(self):
         self.ckpt.close()

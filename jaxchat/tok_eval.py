@@ -8,6 +8,7 @@ import argparse
 from jaxchat import distributed
 from jaxchat.common import UserError, run_main
 from jaxchat.dataset import parquets_iter_batched
+from jaxchat.report import get_report
 from jaxchat.tokenizer import RustBPETokenizer, get_tokenizer
 
 # Fixed texts, written for jaxchat, one per kind of text a tokenizer meets.
@@ -100,6 +101,13 @@ def main(argv=None):
     for label, why in skipped.items():
         print(f"[skip] {label} comparison: tiktoken could not load {BASELINES[label]} ({why}); offline, a copy of "
               f"its vocab file in $TIKTOKEN_CACHE_DIR works")
+    rows = []
+    for name in texts:
+        nbytes, n_ours = results[("ours", name)]
+        row = {"text": name, "bytes": nbytes, "ours tokens": n_ours, "ours bytes/token": nbytes / n_ours}
+        rows.append(row | {f"{label} bytes/token": nbytes / results[(label, name)][1] for label in baselines})
+    get_report().log("Tokenizer evaluation", {"vocab size": ours.get_vocab_size(), "compression": rows,
+                                              "baselines not compared": skipped})
     return {"results": results, "skipped": skipped}
 
 

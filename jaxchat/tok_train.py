@@ -13,6 +13,7 @@ from tqdm import tqdm
 from jaxchat import distributed
 from jaxchat.common import get_base_dir, run_main
 from jaxchat.dataset import iter_texts
+from jaxchat.report import get_report
 from jaxchat.tokenizer import RustBPETokenizer
 
 
@@ -49,9 +50,12 @@ def main(argv=None):
           f"saved to {out_dir}")
     print(f"token bytes (specials excluded): min {int(nonzero.min())} max {int(nonzero.max())} "
           f"mean {nonzero.mean():.4f} std {nonzero.std():.4f}; {len(token_bytes) - len(nonzero)} special tokens")
-    return {"train_time": train_time, "num_chars": bar.n, "vocab_size": tokenizer.get_vocab_size(),
-            "token_bytes_min": int(nonzero.min()), "token_bytes_max": int(nonzero.max()),
-            "token_bytes_mean": float(nonzero.mean()), "token_bytes_std": float(nonzero.std())}
+    out = {"max_chars": args.max_chars, "doc_cap": args.doc_cap, "train_time": train_time, "num_chars": bar.n,
+           "vocab_size": tokenizer.get_vocab_size(), "num_special_tokens": len(token_bytes) - len(nonzero),
+           "token_bytes_min": int(nonzero.min()), "token_bytes_max": int(nonzero.max()),
+           "token_bytes_mean": float(nonzero.mean()), "token_bytes_std": float(nonzero.std())}
+    get_report().log("Tokenizer training", out)
+    return out
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ GPU_EXTRA=${GPU_EXTRA:-gpu}
 PYTHON=${PYTHON:-python3}
 TOKENIZER_SHARDS=8    # ~250M characters each: 8 cover tok_train's 2B characters (d20.toml: max_chars)
 TRAIN_SHARDS=370      # d20.toml's [data] num_files: 11.2B tokens, with room for what packing crops
-# without chat_rl, also pass --chat_eval.source=sft (d20.toml has chat_eval evaluate the RL model)
+# without chat_rl, also pass --chat_eval.source=mid,sft (d20.toml has chat_eval evaluate mid, SFT and RL)
 TRAIN_STAGES=${TRAIN_STAGES:-base_train,base_eval,mid_train,chat_sft,chat_rl,chat_eval}
 mkdir -p "$JAXCHAT_BASE_DIR"
 
@@ -45,6 +45,9 @@ source .venv/bin/activate
 # one process drives every GPU of the host (JAX: one process per host), so no torchrun; show what it sees (8)
 python -c 'import jax; d = jax.devices(); print(len(d), "devices:", d[0].device_kind); assert d[0].platform == "gpu"'
 
+# --- a new report card ($JAXCHAT_BASE_DIR/report/report.md, copied to ./report.md): every stage below adds its section
+python -m jaxchat.report reset
+
 # --- data and tokenizer: the first shards now, the rest in the background while the tokenizer trains
 python -m jaxchat.dataset --num-files=$TOKENIZER_SHARDS
 python -m jaxchat.dataset --num-files=$TRAIN_SHARDS &
@@ -59,10 +62,9 @@ trap - EXIT
 # A stage that stopped can be continued: python -m jaxchat.launch --config=d20 --stages=STAGE --resume=1
 python -m jaxchat.launch --config=d20 --stages="$TRAIN_STAGES" "$@"
 
-# --- results (there is no report card command yet):
-#   $JAXCHAT_BASE_DIR/base_eval/*.json   CORE and bits per byte of the base model
-#   $JAXCHAT_BASE_DIR/chat_eval/*.json   ARC, MMLU, GSM8K, HumanEval, SpellingBee, ChatCORE of the final model
-#   tensorboard --logdir $JAXCHAT_BASE_DIR/runs   the training curves
+# --- results: ./report.md (the launcher wrote it after the last stage; `python -m jaxchat.report generate` again
+# at any time, with --gpu_hourly_rate=R for your price), the JSON of every eval in $JAXCHAT_BASE_DIR/{base_eval,
+# chat_eval}, and the training curves: tensorboard --logdir $JAXCHAT_BASE_DIR/runs
 # Talk to it:  python -m jaxchat.chat_cli -i rl -g d20     (in the terminal)
 #              python -m jaxchat.chat_web -i rl -g d20     (a chat page and an OpenAI-compatible API on port 8000)
-echo "done: results in $JAXCHAT_BASE_DIR/{base_eval,chat_eval}; talk to it: python -m jaxchat.chat_cli -i rl -g d20"
+echo "done: the report card is ./report.md; talk to it: python -m jaxchat.chat_cli -i rl -g d20"

@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxchat import base_train, dataset, launch, tok_train
+from jaxchat import base_eval, base_train, dataset, launch, tok_train
 from jaxchat.checkpoint_manager import Checkpointer, load_model
 from jaxchat.common import UserError, get_base_dir
 from jaxchat.loss_eval import evaluate_bpb
+from jaxchat.report import get_report, read_scalars
+from test_core_eval import make_bundle
 
 TINY = ["--depth=1", "--head_dim=32", "--max_seq_len=32", "--device_batch_size=4", "--total_batch_size=256",
-        "--eval_every=3", "--eval_tokens=256", "--sample_every=-1"]
+        "--eval_every=3", "--eval_tokens=256", "--sample_every=-1", "--core_metric_every=-1"]
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +111,20 @@ def test_tiny_pipeline_through_the_launcher(env, capsys):
         assert Checkpointer(os.path.join(get_base_dir(), stage, "tinyrun")).all_steps() == [2, 4], stage
     assert "ChatCORE: not computed" in out and "Arithmetic" in out and "HumanEval" in out
     assert os.listdir(os.path.join(get_base_dir(), "runs"))  # TensorBoard events
+    # the report card: every stage's section, the curves of the training stages, the summary printed at the end
+    text = open("report.md").read()  # the copy in the working directory
+    sections = ["Tokenizer training", "Tokenizer evaluation", "Base model training", "Base model evaluation",
+                "Midtraining", "Chat evaluation mid", "Chat SFT", "Chat evaluation sft", "Chat RL", "Chat evaluation rl"]
+    positions = [text.index(f"\n## {title}\n") for title in sections]
+    assert positions == sorted(positions)
+    for slug in ("base-model-training", "midtraining", "chat-sft", "chat-rl"):
+        assert f"]({slug}.png)" in text and os.path.exists(os.path.join(get_base_dir(), "report", slug + ".png"))
+    summary = out[out.index("## Summary"):]
+    assert "| CORE | skipped | - | - | - |" in summary  # no bundle offline: skipped, not 0
+    assert "| ARC-Easy | - | skipped | skipped | skipped |" in summary
+    arithmetic = next(line for line in summary.splitlines() if line.startswith("| Arithmetic |")).split(" | ")
+    assert all(0 <= float(cell.strip(" |")) <= 1 for cell in arithmetic[2:])  # measured for mid, SFT and RL
+    assert "Cost: $0.00" in summary and os.path.join(get_base_dir(), "report", "report.md") in out
 
 
 def test_second_run_on_a_model_tag_is_refused(env):
@@ -176,3 +192,27 @@ def test_resume_refuses_a_retrained_tokenizer(env):
     finally:
         shutil.rmtree(tok_dir)
         os.rename(tok_dir + ".orig", tok_dir)
+
+
+def test_core_during_training(env, tmp_path):
+    """--core_metric_every: CORE at step 2 and at the end, in TensorBoard beside total_training_flops and
+    total_training_time (time to a CORE score), and in the report; the last equals base_eval's on the saved model."""
+    bundle = make_bundle(tmp_path / "bundle")
+    out = base_train.main(TINY + ["--num_iterations=4", "--core_metric_every=2", "--core_metric_max_per_task=8",
+                                  f"--eval_bundle={bundle}", "--model_tag=core", "--overwrite=1"])
+    history = out["core_metric"]
+    assert [h["step"] for h in history] == [2, 4]
+    assert history[1]["total_training_flops"] == 2 * history[0]["total_training_flops"] > 0
+    evaluated = base_eval.main(["--model_tag=core", "--eval=core", "--max_per_task=8", f"--eval_bundle={bundle}"])
+    assert evaluated["core"]["core_metric"] == history[1]["CORE"]
+    scalars = read_scalars(os.path.join(get_base_dir(), "runs", "base_core"))
+    assert scalars["core_metric"] == pytest.approx({2: history[0]["CORE"], 4: history[1]["CORE"]})
+    flops = scalars["total_training_flops"]
+    assert sorted(flops) == [0, 1, 2, 3] and flops[3] == pytest.approx(4 * flops[0])
+    assert sorted(scalars["total_training_time"]) == [0, 1, 2, 3]
+    section = get_report().sections()["base-model-training"]["data"]
+    assert section["CORE during training"] == history and section["iterations"] == 4
+    # offline, without a bundle and with downloading off, training goes on without CORE, saying why
+    out = base_train.main(TINY + ["--num_iterations=2", "--core_metric_every=1", "--download_bundle=0",
+                                  "--model_tag=core", "--overwrite=1"])
+    assert out["core_metric"] == []

@@ -14,6 +14,7 @@ from jaxchat.checkpoint_manager import Checkpointer, checkpoint_dir
 from jaxchat.common import UserError, get_base_dir
 from jaxchat.engine import Engine
 from jaxchat.model import GPT, GPTConfig
+from jaxchat.report import get_report
 from jaxchat.tokenizer import RustBPETokenizer
 
 from test_model import randomize
@@ -162,6 +163,18 @@ def test_cli_reports_skipped_tasks_and_no_chatcore(tok, monkeypatch, capsys):
         assert json.load(f)["results"] == out["results"]
     with pytest.raises(UserError, match="unknown task"):
         chat_eval.main(["-g", "tiny", "-a", "ARC-Hard"])
+    # several stages in one call (the report's MID / SFT / RL columns): each evaluated, saved and reported
+    ckpt = Checkpointer(checkpoint_dir("mid", "tiny"))
+    ckpt.save(5, nnx.state(model), {"dummy": jnp.zeros(())}, {"model_config": dataclasses.asdict(model.config)}, tok)
+    ckpt.close()
+    last = chat_eval.main(["-i", "mid,sft", "-g", "tiny", "-a", "ARC-Easy|MMLU", "-m", "4"])
+    assert last["source"] == "sft" and last["results"]["ARC-Easy"] == out["results"]["ARC-Easy"]
+    sections = get_report().sections()
+    assert sections["chat-evaluation-mid"]["data"]["model"] == "mid tiny step 5"  # same weights, same accuracy
+    assert sections["chat-evaluation-mid"]["data"]["results"] == {"ARC-Easy": out["results"]["ARC-Easy"]}
+    assert sections["chat-evaluation-sft"]["data"]["skipped"] == {"MMLU": "no data for this task here (offline)"}
+    with pytest.raises(UserError, match=r"-i: unknown source\(s\) \['sfft'\]"):
+        chat_eval.main(["-i", "mid,sfft", "-g", "tiny"])
 
 
 def test_humaneval_without_the_sandbox_is_skipped_unless_opted_out(tok, monkeypatch):

@@ -57,6 +57,8 @@ def test_wheel_installs_and_runs_from_another_directory(tmp_path):
     out = run([python, "-m", "jaxchat.launch", "--config=tiny", "--stages=data,tok_train", "--vocab_size=300",
                "--max_chars=200000"], cwd=elsewhere, env=env)
     assert "pipeline tiny done" in out
+    report = (elsewhere / "report.md").read_text()  # the report card, from an installed package: no git checkout
+    assert "- commit: not a git checkout" in report and "## Tokenizer training" in report
     assert {f"shard_{i:05d}.parquet" for i in range(4)} <= set(os.listdir(base / "base_data"))
     assert {RANKS_FILE, META_FILE, TOKEN_BYTES_FILE} <= set(os.listdir(base / "tokenizer"))
     assert json.loads((base / "tokenizer" / META_FILE).read_text())["vocab_size"] == 300

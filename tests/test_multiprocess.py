@@ -20,7 +20,7 @@ from test_core_eval import make_bundle
 
 TOL = dict(rel=2e-5, abs=1e-6)
 TINY = ["--depth=1", "--head_dim=32", "--max_seq_len=32", "--device_batch_size=2", "--total_batch_size=512",
-        "--eval_every=2", "--eval_tokens=256", "--sample_every=-1", "--keep=5"]
+        "--eval_every=2", "--eval_tokens=256", "--sample_every=-1", "--keep=5", "--core_metric_every=-1"]
 BASE = TINY + ["--num_iterations=5", "--save_every=3"]
 EVAL = ["--eval=core,bpb,sample", "--split_tokens=512", "--device_batch_size=2"]
 
@@ -159,13 +159,16 @@ def test_local_launcher_runs_the_pipeline(tmp_path):
              "--sample_every=-1", "--save_every=2", "--split_tokens=256", "--model_tag=tinyrun"]
     env = group_env(tmp_path, 2, 2)
     done = subprocess.run([os.path.join(ROOT, "launch", "local.sh"), "2", sys.executable, "-m", "jaxchat.launch",
-                           *flags], env=env, cwd=ROOT, capture_output=True, text=True, timeout=420)
+                           *flags], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=420)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "cpu × 4 (cpu) on 2 processes" in done.stdout and done.stdout.count("=== base_train done") == 1
     assert set(os.listdir(tmp_path / "base_checkpoints" / "tinyrun")) == {"000002", "000004", ".lock",
                                                                           "tokenizer"}
     assert len(os.listdir(tmp_path / "runs" / "base_tinyrun")) == 1  # one TensorBoard event file: process 0's
     assert os.path.exists(tmp_path / "base_eval" / "tinyrun_000004.json")
+    report = (tmp_path / "report.md").read_text()  # written by process 0, with what every process ran on
+    assert "- devices: 4 × cpu (cpu, 2 processes)" in report and "cpu × 4 (cpu) on 2 processes" in report
+    assert "## Base model training" in report and "## Base model evaluation" in report
 
 
 def test_start_up_settings(monkeypatch):

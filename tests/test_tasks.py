@@ -63,6 +63,22 @@ def test_mixture_and_sequence():
     assert list(seq) == [("a", 0), ("a", 1), ("b", 1), ("b", 2)]
 
 
+def test_resized_parts_of_a_mixture():
+    """--mixture NAME=N: a part's first N conversations, repeated from the start when it has fewer; 0 drops it."""
+    from jaxchat.mixtures import build_mixture
+    from jaxchat.tasks.common import Resized
+    assert [x[1] for x in Resized(Toy(3), 7)] == [0, 1, 2, 0, 1, 2, 0] and len(Resized(Toy(10), 4)) == 4
+    task, sizes, _ = build_mixture("sft", "train", mixture="Arithmetic=5,SpellingBee=0,SimpleSpelling=700")
+    assert sizes["Arithmetic"] == 5 and "SpellingBee" not in sizes and sizes["SimpleSpelling"] == 700
+    assert len(task) == sum(sizes.values())
+    default = build_mixture("sft", "train")[1]
+    assert default["Arithmetic"] == 2000 and default["SpellingBee"] == 300
+    with pytest.raises(UserError, match=r"--mixture 'Arithmetc=5': expected NAME=N with NAME one of .*Arithmetic"):
+        build_mixture("sft", "train", mixture="Arithmetc=5")
+    with pytest.raises(UserError, match="expected NAME=N"):
+        build_mixture("mid", "train", mixture="Arithmetic=many")
+
+
 def test_render_mc():
     text = render_mc("What is 2+2?", ["A", "B"], ["3", "4"])
     assert text == ("Multiple Choice question: What is 2+2?\n- 3=A\n- 4=B\n\n"

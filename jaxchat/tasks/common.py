@@ -64,6 +64,20 @@ class TaskMixture(Task):
         return self.tasks[t][i]
 
 
+class Resized(Task):
+    """`n` examples of a task: its first n, or all of it repeated from the start when it has fewer (oversampling)."""
+
+    def __init__(self, task, n, **kwargs):
+        super().__init__(**kwargs)
+        self.task, self.n = task, n
+
+    def num_examples(self):
+        return self.n
+
+    def get_example(self, index):
+        return self.task[index % len(self.task)]
+
+
 class TaskSequence(Task):
     """The tasks one after another (a curriculum)."""
 
