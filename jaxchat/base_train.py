@@ -166,7 +166,8 @@ def _loop(run, args, config, rows, accum):
     while step < num_iterations:
         do_eval = args.eval_every > 0 and step % args.eval_every == 0
         do_sample = args.sample_every > 0 and step > 0 and step % args.sample_every == 0
-        do_core = bundle is not None and step > 0 and step % args.core_metric_every == 0
+        # not again at a resumed run's first step: the checkpoint there was saved after that step's CORE
+        do_core = bundle is not None and step > run.start_step and step % args.core_metric_every == 0
         do_save = args.save_every > 0 and step % args.save_every == 0 and step != run.start_step
         if do_eval or do_sample or do_core or do_save:
             flush()

@@ -198,10 +198,17 @@ def test_core_during_training(env, tmp_path):
     """--core_metric_every: CORE at step 2 and at the end, in TensorBoard beside total_training_flops and
     total_training_time (time to a CORE score), and in the report; the last equals base_eval's on the saved model."""
     bundle = make_bundle(tmp_path / "bundle")
-    out = base_train.main(TINY + ["--num_iterations=4", "--core_metric_every=2", "--core_metric_max_per_task=8",
-                                  f"--eval_bundle={bundle}", "--model_tag=core", "--overwrite=1"])
+    flags = TINY + ["--num_iterations=4", "--core_metric_every=2", "--core_metric_max_per_task=8", "--save_every=2",
+                    "--keep=3", f"--eval_bundle={bundle}"]
+    out = base_train.main(flags + ["--model_tag=core", "--overwrite=1"])
     history = out["core_metric"]
     assert [h["step"] for h in history] == [2, 4]
+    root = os.path.join(get_base_dir(), "base_checkpoints")  # stopped after step 2's save, then resumed
+    shutil.copytree(os.path.join(root, "core"), os.path.join(root, "core_resumed"))
+    shutil.rmtree(os.path.join(root, "core_resumed", "000004"))
+    resumed = base_train.main(flags + ["--model_tag=core_resumed", "--resume=1"])
+    same = lambda h: [(x["step"], x["CORE"], x["total_training_flops"]) for x in h]  # (times differ)
+    assert same(resumed["core_metric"]) == same(history)  # the same history, step 2 not measured twice
     assert history[1]["total_training_flops"] == 2 * history[0]["total_training_flops"] > 0
     evaluated = base_eval.main(["--model_tag=core", "--eval=core", "--max_per_task=8", f"--eval_bundle={bundle}"])
     assert evaluated["core"]["core_metric"] == history[1]["CORE"]
