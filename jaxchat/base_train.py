@@ -51,7 +51,8 @@ def build_parser():
     add("core_metric_every", type=int, default=2000, help="CORE every N steps and at the end (-1: never)")
     add("core_metric_max_per_task", type=int, default=500, help="CORE examples per task during training")
     add("eval_bundle", default="", help="CORE bundle directory (default: $JAXCHAT_EVAL_BUNDLE, else the base dir's)")
-    add("download_bundle", type=int, default=1, help="fetch nanochat's CORE bundle when there is none; 0: no CORE")
+    add("download_bundle", type=int, default=1, help="fetch nanochat's CORE bundle when there is none (0: never; "
+                                                     "a bundle already there is used)")
     add("data_dir", default="", help="pretraining shards (default: $JAXCHAT_BASE_DIR/base_data)")
     return p
 
@@ -65,6 +66,18 @@ def horizon(args, num_params, flops_per_token):
     if args.target_param_data_ratio > 0:
         return args.target_param_data_ratio * num_params // args.total_batch_size
     raise UserError("no training horizon: set num_iterations, target_flops or target_param_data_ratio")
+
+
+def core_during_training(args):
+    """The CORE bundle for --core_metric_every, or None: a side measurement, so a bundle that cannot be had
+    (offline, say) is said once and training goes on without it."""
+    if args.core_metric_every <= 0:
+        return None
+    try:
+        return core_eval.find_bundle(args.eval_bundle or None, bool(args.download_bundle))
+    except UserError as e:
+        print(f"CORE during training skipped: {str(e).splitlines()[0]}")
+        return None
 
 
 def main(argv=None):
@@ -99,8 +112,7 @@ def _loop(run, args, config, rows, accum):
     loader = DistributedDataLoader(tokenizer, rows, T, "train", args.data_dir or None, state=run.dataloader_state_dict)
     val_steps = max(1, eval_tokens(args.eval_tokens, args.total_batch_size, num_iterations) // (rows * T))
     token_bytes = tokenizer.token_bytes()
-    bundle = core_eval.find_bundle(args.eval_bundle or None, bool(args.download_bundle)) \
-        if args.core_metric_every > 0 else None
+    bundle = core_during_training(args)
     n_dev, kind = jax.device_count(), jax.devices()[0].device_kind
     peak = peak_flops(kind)
     print(f"{devices_line()} | {run.model_tag}: {config}")

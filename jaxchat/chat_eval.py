@@ -39,8 +39,8 @@ def build_parser():
 
 
 def main(argv=None):
-    """Evaluates each source of `-i` (e.g. `-i mid,sft,rl`, as a pipeline's report wants); returns the results of
-    the last one."""
+    """Evaluates each source of `-i` (e.g. `-i mid,sft,rl`, as a pipeline's report wants: a stage with no
+    checkpoint is skipped, with the reason); returns the results of the last one evaluated."""
     args = build_parser().parse_args(argv)
     names = [t for t in args.task_name.replace(",", "|").split("|") if t] or ALL_TASKS
     if unknown := [t for t in names if t not in ALL_TASKS + EXTRA_TASKS]:
@@ -49,11 +49,27 @@ def main(argv=None):
     if unknown := [x for x in sources if x not in SOURCE_DIRS]:
         raise UserError(f"-i: unknown source(s) {unknown}; sources: {', '.join(sorted(SOURCE_DIRS))}")
     with jax.set_mesh(make_mesh(args)):
-        return [evaluate(source, names, args) for source in sources][-1]
+        if len(sources) == 1:
+            return evaluate(source_model(sources[0], args), names, args)
+        done = []
+        for source in sources:  # one stage's missing checkpoints (a run that stopped early) skip that stage only
+            try:
+                loaded = source_model(source, args)
+            except UserError as e:
+                print(f"\n{source}: skipped ({e})")
+                continue
+            done.append(evaluate(loaded, names, args))
+        if not done:
+            raise UserError(f"-i {args.source}: none of these stages has a checkpoint to evaluate")
+        return done[-1]
 
 
-def evaluate(source, names, args):
-    model, tokenizer, meta = load_model(source, args.model_tag, args.step)
+def source_model(source, args):
+    return (source, *load_model(source, args.model_tag, args.step))
+
+
+def evaluate(loaded, names, args):
+    source, model, tokenizer, meta = loaded
     engine = Engine(model, tokenizer)
     print(f"\n{source} {meta['model_tag']} step {meta['step']}")
     results, skipped = {}, {}

@@ -15,7 +15,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 
@@ -32,6 +31,8 @@ PLOTTED = ["train/loss", "val/bpb", "val/loss", "core_metric", "train/reward", "
 # Dollars per device-hour by device kind (nanochat's Lambda prices; other accelerators at its $2.00 default).
 HOURLY_RATES = {"H100": 3.00, "A100": 1.79, "V100": 0.55, "cpu": 0.0}
 DEFAULT_RATE = 2.00
+SECTION_KEYS = ("title", "timestamp", "data")
+HEADER_KEYS = ("timestamp", "config", "overrides", "commands", "command", "git", "hardware", "software", "code")
 SOURCE_EXTENSIONS = (".py", ".md", ".rs", ".html", ".toml", ".sh", ".ipynb")  # what "lines of code" counts
 
 
@@ -58,6 +59,8 @@ class Report:
     def log(self, title, data):
         """Record a stage's section: `data` is a dict of JSON values (nested dicts and lists of row dicts are
         rendered as lists and tables). Logging a title again replaces its section."""
+        if not isinstance(data, dict):
+            raise TypeError(f"report section {title!r}: data must be a dict, not {type(data).__name__}")
         self._write(slugify(title) + ".json", {"title": title, "timestamp": now(), "data": data})
 
     def reset(self, config=None, commands=(), overrides=()):
@@ -76,30 +79,35 @@ class Report:
         for path in glob.glob(os.path.join(self.dir, "*.json")):
             slug = os.path.basename(path)[:-5]
             if slug != "header":
-                records[slug] = _read(path, ("title", "timestamp", "data"))
+                records[slug] = _read(path, SECTION_KEYS)
         rank = lambda slug: (ORDER.index(slug), "") if slug in ORDER else (len(ORDER), records[slug]["timestamp"])
         return {slug: records[slug] for slug in sorted(records, key=rank)}
 
     def header(self):
         path = os.path.join(self.dir, "header.json")
-        return _read(path, ("timestamp", "git", "hardware", "software", "code")) if os.path.exists(path) else None
+        return _read(path, HEADER_KEYS) if os.path.exists(path) else None
 
     def generate(self, hourly_rate=None, copy_to="."):
-        """Render report.md (and the plots) from the logged sections; returns (path, summary markdown)."""
+        """Render report.md (and the plots) from the logged sections, and a copy in `copy_to` whose plot links
+        point back here; returns (path, summary markdown). Process 0 only (the others get ("", ""))."""
+        if not distributed.is_writer():
+            return "", ""
         header, sections = self.header(), self.sections()
         summary = summary_markdown(header, sections, hourly_rate)
-        parts = [render_header(header, sections)]
+        os.makedirs(self.dir, exist_ok=True)
+        parts, plots = [render_header(header, sections)], []
         for slug, record in sections.items():
             plot = plot_curves(record["data"].get("tensorboard"), os.path.join(self.dir, slug + ".png"))
+            plots += [os.path.basename(plot)] if plot else []
             parts.append(render_section(record, plot and os.path.basename(plot)))
         parts.append(summary)
         text = "\n\n".join(parts) + "\n"
         path = os.path.join(self.dir, "report.md")
-        if distributed.is_writer():
-            os.makedirs(self.dir, exist_ok=True)
-            write_atomic(path, text.encode())
-            if copy_to is not None:
-                shutil.copyfile(path, os.path.join(copy_to, "report.md"))
+        write_atomic(path, text.encode())
+        if copy_to is not None:
+            for name in plots:
+                text = text.replace(f"]({name})", f"]({os.path.join(os.path.abspath(self.dir), name)})")
+            write_atomic(os.path.join(copy_to, "report.md"), text.encode())
         return path, summary
 
 
@@ -110,7 +118,8 @@ def _read(path, keys):
             record = json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"report file {path} is unreadable ({e}): rerun its stage, or delete it") from None
-    if not isinstance(record, dict) or any(k not in record for k in keys):
+    if not isinstance(record, dict) or any(k not in record for k in keys) or \
+            not all(isinstance(record[k], dict) for k in keys if k in ("data", "git", "hardware", "software", "code")):
         raise UserError(f"report file {path} is not a report record (needs {', '.join(keys)}): rerun its stage, "
                         f"or delete it")
     return record
@@ -200,22 +209,24 @@ def hourly_rate(hw, rate=None):
         return rate, "--gpu_hourly_rate"
     kind = hw["device_kind"] if hw["backend"] != "cpu" else "cpu"
     found = next((v for k, v in HOURLY_RATES.items() if k in kind), None)
-    return (DEFAULT_RATE, f"default for {kind}") if found is None else (found, f"default for {kind}")
+    return (DEFAULT_RATE, f"no price known for {kind}: the ${DEFAULT_RATE:.2f} fallback") if found is None else \
+        (found, f"default for {kind}")
 
 
 # --- rendering
 
 def fmt(value):
-    """nanochat's style: small floats to 4 decimals, large numbers with commas; None (not measured) as n/a."""
+    """nanochat's style: floats to 4 decimals, large numbers with commas, the very large and the very small in
+    scientific notation; None (not measured) as n/a."""
     if value is None:
         return "n/a"
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) >= 1e12 else f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4f}"
-    if isinstance(value, int):
+    if isinstance(value, int) and abs(value) < 1e12:
         return f"{value:,}" if abs(value) >= 10_000 else str(value)
-    return str(value)
+    if abs(value) >= 1e12 or 0 < abs(value) < 1e-3:
+        return f"{value:.4g}"
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4f}"
 
 
 def table(rows):
@@ -295,8 +306,9 @@ def summary_markdown(header, sections, rate=None):
     tasks = CHAT_TASKS + sorted(ran - set(CHAT_TASKS))
     rows = [["CORE", core, "-", "-", "-"]]
     rows += [[task] + [eval_cell(evals[col], task) for col in STAGE_COLUMNS] for task in tasks]
-    rows += [["ChatCORE"] + [fmt(s["data"]["ChatCORE"]) if s and s["data"].get("ChatCORE") is not None else "-"
-                             for s in evals.values()]]
+    # ChatCORE needs every task: where one was skipped, so is it
+    rows += [["ChatCORE"] + ["-" if s is None else "skipped" if s["data"].get("ChatCORE") is None else
+                             fmt(s["data"]["ChatCORE"]) for s in evals.values()]]
     lines = ["## Summary", "", "| Metric | BASE | MID | SFT | RL |", "|---|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     stamps = [datetime.datetime.fromisoformat(r["timestamp"]) for r in sections.values()]
@@ -304,7 +316,10 @@ def summary_markdown(header, sections, rate=None):
         seconds = (max(stamps) - datetime.datetime.fromisoformat(header["timestamp"])).total_seconds()
     else:  # no header: what the stages say they took
         seconds = sum(r["data"].get("wall time (s)", 0) for r in sections.values())
-    lines += ["", f"Total wall clock time: {int(seconds // 3600)}h{int(seconds % 3600 // 60)}m ({seconds:,.0f} s)"]
+    since = "from Run started to the last section" if header is not None and stamps else \
+        "the training stages' own wall times, summed"
+    lines += ["", f"Total wall clock time: {int(seconds // 3600)}h{int(seconds % 3600 // 60)}m ({seconds:,.0f} s, "
+                  f"{since})"]
     if header is not None:
         hw = header["hardware"]
         dollars, source = hourly_rate(hw, rate)
@@ -316,12 +331,12 @@ def summary_markdown(header, sections, rate=None):
 
 # --- plots
 
-def read_scalars(logdir):
-    """{tag: {step: value}} of the TensorBoard events in `logdir` (the last value written wins for a step: a
-    resumed run repeats the steps after its checkpoint)."""
+def read_scalars(files):
+    """{tag: {step: value}} of the TensorBoard event files matching the pattern `files` (the last value written
+    wins for a step: a resumed run repeats the steps after its checkpoint)."""
     from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
     scalars = {}
-    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+    for path in sorted(glob.glob(files)):  # their names start with the time they were created
         for event in LegacyEventFileLoader(path).Load():
             for value in event.summary.value:
                 if value.WhichOneof("value") == "simple_value":
@@ -329,11 +344,11 @@ def read_scalars(logdir):
     return scalars
 
 
-def plot_curves(logdir, path):
-    """One PNG of a training stage's curves (the PLOTTED tags it has), or None when it has none."""
-    scalars = read_scalars(logdir) if logdir and os.path.isdir(logdir) else {}
+def plot_curves(files, path):
+    """One PNG of a training stage's curves (the PLOTTED tags its event `files` have), or None when none."""
+    scalars = read_scalars(files) if files else {}
     tags = [t for t in PLOTTED if t in scalars]
-    if not tags or not distributed.is_writer():
+    if not tags:
         return None
     import matplotlib
     matplotlib.use("Agg")  # files only, no display

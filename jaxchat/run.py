@@ -160,16 +160,18 @@ def chat_run(stage, args, settings, loop_state, resume_keys=()):
 class SummaryWriter:
     """TensorBoard scalars and text without TensorFlow (tensorboard's own event-file writer, as torch uses):
     `writer.scalars(step, {"train/loss": 3.2})`; view with `tensorboard --logdir $JAXCHAT_BASE_DIR/runs`.
-    fresh: a new run replaces the curves an earlier run left in `logdir` (as it replaces its checkpoints); a resumed
-    run adds to them."""
+    A stage's event files end in `.<stage>` (`files` is their pattern), so that stages sharing a run name (`--run`)
+    keep their curves apart. fresh: a new run of the stage replaces the curves its earlier run left in `logdir` (as
+    it replaces its checkpoints); a resumed run adds to them."""
 
-    def __init__(self, logdir, fresh=False):
-        self.logdir = logdir
+    def __init__(self, logdir, stage="", fresh=False):
+        suffix = f".{stage}" if stage else ""
+        self.files = os.path.join(logdir, "events.out.tfevents.*" + suffix)
         self.writer = None
         if distributed.is_writer():  # process 0 logs for all
-            for old in glob.glob(os.path.join(logdir, "events.out.tfevents.*")) if fresh else ():
+            for old in glob.glob(self.files) if fresh else ():
                 os.remove(old)
-            self.writer = EventFileWriter(logdir)
+            self.writer = EventFileWriter(logdir, filename_suffix=suffix)
 
     def scalars(self, step, values):
         if self.writer is None:
@@ -214,7 +216,7 @@ class TrainingRun:
         except BaseException:
             self.ckpt.close()
             raise
-        self.writer = SummaryWriter(os.path.join(get_base_dir(), "runs", args.run or f"{stage}_{model_tag}"),
+        self.writer = SummaryWriter(os.path.join(get_base_dir(), "runs", args.run or f"{stage}_{model_tag}"), stage,
                                     fresh=not args.resume)
         self.start_step, self.started = self.step, time.time()
 
@@ -267,7 +269,7 @@ class TrainingRun:
         then the stage's `results`, and where its curves are."""
         get_report().log(title, {"settings": vars(self.args), "devices": devices_line(),
                                  "wall time (s)": time.time() - self.started, **peak_memory(), **results,
-                                 "tensorboard": self.writer.logdir})
+                                 "tensorboard": self.writer.files})
 
     def close(self):
         self.ckpt.close()

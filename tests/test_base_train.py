@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxchat import base_eval, base_train, dataset, launch, tok_train
+from jaxchat import base_eval, base_train, core_eval, dataset, launch, tok_train
 from jaxchat.checkpoint_manager import Checkpointer, load_model
 from jaxchat.common import UserError, get_base_dir
+from jaxchat.download import DownloadError
 from jaxchat.loss_eval import evaluate_bpb
 from jaxchat.report import get_report, read_scalars
 from test_core_eval import make_bundle
@@ -118,7 +119,8 @@ def test_tiny_pipeline_through_the_launcher(env, capsys):
     positions = [text.index(f"\n## {title}\n") for title in sections]
     assert positions == sorted(positions)
     for slug in ("base-model-training", "midtraining", "chat-sft", "chat-rl"):
-        assert f"]({slug}.png)" in text and os.path.exists(os.path.join(get_base_dir(), "report", slug + ".png"))
+        plot = os.path.join(get_base_dir(), "report", slug + ".png")
+        assert f"]({plot})" in text and os.path.exists(plot)  # the copy links the plot beside the report
     summary = out[out.index("## Summary"):]
     assert "| CORE | skipped | - | - | - |" in summary  # no bundle offline: skipped, not 0
     assert "| ARC-Easy | - | skipped | skipped | skipped |" in summary
@@ -194,7 +196,7 @@ def test_resume_refuses_a_retrained_tokenizer(env):
         os.rename(tok_dir + ".orig", tok_dir)
 
 
-def test_core_during_training(env, tmp_path):
+def test_core_during_training(env, tmp_path, monkeypatch, capsys):
     """--core_metric_every: CORE at step 2 and at the end, in TensorBoard beside total_training_flops and
     total_training_time (time to a CORE score), and in the report; the last equals base_eval's on the saved model."""
     bundle = make_bundle(tmp_path / "bundle")
@@ -212,7 +214,7 @@ def test_core_during_training(env, tmp_path):
     assert history[1]["total_training_flops"] == 2 * history[0]["total_training_flops"] > 0
     evaluated = base_eval.main(["--model_tag=core", "--eval=core", "--max_per_task=8", f"--eval_bundle={bundle}"])
     assert evaluated["core"]["core_metric"] == history[1]["CORE"]
-    scalars = read_scalars(os.path.join(get_base_dir(), "runs", "base_core"))
+    scalars = read_scalars(os.path.join(get_base_dir(), "runs", "base_core", "events.out.tfevents.*.base"))
     assert scalars["core_metric"] == pytest.approx({2: history[0]["CORE"], 4: history[1]["CORE"]})
     flops = scalars["total_training_flops"]
     assert sorted(flops) == [0, 1, 2, 3] and flops[3] == pytest.approx(4 * flops[0])
@@ -223,3 +225,12 @@ def test_core_during_training(env, tmp_path):
     out = base_train.main(TINY + ["--num_iterations=2", "--core_metric_every=1", "--download_bundle=0",
                                   "--model_tag=core", "--overwrite=1"])
     assert out["core_metric"] == []
+    # ... and so it does when downloading is on but fails (nanochat's defaults, offline): CORE is a side measurement
+
+    def offline(*args, **kwargs):
+        raise DownloadError("could not download the CORE eval bundle: no network", {"eval_bundle.zip": "offline"})
+    monkeypatch.setattr(core_eval, "get_eval_bundle", offline)
+    capsys.readouterr()
+    out = base_train.main(TINY + ["--num_iterations=1", "--core_metric_every=2000", "--model_tag=core",
+                                  "--overwrite=1"])
+    assert out["core_metric"] == [] and "CORE during training skipped: could not download" in capsys.readouterr().out

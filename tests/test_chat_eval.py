@@ -175,6 +175,11 @@ def test_cli_reports_skipped_tasks_and_no_chatcore(tok, monkeypatch, capsys):
     assert sections["chat-evaluation-sft"]["data"]["skipped"] == {"MMLU": "no data for this task here (offline)"}
     with pytest.raises(UserError, match=r"-i: unknown source\(s\) \['sfft'\]"):
         chat_eval.main(["-i", "mid,sfft", "-g", "tiny"])
+    capsys.readouterr()
+    chat_eval.main(["-i", "sft,rl", "-g", "tiny", "-a", "ARC-Easy", "-m", "4"])  # no RL run: skipped, said why
+    assert "rl: skipped (" in capsys.readouterr().out and "chat-evaluation-rl" not in get_report().sections()
+    with pytest.raises(UserError, match="none of these stages has a checkpoint"):
+        chat_eval.main(["-i", "rl,base", "-g", "tiny"])
 
 
 def test_humaneval_without_the_sandbox_is_skipped_unless_opted_out(tok, monkeypatch):
