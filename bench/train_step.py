@@ -11,7 +11,6 @@ only the achieved GFLOP/s is printed). Random tokens; the data pipeline is not t
 """
 
 import argparse
-import resource
 import statistics
 import time
 
@@ -19,7 +18,7 @@ import jax
 import numpy as np
 
 from jaxchat import sharding
-from jaxchat.memory import peak_flops
+from jaxchat.memory import peak_flops, peak_memory
 from jaxchat.model import config_for_depth
 from jaxchat.optim import OptimConfig, hyperparams
 from jaxchat.train import init_train_state, train_step
@@ -40,13 +39,6 @@ def parse_args():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--peak-tflops", type=float, default=None, help="per device; default from the device name")
     return p.parse_args()
-
-
-def peak_memory(device):
-    stats = device.memory_stats() if device.platform != "cpu" else None
-    if stats:
-        return f"{stats.get('peak_bytes_in_use', 0) / 2**30:.2f} GiB peak device memory"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB peak RSS"
 
 
 def main():
@@ -89,7 +81,8 @@ def main():
     mfu = f" | MFU {100 * flops / (peak * len(devices)):.1f}% of {peak / 1e12:g} TFLOP/s/device" if peak else ""
     print(f"loss {float(metrics['loss']):.4f} | compile {compile_s:.1f} s | step median {1e3 * step_s:.1f} ms "
           f"(min {1e3 * min(times[1:]):.1f}) | {tok_s:,.0f} tok/s | {flops / 1e9:,.1f} GFLOP/s{mfu}")
-    print(peak_memory(devices[0]))
+    label, gib = peak_memory()
+    print(f"{gib:.2f} GiB {label}")
 
 
 if __name__ == "__main__":

@@ -49,27 +49,22 @@ def main(argv=None):
     if unknown := [x for x in sources if x not in SOURCE_DIRS]:
         raise UserError(f"-i: unknown source(s) {unknown}; sources: {', '.join(sorted(SOURCE_DIRS))}")
     with jax.set_mesh(make_mesh(args)):
-        if len(sources) == 1:
-            return evaluate(source_model(sources[0], args), names, args)
         done = []
-        for source in sources:  # one stage's missing checkpoints (a run that stopped early) skip that stage only
+        for source in sources:
             try:
-                loaded = source_model(source, args)
+                model, tokenizer, meta = load_model(source, args.model_tag, args.step)
             except UserError as e:
-                print(f"\n{source}: skipped ({e})")
+                if len(sources) == 1:  # asked for this stage alone: its missing checkpoint is the error
+                    raise
+                print(f"\n{source}: skipped ({e})")  # a run that stopped early: the other stages still count
                 continue
-            done.append(evaluate(loaded, names, args))
-        if not done:
-            raise UserError(f"-i {args.source}: none of these stages has a checkpoint to evaluate")
-        return done[-1]
+            done.append(evaluate(source, model, tokenizer, meta, names, args))
+    if not done:
+        raise UserError(f"-i {args.source}: none of these stages has a checkpoint to evaluate")
+    return done[-1]
 
 
-def source_model(source, args):
-    return (source, *load_model(source, args.model_tag, args.step))
-
-
-def evaluate(loaded, names, args):
-    source, model, tokenizer, meta = loaded
+def evaluate(source, model, tokenizer, meta, names, args):
     engine = Engine(model, tokenizer)
     print(f"\n{source} {meta['model_tag']} step {meta['step']}")
     results, skipped = {}, {}

@@ -17,6 +17,7 @@ The GPU check prints measured peaks beside both. Flags after --config are base_t
 import argparse
 import math
 import os
+import resource
 import sys
 import time
 
@@ -41,6 +42,16 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 per 
 def peak_flops(device_kind):
     """Dense bf16 FLOP/s of one device of this kind (jax's device_kind), or None where unknown (CPUs)."""
     return next((v for k, v in PEAK_FLOPS.items() if k in device_kind), None)
+
+
+def peak_memory():
+    """(what, GiB): the most memory this process has held so far: on its devices where JAX tracks it (GPU, TPU),
+    else the host's resident set (CPU)."""
+    import jax  # not at the top: `python -m jaxchat.memory` fakes its devices before JAX starts
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+    if all(peaks):
+        return "peak device memory", max(peaks) / 2**30
+    return "peak host memory, RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def build_parser():

@@ -16,7 +16,6 @@ import dataclasses
 import glob
 import json
 import os
-import resource
 import time
 
 import jax
@@ -28,6 +27,7 @@ from jaxchat import distributed, sharding
 from jaxchat.checkpoint_manager import (Checkpointer, check_model_config, check_tokenizer, checkpoint_dir,
                                         find_largest_model, load_model)
 from jaxchat.common import UserError, flag_adder, get_base_dir
+from jaxchat.memory import peak_memory
 from jaxchat.model import REMAT, GPTConfig
 from jaxchat.optim import OptimConfig
 from jaxchat.report import get_report
@@ -129,15 +129,6 @@ def devices_line():
     hosts = f" on {jax.process_count()} processes" if jax.process_count() > 1 else ""
     kind = jax.devices()[0].device_kind
     return f"{jax.default_backend()} × {jax.device_count()} ({kind}){hosts}, mesh {dict(mesh.shape)}"
-
-
-def peak_memory():
-    """{what: GiB} of the most memory this process has held: on each device where JAX tracks it (GPU, TPU), else
-    the host's resident set (CPU)."""
-    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
-    if all(peaks):
-        return {"peak device memory (GiB)": max(peaks) / 2**30}
-    return {"peak host memory, RSS (GiB)": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 def chat_run(stage, args, settings, loop_state, resume_keys=()):
@@ -267,8 +258,9 @@ class TrainingRun:
     def report(self, title, results):
         """Record this run in the report card: its flags, devices, wall time (this invocation) and peak memory,
         then the stage's `results`, and where its curves are."""
+        label, gib = peak_memory()
         get_report().log(title, {"settings": vars(self.args), "devices": devices_line(),
-                                 "wall time (s)": time.time() - self.started, **peak_memory(), **results,
+                                 "wall time (s)": time.time() - self.started, f"{label} (GiB)": gib, **results,
                                  "tensorboard": self.writer.files})
 
     def close(self):
