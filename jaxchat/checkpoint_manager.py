@@ -137,8 +137,9 @@ class Checkpointer:
         self._fingerprint = None
 
     def save(self, step, model_state, optim_state, meta, tokenizer):
-        """Write one step: the model's and the optimizer's NNX states (or pure dicts), the caller's JSON-able meta,
-        and the tokenizer the run trains with (its files once, its fingerprint in the meta). Takes the lock."""
+        """Write one step: the model's and the optimizer's NNX states (or pure dicts; optim_state None: weights
+        only, a checkpoint to start from but not to resume), the caller's JSON-able meta, and the tokenizer the
+        run trains with (its files once, its fingerprint in the meta). Takes the lock."""
         self.lock()
         if self._fingerprint is None:
             self._fingerprint = tokenizer.fingerprint()
@@ -148,9 +149,11 @@ class Checkpointer:
                 shutil.rmtree(path + ".tmp", ignore_errors=True)
                 tokenizer.save(path + ".tmp")
                 os.rename(path + ".tmp", path)  # atomic: a reader sees the whole copy or none
-        saved = self.manager.save(step, args=ocp.args.Composite(
-            model=ocp.args.StandardSave(_pure(model_state)), optim=ocp.args.StandardSave(_pure(optim_state)),
-            meta=ocp.args.JsonSave({**meta, "step": step, "tokenizer_fingerprint": self._fingerprint})))
+        items = {"model": ocp.args.StandardSave(_pure(model_state)),
+                 "meta": ocp.args.JsonSave({**meta, "step": step, "tokenizer_fingerprint": self._fingerprint})}
+        if optim_state is not None:
+            items["optim"] = ocp.args.StandardSave(_pure(optim_state))
+        saved = self.manager.save(step, args=ocp.args.Composite(**items))
         if not saved:  # orbax declines (returns False) when a step at or after this one is already on disk
             raise UserError(f"checkpoint step {step} was not written to {self.directory} (steps there: "
                             f"{self.all_steps()})")

@@ -53,10 +53,11 @@ class RustBPETokenizer:
         if len(ranks) < n_bpe:
             raise ValueError(f"the training text only supports {len(ranks) - 256} merges, {n_bpe - 256} were asked for "
                              f"(vocab_size {vocab_size}): use more text or a smaller vocab_size")
-        return cls._from_ranks(ranks, pattern)
+        return cls.from_ranks(ranks, pattern)
 
     @classmethod
-    def _from_ranks(cls, ranks, pattern):
+    def from_ranks(cls, ranks, pattern=SPLIT_PATTERN):
+        """tiktoken's rank table (token bytes -> rank 0..n-1) and split pattern, the special tokens after it."""
         specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
         enc = tiktoken.Encoding(name="jaxchat", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
         return cls(enc, "<|bos|>")
@@ -84,7 +85,7 @@ class RustBPETokenizer:
         expected = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
         if specials != expected:
             raise UserError(f"damaged tokenizer file {meta_path}: special tokens {specials} != expected {expected}")
-        return cls._from_ranks(ranks, pattern)
+        return cls.from_ranks(ranks, pattern)
 
     def save(self, tokenizer_dir):
         """Write the ranks, the metadata and token_bytes as plain files (atomic per file)."""

@@ -1,0 +1,300 @@
+"""Models to and from Hugging Face transformers: the `nanochat` model type (NanoChatForCausalLM).
+
+    python -m jaxchat.hf export -i sft -g d20 [-s STEP] --out DIR     # a jaxchat checkpoint -> DIR
+    python -m jaxchat.hf import DIR -g d20 [--source sft]              # DIR -> a jaxchat checkpoint
+    python -m jaxchat.hf import --repo karpathy/nanochat-d32 --revision refs/pr/1 -g d32
+
+transformers' NanoChat computes jaxchat's function: embedding, parameter-free RMSNorm, pre-norm blocks with
+rotate-half RoPE (the sign nanochat uses) then QK-norm, GQA, relu² MLP 4·d wide, a final norm, an untied head and a
+15·tanh(x/15) softcap. Only names and layouts differ: torch's Linear weight is (out, in), a JAX kernel (in, out),
+so every kernel is transposed; the embedding is (vocab, d) in both; the norms have no weights, so no tensors.
+What the format cannot say (another activation, biases, rope scaling or base, softcap, a head_dim other than
+d / heads, an MLP other than 4·d, tensors jaxchat has no place for, such as newer nanochat's value embeddings)
+makes import refuse with one line; export checks that its config.json reads back as the same model.
+
+Import writes a checkpoint (step 0) with its tokenizer, like any stage's, so chat_cli, chat_eval, base_eval,
+chat_web and the training stages (`--source`) use it unchanged. `--repo` downloads through the Hub's HTTP API
+(HF_ENDPOINT, HF_TOKEN as huggingface_hub reads them) with jaxchat's resumable, verified downloads, into
+$JAXCHAT_BASE_DIR/hf_models/<owner>--<name>/<commit>/.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import urllib.parse
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from jaxchat import safetensors
+from jaxchat.checkpoint_manager import SOURCE_DIRS, Checkpointer, checkpoint_dir, load_model
+from jaxchat.common import UserError, get_base_dir, run_main, write_atomic
+from jaxchat.download import download_file
+from jaxchat.hf_tokenizer import TOKENIZER_CONFIG, TOKENIZER_JSON, from_hf, save_hf_tokenizer
+from jaxchat.model import EXECUTION_FIELDS, GPT, ROPE_BASE, SOFTCAP, GPTConfig
+
+RMS_NORM_EPS = float(np.finfo(np.float32).eps)  # jaxchat's (and nanochat's: torch's rms_norm default on fp32)
+LAYER_TENSORS = {("attn", "c_q"): "self_attn.q_proj", ("attn", "c_k"): "self_attn.k_proj",
+                 ("attn", "c_v"): "self_attn.v_proj", ("attn", "c_proj"): "self_attn.o_proj",
+                 ("mlp", "c_fc"): "mlp.fc1", ("mlp", "c_proj"): "mlp.fc2"}
+EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+CONFIG, GENERATION_CONFIG = "config.json", "generation_config.json"
+HUB_FILES = (CONFIG, GENERATION_CONFIG, TOKENIZER_JSON, TOKENIZER_CONFIG, safetensors.INDEX, safetensors.SINGLE)
+
+
+def tensor_names(n_layer):
+    """(jaxchat parameter path, transformers tensor name) of every weight; paths ending in "kernel" are stored
+    transposed."""
+    yield ("wte",), "model.embed_tokens.weight"
+    for i in range(n_layer):
+        for path, name in LAYER_TENSORS.items():
+            yield ("h", i, *path, "kernel"), f"model.layers.{i}.{name}.weight"
+    yield ("lm_head", "kernel"), "lm_head.weight"
+
+
+# ---- config ---------------------------------------------------------------------------------------------------
+def hf_config(config, tokenizer, dtype="float32"):
+    """config.json of a GPTConfig (only its model fields matter)."""
+    bos, end = tokenizer.get_bos_token_id(), tokenizer.encode_special("<|assistant_end|>")
+    return {"architectures": ["NanoChatForCausalLM"], "model_type": "nanochat", "vocab_size": config.vocab_size,
+            "hidden_size": config.n_embd, "intermediate_size": 4 * config.n_embd,
+            "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
+            "num_key_value_heads": config.n_kv_head, "max_position_embeddings": config.sequence_len,
+            "hidden_act": "relu2", "rms_norm_eps": RMS_NORM_EPS, "final_logit_softcapping": SOFTCAP,
+            "rope_parameters": {"rope_type": "default", "rope_theta": float(ROPE_BASE)},
+            "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": False, "use_cache": True,
+            "bos_token_id": bos, "eos_token_id": end, "pad_token_id": bos, "dtype": dtype}
+
+
+def config_from_hf(hf, where):
+    """(GPTConfig, notes) of a NanoChat config.json; one UserError naming what jaxchat's model cannot express."""
+    def refuse(why):
+        return UserError(f"{where} describes a model jaxchat cannot load: {why}")
+
+    if hf.get("model_type") != "nanochat":
+        raise refuse(f"model_type {hf.get('model_type')!r}, not 'nanochat'")
+    try:
+        d, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+        kv_heads = int(hf.get("num_key_value_heads") or heads)
+        config = GPTConfig(sequence_len=int(hf.get("max_position_embeddings", 2048)), vocab_size=int(hf["vocab_size"]),
+                           n_layer=int(hf["num_hidden_layers"]), n_head=heads, n_kv_head=kv_heads, n_embd=d)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"damaged {where}: {e!r}") from None
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    rope_theta = rope.get("rope_theta", hf.get("rope_theta", ROPE_BASE))
+    problems = [
+        (hf.get("hidden_act", "relu2") != "relu2", f"activation {hf.get('hidden_act')!r} (jaxchat: relu2)"),
+        (bool(hf.get("attention_bias") or hf.get("qkv_bias")), "attention biases"),
+        (d % heads or heads % kv_heads, f"{d} wide with {heads} heads and {kv_heads} kv heads"),
+        (hf.get("head_dim") not in (None, d // max(heads, 1)), f"head_dim {hf.get('head_dim')} ≠ hidden_size/heads"),
+        (hf.get("intermediate_size", 4 * d) != 4 * d, f"intermediate_size {hf.get('intermediate_size')} ≠ 4·{d}"),
+        (rope_type != "default" or rope_theta != ROPE_BASE, f"RoPE {rope_type} base {rope_theta} (jaxchat: default "
+                                                            f"{ROPE_BASE})"),
+        (hf.get("final_logit_softcapping", SOFTCAP) != SOFTCAP,
+         f"final_logit_softcapping {hf.get('final_logit_softcapping')} (jaxchat: {SOFTCAP})"),
+        (not hf.get("rms_norm_eps", 0) <= 1e-5, f"rms_norm_eps {hf.get('rms_norm_eps')} (jaxchat: {RMS_NORM_EPS:.3g})"),
+    ]
+    if found := [why for bad, why in problems if bad]:
+        raise refuse("; ".join(found))
+    notes = []
+    if (eps := hf.get("rms_norm_eps", RMS_NORM_EPS)) != RMS_NORM_EPS:  # tiny against mean(x²) ~ 1: no visible change
+        notes.append(f"rms_norm_eps {eps:g} computed as jaxchat's {RMS_NORM_EPS:.3g}")
+    return config, notes
+
+
+def _model_fields(config):
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in EXECUTION_FIELDS}
+
+
+# ---- export ---------------------------------------------------------------------------------------------------
+def export(source, model_tag, step, out, dtype="float32", overwrite=False):
+    """Write checkpoint `source`/`model_tag` (step: default the last) as a transformers model directory `out`."""
+    model, tokenizer, meta = load_model(source, model_tag, step)
+    config = model.config
+    hf = hf_config(config, tokenizer, dtype)
+    back, _ = config_from_hf(hf, CONFIG)
+    if _model_fields(back) != _model_fields(config):  # a GPTConfig field config.json cannot carry: refuse
+        differ = {k: v for k, v in _model_fields(config).items() if _model_fields(back)[k] != v}
+        raise UserError(f"{source}/{meta['model_tag']} cannot be expressed as a transformers NanoChat model: {differ}")
+    _prepare_out(out, overwrite)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    cast = EXPORT_DTYPES[dtype]
+    tensors = {}
+    for path, name in tensor_names(config.n_layer):
+        w = np.asarray(jax.device_get(_get(params, path)))
+        tensors[name] = np.ascontiguousarray(w.T if path[-1] == "kernel" else w).astype(cast)
+    safetensors.save_file(tensors, os.path.join(out, safetensors.SINGLE), {"format": "pt"})  # transformers needs "pt"
+    bos, end = tokenizer.get_bos_token_id(), tokenizer.encode_special("<|assistant_end|>")
+    generation = {"bos_token_id": bos, "eos_token_id": [end, bos], "pad_token_id": bos}  # stop where the engine stops
+    for name, content in ((CONFIG, hf), (GENERATION_CONFIG, generation)):
+        write_atomic(os.path.join(out, name), (json.dumps(content, indent=2) + "\n").encode())
+    save_hf_tokenizer(tokenizer, out, config.sequence_len)
+    write_atomic(os.path.join(out, "README.md"), _model_card(source, meta, config, model.num_params()).encode())
+    print(f"exported {source}/{meta['model_tag']} step {meta['step']} ({model.num_params():,} parameters, {dtype}) "
+          f"to {out}\nload it with transformers: AutoModelForCausalLM.from_pretrained({out!r}) and "
+          f"AutoTokenizer.from_pretrained({out!r})")
+    return out
+
+
+def _prepare_out(out, overwrite):
+    if os.path.isdir(out) and os.listdir(out):
+        if not overwrite:
+            raise UserError(f"{out} is not empty: choose another --out, or --overwrite=1 to write over its model")
+        for name in os.listdir(out):  # an older export's weights would otherwise be mixed with these
+            if name.endswith(".safetensors") or name == safetensors.INDEX:
+                os.remove(os.path.join(out, name))
+    os.makedirs(out, exist_ok=True)
+
+
+def _model_card(source, meta, config, n_params):
+    return (f"---\nlibrary_name: transformers\ntags: [nanochat, jaxchat]\n---\n# {meta['model_tag']} ({source})\n\n"
+            f"A nanochat-architecture model trained with jaxchat (JAX), exported from its `{source}` checkpoint "
+            f"`{meta['model_tag']}` at step {meta['step']}: {n_params:,} parameters, {config.n_layer} layers, width "
+            f"{config.n_embd}, {config.n_head} heads ({config.n_kv_head} key/value), vocabulary "
+            f"{config.vocab_size}, context {config.sequence_len}.\n\n```python\nfrom transformers import "
+            f"AutoModelForCausalLM, AutoTokenizer\ntokenizer = AutoTokenizer.from_pretrained(DIR)\nmodel = "
+            f"AutoModelForCausalLM.from_pretrained(DIR)\nids = tokenizer.apply_chat_template([{{'role': 'user', "
+            f"'content': 'Hello!'}}], add_generation_prompt=True, return_tensors='pt', return_dict=True)\n"
+            f"print(tokenizer.decode(model.generate(**ids, max_new_tokens=64)[0]))\n```\n")
+
+
+# ---- import ---------------------------------------------------------------------------------------------------
+def import_model(directory, model_tag=None, source="sft", overwrite=False, origin=None):
+    """Read a transformers NanoChat directory into checkpoint `source`/`model_tag` (default d<layers>), step 0.
+    Returns the checkpoint directory."""
+    if not os.path.isdir(directory):
+        raise UserError(f"no directory {directory}")
+    config_path = os.path.join(directory, CONFIG)
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            hf = json.load(f)
+        assert isinstance(hf, dict), "not a JSON object"
+    except FileNotFoundError:
+        raise UserError(f"{directory} is not a transformers model directory: no {CONFIG}") from None
+    except (ValueError, AssertionError) as e:
+        raise UserError(f"damaged {config_path}: {e}") from None
+    config, notes = config_from_hf(hf, config_path)
+    tokenizer = from_hf(directory)
+    if tokenizer.get_vocab_size() != config.vocab_size:
+        raise UserError(f"{directory}: the tokenizer has {tokenizer.get_vocab_size()} tokens but config.json a "
+                        f"vocab_size of {config.vocab_size}")
+    params = _params_from_tensors(safetensors.load_dir(directory), config, hf.get("tie_word_embeddings"), directory)
+    model_tag = model_tag or f"d{config.n_layer}"
+    meta = {"model_config": dataclasses.asdict(config), "imported_from": origin or os.path.abspath(directory),
+            "hf_config": hf}
+    with Checkpointer(checkpoint_dir(source, model_tag)).lock() as ckpt:
+        if steps := ckpt.all_steps():
+            if not overwrite:
+                raise UserError(f"{ckpt.directory} already holds checkpoints (steps {steps}): --overwrite=1 replaces "
+                                f"them, -g NAME imports under another tag")
+            ckpt.clear()
+        ckpt.save(0, params, None, meta, tokenizer)
+    base_tokenizer = os.path.join(get_base_dir(), "tokenizer")
+    if not os.path.isdir(base_tokenizer):  # a first model in this base dir: its tokenizer becomes the default one
+        tokenizer.save(base_tokenizer)
+    n_params = sum(p.size for p in jax.tree.leaves(params))
+    print(f"imported {origin or directory} ({n_params:,} parameters) as {source}/{model_tag} step 0"
+          + "".join(f"; note: {n}" for n in notes)
+          + f"\nchat with it: python -m jaxchat.chat_cli -i {source} -g {model_tag}")
+    return ckpt.directory
+
+
+def _params_from_tensors(tensors, config, tied, where):
+    """jaxchat's parameters (a pure dict of fp32 arrays) from transformers tensors, every name and shape checked."""
+    if tied and "lm_head.weight" not in tensors:  # a tied head is the embedding: copy it
+        tensors = {**tensors, "lm_head.weight": tensors.get("model.embed_tokens.weight")}
+    abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0))), nnx.Param))
+    names = dict(tensor_names(config.n_layer))
+    unknown = sorted(set(tensors) - set(names.values()))
+    missing = sorted(n for n in names.values() if tensors.get(n) is None)
+    if unknown or missing:
+        raise UserError(f"{where} does not hold NanoChat's tensors for its config: "
+                        + (f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}; " if missing else "")
+                        + (f"unknown {', '.join(unknown[:4])}{' ...' if len(unknown) > 4 else ''} (a newer nanochat "
+                           f"architecture, e.g. value embeddings, has no place in this model)" if unknown else ""))
+    params = jax.tree.map(lambda _: None, abstract)
+    for path, name in names.items():
+        w = tensors[name]
+        w = w.T if path[-1] == "kernel" else w
+        if w.shape != _get(abstract, path).shape:
+            raise UserError(f"{where}: tensor {name} has shape {list(tensors[name].shape)}, the config asks for "
+                            f"{list(_get(abstract, path).shape[::-1] if path[-1] == 'kernel' else _get(abstract, path).shape)}")
+        _set(params, path, jnp.asarray(w, jnp.float32))
+    return params
+
+
+def _get(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree, path, value):
+    _get(tree, path[:-1])[path[-1]] = value
+
+
+# ---- the Hub ----------------------------------------------------------------------------------------------------
+def download_repo(repo, revision="main"):
+    """A model repository's config, tokenizer and safetensors at `revision`, into
+    $JAXCHAT_BASE_DIR/hf_models/<owner>--<name>/<commit>/ (LFS files checked against their sha256); the path."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    token = os.environ.get("HF_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    root = os.path.join(get_base_dir(), "hf_models", repo.replace("/", "--"))
+    listing = os.path.join(root, f"revision-{urllib.parse.quote(revision, safe='')}.json")
+    if os.path.exists(listing):
+        os.remove(listing)  # a branch moves: ask again
+    download_file(f"{endpoint}/api/models/{repo}/revision/{urllib.parse.quote(revision, safe='')}?blobs=true",
+                  listing, what=f"file list of {repo}", headers=headers)
+    try:
+        with open(listing, encoding="utf-8") as f:
+            info = json.load(f)
+        commit, files = info["sha"], {s["rfilename"]: s for s in info["siblings"]}
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"unexpected answer from {endpoint} for {repo}: {e!r}") from None
+    wanted = [name for name in files if name in HUB_FILES or ("/" not in name and name.endswith(".safetensors"))]
+    if not any(name.endswith(".safetensors") for name in wanted):
+        raise UserError(f"{repo} at {revision} has no safetensors weights (files: {', '.join(sorted(files)[:12])}): "
+                        f"jaxchat imports transformers NanoChat models (some repositories keep one on another "
+                        f"revision, e.g. --revision refs/pr/1)")
+    directory = os.path.join(root, commit)
+    for name in wanted:
+        download_file(f"{endpoint}/{repo}/resolve/{commit}/{urllib.parse.quote(name)}", os.path.join(directory, name),
+                      sha256=(files[name].get("lfs") or {}).get("sha256"), what=f"{repo} file", headers=headers)
+    return directory, f"{repo}@{commit}"
+
+
+# ---- CLI ----------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m jaxchat.hf", description="models to and from Hugging Face transformers")
+    commands = p.add_subparsers(dest="command", required=True)
+    e = commands.add_parser("export", help="a jaxchat checkpoint as a transformers model directory")
+    e.add_argument("-i", "--source", default="sft", choices=sorted(SOURCE_DIRS), help="which stage's checkpoint")
+    e.add_argument("-g", "--model-tag", "--model_tag", default=None, help="default: the largest d<N>")
+    e.add_argument("-s", "--step", type=int, default=None, help="default: the last")
+    e.add_argument("--out", required=True, help="the directory to write")
+    e.add_argument("--dtype", default="float32", choices=sorted(EXPORT_DTYPES), help="of the saved weights")
+    e.add_argument("--overwrite", type=int, default=0, help="1: write over a non-empty --out")
+    i = commands.add_parser("import", help="a transformers NanoChat model as a jaxchat checkpoint")
+    i.add_argument("directory", nargs="?", help="a local model directory (or --repo)")
+    i.add_argument("--repo", default=None, help="download owner/name from the Hugging Face Hub")
+    i.add_argument("--revision", default="main", help="with --repo: a branch, tag, commit or refs/pr/N")
+    i.add_argument("-g", "--model-tag", "--model_tag", default=None, help="default: d<number of layers>")
+    i.add_argument("-i", "--source", default="sft", choices=sorted(SOURCE_DIRS), help="which stage to import as")
+    i.add_argument("--overwrite", type=int, default=0, help="1: replace checkpoints already under the tag")
+    args = p.parse_args(argv)
+    if args.command == "export":
+        export(args.source, args.model_tag, args.step, args.out, args.dtype, bool(args.overwrite))
+        return
+    if (args.directory is None) == (args.repo is None):
+        raise UserError("import takes a model directory or --repo owner/name (one of them)")
+    directory, origin = (args.directory, None) if args.repo is None else download_repo(args.repo, args.revision)
+    import_model(directory, args.model_tag, args.source, bool(args.overwrite), origin)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,349 @@
+"""Hugging Face transformers import/export (no torch): round trips, the files' names and layouts as transformers'
+NanoChat expects them, tokenizer.json and the chat template against jaxchat's ids, bad directories, the Hub path."""
+import dataclasses
+import hashlib
+import http.server
+import json
+import os
+import random
+import re
+import shutil
+import threading
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxchat import hf, safetensors
+from jaxchat.checkpoint_manager import Checkpointer, checkpoint_dir, load_model
+from jaxchat.common import UserError, get_base_dir, run_main
+from jaxchat.hf_tokenizer import CHAT_TEMPLATE
+from jaxchat.model import GPT, GPTConfig
+from jaxchat.tokenizer import RustBPETokenizer, get_tokenizer
+from test_model import randomize
+
+TEXTS = ["Hello world! 12345 + 678 = 13023", "  leading spaces\n\n\ttabs and   runs   \r\n", "東京は晴れ。😀🚀 café",
+         "it's 1999's we'll", "x" * 50, "", " ", "\n"]
+CONVERSATION = {"messages": [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 12 * 7?"},
+    {"role": "assistant", "content": [{"type": "text", "text": "Let me compute: "},
+                                      {"type": "python", "text": "12 * 7"},
+                                      {"type": "python_output", "text": "84"},
+                                      {"type": "text", "text": " It is 84."}]},
+    {"role": "user", "content": "東京 😀 and 3 more?"},
+    {"role": "assistant", "content": "Sure:  87.\n"}]}
+
+
+def training_text():
+    rng = random.Random(0)
+    words = ["hello", "world", "the", "cat", "東京", "晴れ", "😀", "café", "naïve", "  ", "\n\n", "\t", "it's", " x",
+             "Be", "brief", "What", "compute", "Sure"]
+    return " ".join(rng.choice(words) + str(rng.randint(0, 999)) for _ in range(20000))
+
+
+@pytest.fixture
+def trained():
+    """A tokenizer and a random GQA model saved as sft checkpoint 'small', step 3."""
+    tok = RustBPETokenizer.train_from_iterator([training_text()], 330)
+    config = GPTConfig(sequence_len=64, vocab_size=330, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+    model = randomize(GPT(config, rngs=nnx.Rngs(0)), seed=3, scale=0.5)
+    with Checkpointer(checkpoint_dir("sft", "small")) as ckpt:
+        ckpt.save(3, nnx.state(model), None, {"model_config": dataclasses.asdict(config)}, tok)
+    return model, tok
+
+
+def exported(tmp_path, **kw):
+    return hf.export("sft", "small", None, str(tmp_path / "out"), **kw)
+
+
+def test_export_import_round_trip(trained, tmp_path):
+    model, tok = trained
+    out = exported(tmp_path)
+    hf.import_model(out, "back", "mid")
+    back, back_tok, meta = load_model("mid", "back")
+    assert meta["step"] == 0 and meta["imported_from"] == os.path.abspath(out)
+    assert back.config == model.config
+    ours, theirs = nnx.to_pure_dict(nnx.state(model)), nnx.to_pure_dict(nnx.state(back))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), ours, theirs)
+    idx = jnp.array([tok.encode(TEXTS[0], prepend="<|bos|>")])
+    np.testing.assert_array_equal(np.asarray(model(idx)), np.asarray(back(idx)))
+    assert back_tok.fingerprint() == tok.fingerprint()
+    assert back_tok.encode(TEXTS) == tok.encode(TEXTS)
+    assert back_tok.render_conversation(CONVERSATION) == tok.render_conversation(CONVERSATION)
+    # the first model imported into a base dir also provides the default tokenizer
+    assert get_tokenizer().fingerprint() == tok.fingerprint()
+
+
+def test_bfloat16_export_rounds_the_weights(trained, tmp_path):
+    model, _ = trained
+    out = exported(tmp_path, dtype="bfloat16")
+    tensors = safetensors.load_dir(out)
+    assert {t.dtype for t in tensors.values()} == {np.dtype(ml_dtypes.bfloat16)}
+    hf.import_model(out, "bf16", "sft")
+    back, _, _ = load_model("sft", "bf16")
+    want = np.asarray(model.h[0].attn.c_q.kernel[...]).astype(ml_dtypes.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(back.h[0].attn.c_q.kernel[...]), want)
+
+
+def test_files_are_what_transformers_nanochat_reads(trained, tmp_path):
+    model, tok = trained
+    out = exported(tmp_path)
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "generation_config.json", "model.safetensors",
+                                       "tokenizer.json", "tokenizer_config.json"]
+    config = json.load(open(os.path.join(out, "config.json")))
+    c = model.config
+    assert config["model_type"] == "nanochat" and config["architectures"] == ["NanoChatForCausalLM"]
+    assert (config["vocab_size"], config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"],
+            config["num_attention_heads"], config["num_key_value_heads"], config["max_position_embeddings"]) == \
+        (330, 64, 256, 2, 4, 2, 64)
+    assert config["hidden_act"] == "relu2" and config["final_logit_softcapping"] == 15.0
+    assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": 10000.0}
+    assert config["rms_norm_eps"] == float(np.finfo(np.float32).eps) and not config["tie_word_embeddings"]
+    assert config["bos_token_id"] == tok.get_bos_token_id() == config["pad_token_id"]
+    assert config["eos_token_id"] == tok.encode_special("<|assistant_end|>")
+    generation = json.load(open(os.path.join(out, "generation_config.json")))
+    assert generation["eos_token_id"] == [tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()]
+    tensors, metadata = safetensors.load_file(os.path.join(out, "model.safetensors"))
+    assert metadata == {"format": "pt"}
+    # torch Linear weights are (out, in): NanoChatAttention / NanoChatMLP / NanoChatModel / lm_head
+    hd = c.n_embd // c.n_head
+    shapes = {"model.embed_tokens.weight": (330, 64), "lm_head.weight": (330, 64)}
+    for i in range(2):
+        shapes |= {f"model.layers.{i}.self_attn.q_proj.weight": (4 * hd, 64),
+                   f"model.layers.{i}.self_attn.k_proj.weight": (2 * hd, 64),
+                   f"model.layers.{i}.self_attn.v_proj.weight": (2 * hd, 64),
+                   f"model.layers.{i}.self_attn.o_proj.weight": (64, 4 * hd),
+                   f"model.layers.{i}.mlp.fc1.weight": (256, 64), f"model.layers.{i}.mlp.fc2.weight": (64, 256)}
+    assert {name: t.shape for name, t in tensors.items()} == shapes
+    np.testing.assert_array_equal(tensors["model.layers.1.mlp.fc1.weight"], np.asarray(model.h[1].mlp.c_fc.kernel[...]).T)
+    np.testing.assert_array_equal(tensors["model.embed_tokens.weight"], np.asarray(model.wte[...]))
+
+
+def test_tokenizer_json_encodes_like_jaxchat(trained, tmp_path):
+    from tokenizers import Tokenizer
+    _, tok = trained
+    hf_tok = Tokenizer.from_file(os.path.join(exported(tmp_path), "tokenizer.json"))
+    assert hf_tok.get_vocab_size() == tok.get_vocab_size()
+    for text in TEXTS:
+        ids = hf_tok.encode(text, add_special_tokens=False).ids
+        assert ids == tok.encode(text), text
+        assert hf_tok.decode(ids) == text
+    # special tokens written in the text are the special ids there (jaxchat inserts them by id)
+    ids = hf_tok.encode("<|bos|>hi<|assistant_end|>", add_special_tokens=False).ids
+    assert ids == [tok.get_bos_token_id(), *tok.encode("hi"), tok.encode_special("<|assistant_end|>")]
+
+
+def render(messages, add_generation_prompt):
+    """The chat template as transformers' apply_chat_template runs it (sandboxed Jinja, trim/lstrip blocks)."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(CHAT_TEMPLATE).render(messages=messages, add_generation_prompt=add_generation_prompt)
+
+
+def test_chat_template_renders_jaxchat_ids(trained, tmp_path):
+    from tokenizers import Tokenizer
+    _, tok = trained
+    hf_tok = Tokenizer.from_file(os.path.join(exported(tmp_path), "tokenizer.json"))
+    encode = lambda text: hf_tok.encode(text, add_special_tokens=False).ids
+    messages = CONVERSATION["messages"]
+    assert encode(render(messages, False)) == tok.render_conversation(CONVERSATION)[0]
+    assert encode(render(messages[:-1], True)) == tok.render_for_completion(CONVERSATION)
+    plain = {"messages": [{"role": "user", "content": "hi 5"}, {"role": "assistant", "content": "hello"}]}
+    assert encode(render(plain["messages"][:1], True)) == tok.render_for_completion(plain)
+    from jinja2 import TemplateError
+    with pytest.raises(TemplateError, match="alternate"):
+        render([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], True)
+
+
+def test_export_refuses_a_non_empty_directory(trained, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        exported(tmp_path)
+    exported(tmp_path, overwrite=True)
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
+def edit_config(out, **changes):
+    path = os.path.join(out, "config.json")
+    config = json.load(open(path))
+    config.update(changes)
+    json.dump(config, open(path, "w"))
+
+
+def edit_tensors(out, change):
+    path = os.path.join(out, "model.safetensors")
+    tensors = {k: np.array(v) for k, v in safetensors.load_file(path)[0].items()}
+    change(tensors)
+    safetensors.save_file(tensors, path, {"format": "pt"})
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda out: shutil.rmtree(out), "no directory"),
+    (lambda out: os.remove(os.path.join(out, "config.json")), "no config.json"),
+    (lambda out: open(os.path.join(out, "config.json"), "w").write("{"), "damaged .*config.json"),
+    (lambda out: edit_config(out, model_type="llama"), "model_type 'llama'"),
+    (lambda out: edit_config(out, hidden_act="silu", attention_bias=True), r"activation 'silu' \(jaxchat: relu2\); attention biases"),
+    (lambda out: edit_config(out, rope_parameters={"rope_type": "default", "rope_theta": 100000}), "RoPE default base 100000"),
+    (lambda out: edit_config(out, intermediate_size=100), "intermediate_size 100"),
+    (lambda out: edit_config(out, vocab_size=400), "the tokenizer has 330 tokens but config.json a vocab_size of 400"),
+    (lambda out: edit_tensors(out, lambda t: t.update({"model.value_embeds.0.weight": np.zeros((2, 2), np.float32)})),
+     "unknown model.value_embeds.0.weight"),
+    (lambda out: edit_tensors(out, lambda t: t.pop("model.layers.1.mlp.fc2.weight")), "missing model.layers.1.mlp.fc2"),
+    (lambda out: edit_tensors(out, lambda t: t.update({"lm_head.weight": np.zeros((330, 32), np.float32)})),
+     r"lm_head.weight has shape \[330, 32\], the config asks for \[330, 64\]"),
+    (lambda out: open(os.path.join(out, "model.safetensors"), "r+b").truncate(1000), "damaged or foreign safetensors"),
+    (lambda out: os.remove(os.path.join(out, "model.safetensors")), "no model.safetensors"),
+    (lambda out: os.remove(os.path.join(out, "tokenizer.json")), "no tokenizer.json"),
+])
+def test_bad_directories_are_one_clear_error(trained, tmp_path, damage, message):
+    out = exported(tmp_path)
+    damage(out)
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda argv: hf.main(["import", out, "-g", "bad"]))
+    err = str(e.value.code)
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert re.search(message, err), err
+    assert not os.path.exists(checkpoint_dir("sft", "bad"))  # nothing written
+
+
+def test_import_keeps_existing_checkpoints_unless_overwrite(trained, tmp_path):
+    out = exported(tmp_path)
+    with pytest.raises(UserError, match=r"already holds checkpoints \(steps \[3\]\)"):
+        hf.import_model(out, "small", "sft")
+    hf.import_model(out, "small", "sft", overwrite=True)
+    assert Checkpointer(checkpoint_dir("sft", "small"), create=False).all_steps() == [0]
+
+
+def test_tied_head_and_other_eps_import(trained, tmp_path, capsys):
+    model, _ = trained
+    out = exported(tmp_path)
+    edit_config(out, tie_word_embeddings=True, rms_norm_eps=1e-6)
+    edit_tensors(out, lambda t: t.pop("lm_head.weight"))
+    hf.import_model(out, "tied", "sft")
+    assert "rms_norm_eps 1e-06 computed as jaxchat's" in capsys.readouterr().out
+    back, _, _ = load_model("sft", "tied")
+    np.testing.assert_array_equal(np.asarray(back.lm_head.kernel[...]), np.asarray(model.wte[...]).T)
+
+
+def test_sharded_weights_import(trained, tmp_path):
+    model, _ = trained
+    out = exported(tmp_path)
+    tensors = {k: np.array(v) for k, v in safetensors.load_file(os.path.join(out, "model.safetensors"))[0].items()}
+    os.remove(os.path.join(out, "model.safetensors"))
+    names, weight_map = sorted(tensors), {}
+    for part, chunk in enumerate((names[:5], names[5:])):
+        file = f"model-{part + 1:05d}-of-00002.safetensors"
+        safetensors.save_file({n: tensors[n] for n in chunk}, os.path.join(out, file), {"format": "pt"})
+        weight_map |= {n: file for n in chunk}
+    json.dump({"metadata": {}, "weight_map": weight_map}, open(os.path.join(out, safetensors.INDEX), "w"))
+    hf.import_model(out, "sharded", "sft")
+    back, _, _ = load_model("sft", "sharded")
+    np.testing.assert_array_equal(np.asarray(back.h[1].attn.c_v.kernel[...]), np.asarray(model.h[1].attn.c_v.kernel[...]))
+
+
+def test_safetensors_round_trip_and_damage(tmp_path):
+    path = str(tmp_path / "t.safetensors")
+    arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1.5, -2], ml_dtypes.bfloat16),
+              "c": np.array([[1, 2]], np.int64), "d": np.zeros((0, 4), np.float16), "e": np.array(True)}
+    safetensors.save_file(arrays, path, {"k": "v"})
+    back, metadata = safetensors.load_file(path)
+    assert metadata == {"k": "v"} and set(back) == set(arrays)
+    for name, a in arrays.items():
+        assert back[name].dtype == a.dtype and back[name].shape == a.shape
+        np.testing.assert_array_equal(back[name], a)
+    assert (8 + int.from_bytes(open(path, "rb").read(8), "little")) % 8 == 0  # data 8-byte aligned
+    with open(path, "r+b") as f:  # claim a header longer than the file
+        f.write((10 ** 9).to_bytes(8, "little"))
+    with pytest.raises(UserError, match="header length"):
+        safetensors.load_file(path)
+
+
+# ---- the Hub, served locally --------------------------------------------------------------------------------------
+class Hub:
+    """/api/models/<repo>/revision/<rev> and /<repo>/resolve/<commit>/<file> of one repository, as the Hub answers."""
+
+    def __init__(self, repo, files, commit="c0ffee" * 6 + "c0ff"):
+        self.repo, self.files, self.commit, self.log, self.corrupt = repo, files, commit, [], set()
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                hub.log.append((self.path, self.headers.get("Authorization")))
+                api = f"/api/models/{hub.repo}/revision/"
+                if self.path.startswith(api):
+                    siblings = [{"rfilename": n, "size": len(d)} | ({"lfs": {"sha256": hashlib.sha256(d).hexdigest(),
+                                                                             "size": len(d)}}
+                                                                    if n.endswith(".safetensors") else {})
+                                for n, d in hub.files.items()]
+                    body = json.dumps({"id": hub.repo, "sha": hub.commit, "siblings": siblings}).encode()
+                elif self.path.startswith(f"/{hub.repo}/resolve/{hub.commit}/"):
+                    name = self.path.rsplit("/", 1)[1]
+                    if name not in hub.files:
+                        return self.send_error(404)
+                    body = hub.files[name][:-1] + b"\0" if name in hub.corrupt else hub.files[name]
+                else:
+                    return self.send_error(404)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+
+@pytest.fixture
+def hub(trained, tmp_path, monkeypatch):
+    out = exported(tmp_path)
+    files = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
+    files["pytorch_model.bin"] = b"not fetched"
+    h = Hub("someone/nanochat-small", files)
+    monkeypatch.setenv("HF_ENDPOINT", h.url)
+    monkeypatch.setenv("HF_TOKEN", "secret")
+    monkeypatch.setattr("jaxchat.download.time.sleep", lambda s: None)
+    yield h
+    h.httpd.shutdown()
+
+
+def test_import_from_the_hub(hub, trained):
+    model, _ = trained
+    hf.main(["import", "--repo", hub.repo, "--revision", "refs/pr/1", "-g", "hub"])
+    back, _, meta = load_model("sft", "hub")
+    assert meta["imported_from"] == f"{hub.repo}@{hub.commit}"
+    np.testing.assert_array_equal(np.asarray(back.wte[...]), np.asarray(model.wte[...]))
+    paths = [p for p, _ in hub.log]
+    assert paths[0] == f"/api/models/{hub.repo}/revision/refs%2Fpr%2F1?blobs=true"
+    assert not any(p.endswith(("pytorch_model.bin", "README.md")) for p in paths)
+    assert all(auth == "Bearer secret" for _, auth in hub.log)
+    local = os.path.join(get_base_dir(), "hf_models", "someone--nanochat-small", hub.commit)
+    assert sorted(f for f in os.listdir(local) if not f.startswith(".")) == ["config.json", "generation_config.json", "model.safetensors",
+                                         "tokenizer.json", "tokenizer_config.json"]
+
+
+def test_hub_download_checks_sha256(hub):
+    hub.corrupt.add("model.safetensors")
+    with pytest.raises(UserError, match="sha256 mismatch"):
+        hf.main(["import", "--repo", hub.repo, "-g", "hub"])
+
+
+def test_hub_repo_without_safetensors(hub):
+    for name in [n for n in hub.files if n.endswith(".safetensors")]:
+        del hub.files[name]
+    with pytest.raises(UserError, match="has no safetensors weights.*pytorch_model.bin.*refs/pr/1"):
+        hf.main(["import", "--repo", hub.repo, "-g", "hub"])
