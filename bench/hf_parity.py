@@ -32,22 +32,25 @@ def transformers_side(directory, new_tokens, out):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(directory)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    prompts = [[tokenizer.bos_token_id] + tokenizer(t, add_special_tokens=False).input_ids for t in TEXTS]
-    chat = tokenizer.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=True, return_dict=True)
-    prompts.append(list(chat["input_ids"]))
+    bos, end = tokenizer.convert_tokens_to_ids("<|bos|>"), tokenizer.convert_tokens_to_ids("<|assistant_end|>")
+    prompts = [[bos] + tokenizer(t, add_special_tokens=False).input_ids for t in TEXTS]
+    if tokenizer.chat_template:  # a converted published model may have none
+        chat = tokenizer.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=True, return_dict=True)
+        prompts.append(list(chat["input_ids"]))
     arrays = {}
     with torch.no_grad():
         for i, ids in enumerate(prompts):
             x = torch.tensor([ids])
             arrays[f"ids{i}"] = np.array(ids)
             arrays[f"logits{i}"] = model(x).logits[0].float().numpy()
-            gen = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, do_sample=False)
+            gen = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, do_sample=False,
+                                 eos_token_id=[end, bos], pad_token_id=bos)  # where jaxchat's engine stops
             arrays[f"greedy{i}"] = gen[0, len(ids):].numpy()
     np.savez(out, **arrays, versions=np.array([torch.__version__, __import__("transformers").__version__]))
 
 
-def jaxchat_side(directory, new_tokens):
-    """The same prompts through jaxchat: (ids, logits, greedy) per prompt."""
+def jaxchat_side(directory, new_tokens, chat):
+    """The same prompts through jaxchat (with the conversation when `chat`): (ids, logits, greedy) per prompt."""
     os.environ["JAXCHAT_BASE_DIR"] = tempfile.mkdtemp(prefix="hf_parity_")
     import jax
     import jax.numpy as jnp
@@ -60,7 +63,8 @@ def jaxchat_side(directory, new_tokens):
     model, tokenizer, _ = load_model("sft", "parity")
     stops = {tokenizer.get_bos_token_id(), tokenizer.encode_special("<|assistant_end|>")}
     prompts = [tokenizer.encode(t, prepend="<|bos|>") for t in TEXTS]
-    prompts.append(tokenizer.render_for_completion({"messages": CONVERSATION + [{"role": "assistant", "content": ""}]}))
+    if chat:
+        prompts.append(tokenizer.render_for_completion({"messages": [*CONVERSATION, {"role": "assistant", "content": ""}]}))
     forward = nnx.jit(lambda m, idx: m(idx))
     decode = nnx.jit(lambda m, idx, cache: m.decode(idx, cache))
     results = []
@@ -96,7 +100,7 @@ def main():
         subprocess.run([args.torch_python, os.path.abspath(__file__), directory, "--side", "transformers", "--npz", npz,
                         "--new-tokens", str(args.new_tokens)], check=True)
         theirs = dict(np.load(npz))
-    ours = jaxchat_side(directory, args.new_tokens)
+    ours = jaxchat_side(directory, args.new_tokens, chat="ids3" in theirs)
     rows = []
     for i, (ids, logits, greedy) in enumerate(ours):
         same_ids = ids == theirs[f"ids{i}"].tolist()

@@ -14,7 +14,7 @@ makes import refuse with one line; export checks that its config.json reads back
 
 Import writes a checkpoint (step 0) with its tokenizer, like any stage's, so chat_cli, chat_eval, base_eval,
 chat_web and the training stages (`--source`) use it unchanged. `--repo` downloads through the Hub's HTTP API
-(HF_ENDPOINT, HF_TOKEN as huggingface_hub reads them) with jaxchat's resumable, verified downloads, into
+(HF_ENDPOINT or JAXCHAT_HF_ENDPOINT for a mirror, HF_TOKEN for a gated or private repository) with jaxchat's resumable, verified downloads, into
 $JAXCHAT_BASE_DIR/hf_models/<owner>--<name>/<commit>/.
 """
 import argparse
@@ -35,6 +35,7 @@ from jaxchat.common import UserError, get_base_dir, run_main, write_atomic
 from jaxchat.download import download_file
 from jaxchat.hf_tokenizer import TOKENIZER_CONFIG, TOKENIZER_JSON, from_hf, save_hf_tokenizer
 from jaxchat.model import EXECUTION_FIELDS, GPT, ROPE_BASE, SOFTCAP, GPTConfig
+from jaxchat.tasks.hub import hub_endpoint, slug
 
 RMS_NORM_EPS = float(np.finfo(np.float32).eps)  # jaxchat's (and nanochat's: torch's rms_norm default on fp32)
 LAYER_TENSORS = {("attn", "c_q"): "self_attn.q_proj", ("attn", "c_k"): "self_attn.k_proj",
@@ -241,10 +242,10 @@ def _set(tree, path, value):
 def download_repo(repo, revision="main"):
     """A model repository's config, tokenizer and safetensors at `revision`, into
     $JAXCHAT_BASE_DIR/hf_models/<owner>--<name>/<commit>/ (LFS files checked against their sha256); the path."""
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    endpoint = hub_endpoint()
     token = os.environ.get("HF_TOKEN")
     headers = {"Authorization": f"Bearer {token}"} if token else None
-    root = os.path.join(get_base_dir(), "hf_models", repo.replace("/", "--"))
+    root = os.path.join(get_base_dir(), "hf_models", slug(repo))
     listing = os.path.join(root, f"revision-{urllib.parse.quote(revision, safe='')}.json")
     if os.path.exists(listing):
         os.remove(listing)  # a branch moves: ask again

@@ -33,7 +33,8 @@ class TaskDataUnavailable(UserError):
 
 
 def hub_endpoint():
-    return os.environ.get("JAXCHAT_HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    """The Hub's address: JAXCHAT_HF_ENDPOINT, else huggingface_hub's HF_ENDPOINT (a mirror), else the Hub."""
+    return (os.environ.get("JAXCHAT_HF_ENDPOINT") or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
 
 
 def slug(repo):
