@@ -2,6 +2,11 @@
 
     python -m jaxchat.hf export -i sft -g tiny --out /tmp/hf_tiny
     python bench/hf_parity.py /tmp/hf_tiny --torch-python /path/to/venv-with-torch/bin/python
+    python bench/hf_parity.py /tmp/hf_r20 --random-depth 20 --kv-heads 5 --torch-python ...   # a random d20 shape
+
+With --random-depth, DIR is first written: a model of that depth (nanochat's shape rule, GQA with --kv-heads) with
+random weights (N(0, --scale²): large enough that the logits vary, small enough that the softcap is not saturated)
+and the tokenizer at $JAXCHAT_BASE_DIR/tokenizer, exported as `jaxchat.hf export` does.
 
 The transformers side (torch, transformers, numpy; no jaxchat) runs as a child process of `--torch-python` (default:
 this interpreter, for an environment that has both), so jaxchat's own environment needs no torch. It tokenizes the
@@ -82,12 +87,38 @@ def jaxchat_side(directory, new_tokens, chat):
     return results
 
 
+def write_random(directory, depth, kv_heads, scale):
+    """A random-weight jaxchat model of `depth`, exported to `directory` (through a checkpoint in a temporary base
+    dir, the path `jaxchat.hf export` takes)."""
+    import dataclasses
+    import jax
+    from flax import nnx
+    from jaxchat.checkpoint_manager import Checkpointer, checkpoint_dir
+    from jaxchat.hf import export
+    from jaxchat.model import GPT, config_for_depth
+    from jaxchat.tokenizer import get_tokenizer
+    tokenizer = get_tokenizer()
+    os.environ["JAXCHAT_BASE_DIR"] = tempfile.mkdtemp(prefix="hf_parity_random_")
+    config = config_for_depth(depth, tokenizer.get_vocab_size(), 2048, n_kv_head=kv_heads)
+    model = GPT(config, rngs=nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    nnx.update(model, jax.tree.unflatten(treedef, [scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]))
+    with Checkpointer(checkpoint_dir("sft", "random")) as ckpt:
+        ckpt.save(0, nnx.state(model), None, {"model_config": dataclasses.asdict(config)}, tokenizer)
+    export("sft", "random", None, directory, overwrite=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("directory")
     p.add_argument("--torch-python", default=sys.executable, help="a Python with torch and transformers")
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt")
     p.add_argument("--out", default="hf_parity.json")
+    p.add_argument("--random-depth", type=int, default=0, help="first write DIR: a random model of this depth")
+    p.add_argument("--kv-heads", type=int, default=None, help="with --random-depth: key/value heads (GQA)")
+    p.add_argument("--scale", type=float, default=0.03, help="with --random-depth: the weights' standard deviation")
     p.add_argument("--side", default="jaxchat", choices=("jaxchat", "transformers"), help=argparse.SUPPRESS)
     p.add_argument("--npz", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -95,6 +126,8 @@ def main():
     if args.side == "transformers":
         transformers_side(directory, args.new_tokens, args.npz)
         return
+    if args.random_depth:
+        write_random(directory, args.random_depth, args.kv_heads, args.scale)
     with tempfile.TemporaryDirectory() as tmp:
         npz = os.path.join(tmp, "transformers.npz")
         subprocess.run([args.torch_python, os.path.abspath(__file__), directory, "--side", "transformers", "--npz", npz,

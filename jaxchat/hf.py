@@ -2,7 +2,7 @@
 
     python -m jaxchat.hf export -i sft -g d20 [-s STEP] --out DIR     # a jaxchat checkpoint -> DIR
     python -m jaxchat.hf import DIR -g d20 [--source sft]              # DIR -> a jaxchat checkpoint
-    python -m jaxchat.hf import --repo karpathy/nanochat-d32 --revision refs/pr/1 -g d32
+    python -m jaxchat.hf import --repo karpathy/nanochat-d32 -g d32    # from the Hub
 
 transformers' NanoChat computes jaxchat's function: embedding, parameter-free RMSNorm, pre-norm blocks with
 rotate-half RoPE (the sign nanochat uses) then QK-norm, GQA, relu² MLP 4·d wide, a final norm, an untied head and a
@@ -12,10 +12,12 @@ What the format cannot say (another activation, biases, rope scaling or base, so
 d / heads, an MLP other than 4·d, tensors jaxchat has no place for, such as newer nanochat's value embeddings)
 makes import refuse with one line; export checks that its config.json reads back as the same model.
 
-Import writes a checkpoint (step 0) with its tokenizer, like any stage's, so chat_cli, chat_eval, base_eval,
-chat_web and the training stages (`--source`) use it unchanged. `--repo` downloads through the Hub's HTTP API
-(HF_ENDPOINT or JAXCHAT_HF_ENDPOINT for a mirror, HF_TOKEN for a gated or private repository) with jaxchat's resumable, verified downloads, into
-$JAXCHAT_BASE_DIR/hf_models/<owner>--<name>/<commit>/.
+Import also reads nanochat's own checkpoint files (model_<step>.pt, meta_<step>.json, tokenizer.pkl: how nanochat
+saves and its authors publish; `nanochat_checkpoint`, no torch, no code run from the pickles). It writes a
+checkpoint (step 0) with its tokenizer, like any stage's, so chat_cli, chat_eval, base_eval, chat_web and the
+training stages (`--source`) use it unchanged. `--repo` downloads either kind through the Hub's HTTP API
+(HF_ENDPOINT or JAXCHAT_HF_ENDPOINT for a mirror, HF_TOKEN for a gated or private repository) with jaxchat's
+resumable, verified downloads, into $JAXCHAT_BASE_DIR/hf_models/<owner>--<name>/<commit>/.
 """
 import argparse
 import dataclasses
@@ -29,7 +31,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from jaxchat import safetensors
+from jaxchat import nanochat_checkpoint, safetensors
 from jaxchat.checkpoint_manager import SOURCE_DIRS, Checkpointer, checkpoint_dir, load_model
 from jaxchat.common import UserError, get_base_dir, run_main, write_atomic
 from jaxchat.download import download_file
@@ -82,7 +84,9 @@ def config_from_hf(hf, where):
         kv_heads = int(hf.get("num_key_value_heads") or heads)
         config = GPTConfig(sequence_len=int(hf.get("max_position_embeddings", 2048)), vocab_size=int(hf["vocab_size"]),
                            n_layer=int(hf["num_hidden_layers"]), n_head=heads, n_kv_head=kv_heads, n_embd=d)
-    except (KeyError, TypeError, ValueError) as e:
+        sizes = [v for k, v in dataclasses.asdict(config).items() if k not in EXECUTION_FIELDS]
+        assert min(sizes) > 0, "sizes and counts must be positive"
+    except (KeyError, TypeError, ValueError, AssertionError) as e:
         raise UserError(f"damaged {where}: {e!r}") from None
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -97,13 +101,13 @@ def config_from_hf(hf, where):
                                                             f"{ROPE_BASE})"),
         (hf.get("final_logit_softcapping", SOFTCAP) != SOFTCAP,
          f"final_logit_softcapping {hf.get('final_logit_softcapping')} (jaxchat: {SOFTCAP})"),
-        (not hf.get("rms_norm_eps", 0) <= 1e-5, f"rms_norm_eps {hf.get('rms_norm_eps')} (jaxchat: {RMS_NORM_EPS:.3g})"),
+        (not isinstance(eps := hf.get("rms_norm_eps", RMS_NORM_EPS), (int, float)) or not 0 <= eps <= 1e-5,
+         f"rms_norm_eps {eps} (jaxchat: {RMS_NORM_EPS:.3g})"),
     ]
     if found := [why for bad, why in problems if bad]:
         raise refuse("; ".join(found))
-    notes = []
-    if (eps := hf.get("rms_norm_eps", RMS_NORM_EPS)) != RMS_NORM_EPS:  # tiny against mean(x²) ~ 1: no visible change
-        notes.append(f"rms_norm_eps {eps:g} computed as jaxchat's {RMS_NORM_EPS:.3g}")
+    # an eps this small is nothing against mean(x²) ~ 1: computing it as jaxchat's changes no visible digit
+    notes = [f"rms_norm_eps {eps:g} computed as jaxchat's {RMS_NORM_EPS:.3g}"] if eps != RMS_NORM_EPS else []
     return config, notes
 
 
@@ -164,26 +168,35 @@ def _model_card(source, meta, config, n_params):
 
 
 # ---- import ---------------------------------------------------------------------------------------------------
-def import_model(directory, model_tag=None, source="sft", overwrite=False, origin=None):
-    """Read a transformers NanoChat directory into checkpoint `source`/`model_tag` (default d<layers>), step 0.
-    Returns the checkpoint directory."""
+def read_model_dir(directory, step=None):
+    """(config.json's dict, tensors, tokenizer, where) of a transformers NanoChat directory, or of a directory of
+    nanochat's own checkpoint files (model_<step>.pt, meta_<step>.json, tokenizer.pkl; `step`: default the last)."""
     if not os.path.isdir(directory):
         raise UserError(f"no directory {directory}")
     config_path = os.path.join(directory, CONFIG)
+    if not os.path.exists(config_path) and nanochat_checkpoint.is_nanochat_dir(directory):
+        return nanochat_checkpoint.read(directory, step)
     try:
         with open(config_path, encoding="utf-8") as f:
             hf = json.load(f)
         assert isinstance(hf, dict), "not a JSON object"
     except FileNotFoundError:
-        raise UserError(f"{directory} is not a transformers model directory: no {CONFIG}") from None
+        raise UserError(f"{directory} is neither a transformers model directory (no {CONFIG}) nor a nanochat "
+                        f"checkpoint directory (no model_<step>.pt)") from None
     except (ValueError, AssertionError) as e:
         raise UserError(f"damaged {config_path}: {e}") from None
-    config, notes = config_from_hf(hf, config_path)
-    tokenizer = from_hf(directory)
+    return hf, safetensors.load_dir(directory), from_hf(directory), config_path
+
+
+def import_model(directory, model_tag=None, source="sft", overwrite=False, origin=None, step=None):
+    """Read a transformers NanoChat directory (or nanochat's own checkpoint files) into checkpoint
+    `source`/`model_tag` (default d<layers>), step 0. Returns the checkpoint directory."""
+    hf, tensors, tokenizer, where = read_model_dir(directory, step)
+    config, notes = config_from_hf(hf, where)
     if tokenizer.get_vocab_size() != config.vocab_size:
-        raise UserError(f"{directory}: the tokenizer has {tokenizer.get_vocab_size()} tokens but config.json a "
-                        f"vocab_size of {config.vocab_size}")
-    params = _params_from_tensors(safetensors.load_dir(directory), config, hf.get("tie_word_embeddings"), directory)
+        raise UserError(f"{directory}: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model a "
+                        f"vocabulary of {config.vocab_size}")
+    params = _params_from_tensors(tensors, config, hf.get("tie_word_embeddings"), directory)
     model_tag = model_tag or f"d{config.n_layer}"
     meta = {"model_config": dataclasses.asdict(config), "imported_from": origin or os.path.abspath(directory),
             "hf_config": hf}
@@ -219,12 +232,11 @@ def _params_from_tensors(tensors, config, tied, where):
                            f"architecture, e.g. value embeddings, has no place in this model)" if unknown else ""))
     params = jax.tree.map(lambda _: None, abstract)
     for path, name in names.items():
-        w = tensors[name]
-        w = w.T if path[-1] == "kernel" else w
-        if w.shape != _get(abstract, path).shape:
+        kernel, shape = path[-1] == "kernel", _get(abstract, path).shape
+        if tensors[name].shape != (shape[::-1] if kernel else shape):
             raise UserError(f"{where}: tensor {name} has shape {list(tensors[name].shape)}, the config asks for "
-                            f"{list(_get(abstract, path).shape[::-1] if path[-1] == 'kernel' else _get(abstract, path).shape)}")
-        _set(params, path, jnp.asarray(w, jnp.float32))
+                            f"{list(shape[::-1] if kernel else shape)}")
+        _set(params, path, jnp.asarray(tensors[name].T if kernel else tensors[name], jnp.float32))
     return params
 
 
@@ -239,9 +251,10 @@ def _set(tree, path, value):
 
 
 # ---- the Hub ----------------------------------------------------------------------------------------------------
-def download_repo(repo, revision="main"):
-    """A model repository's config, tokenizer and safetensors at `revision`, into
-    $JAXCHAT_BASE_DIR/hf_models/<owner>--<name>/<commit>/ (LFS files checked against their sha256); the path."""
+def download_repo(repo, revision="main", step=None):
+    """A model repository at `revision`: its transformers files (config, tokenizer, safetensors), or else its
+    nanochat checkpoint files (`step`: default the last), into $JAXCHAT_BASE_DIR/hf_models/<owner>--<name>/<commit>/
+    (LFS files checked against their sha256). Returns (that directory, "repo@commit")."""
     endpoint = hub_endpoint()
     token = os.environ.get("HF_TOKEN")
     headers = {"Authorization": f"Bearer {token}"} if token else None
@@ -259,9 +272,11 @@ def download_repo(repo, revision="main"):
         raise UserError(f"unexpected answer from {endpoint} for {repo}: {e!r}") from None
     wanted = [name for name in files if name in HUB_FILES or ("/" not in name and name.endswith(".safetensors"))]
     if not any(name.endswith(".safetensors") for name in wanted):
-        raise UserError(f"{repo} at {revision} has no safetensors weights (files: {', '.join(sorted(files)[:12])}): "
-                        f"jaxchat imports transformers NanoChat models (some repositories keep one on another "
-                        f"revision, e.g. --revision refs/pr/1)")
+        wanted = nanochat_checkpoint.files_to_fetch(files, step)
+    if not wanted:
+        raise UserError(f"{repo} at {revision} holds neither safetensors weights nor nanochat's model_<step>.pt, "
+                        f"meta_<step>.json and tokenizer.pkl{f' at step {step}' if step is not None else ''} "
+                        f"(files: {', '.join(sorted(files)[:12])})")
     directory = os.path.join(root, commit)
     for name in wanted:
         download_file(f"{endpoint}/{repo}/resolve/{commit}/{urllib.parse.quote(name)}", os.path.join(directory, name),
@@ -281,11 +296,12 @@ def main(argv=None):
     e.add_argument("--dtype", default="float32", choices=sorted(EXPORT_DTYPES), help="of the saved weights")
     e.add_argument("--overwrite", type=int, default=0, help="1: write over a non-empty --out")
     i = commands.add_parser("import", help="a transformers NanoChat model as a jaxchat checkpoint")
-    i.add_argument("directory", nargs="?", help="a local model directory (or --repo)")
+    i.add_argument("directory", nargs="?", help="a local model directory: transformers', or nanochat's checkpoint files")
     i.add_argument("--repo", default=None, help="download owner/name from the Hugging Face Hub")
     i.add_argument("--revision", default="main", help="with --repo: a branch, tag, commit or refs/pr/N")
     i.add_argument("-g", "--model-tag", "--model_tag", default=None, help="default: d<number of layers>")
     i.add_argument("-i", "--source", default="sft", choices=sorted(SOURCE_DIRS), help="which stage to import as")
+    i.add_argument("-s", "--step", type=int, default=None, help="of nanochat's own checkpoint files: default the last")
     i.add_argument("--overwrite", type=int, default=0, help="1: replace checkpoints already under the tag")
     args = p.parse_args(argv)
     if args.command == "export":
@@ -293,8 +309,9 @@ def main(argv=None):
         return
     if (args.directory is None) == (args.repo is None):
         raise UserError("import takes a model directory or --repo owner/name (one of them)")
-    directory, origin = (args.directory, None) if args.repo is None else download_repo(args.repo, args.revision)
-    import_model(directory, args.model_tag, args.source, bool(args.overwrite), origin)
+    directory, origin = (args.directory, None) if args.repo is None else \
+        download_repo(args.repo, args.revision, args.step)
+    import_model(directory, args.model_tag, args.source, bool(args.overwrite), origin, args.step)
 
 
 if __name__ == "__main__":

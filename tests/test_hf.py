@@ -200,13 +200,13 @@ def edit_tensors(out, change):
 
 @pytest.mark.parametrize("damage, message", [
     (lambda out: shutil.rmtree(out), "no directory"),
-    (lambda out: os.remove(os.path.join(out, "config.json")), "no config.json"),
+    (lambda out: os.remove(os.path.join(out, "config.json")), "neither a transformers model directory \\(no config.json\\)"),
     (lambda out: open(os.path.join(out, "config.json"), "w").write("{"), "damaged .*config.json"),
     (lambda out: edit_config(out, model_type="llama"), "model_type 'llama'"),
     (lambda out: edit_config(out, hidden_act="silu", attention_bias=True), r"activation 'silu' \(jaxchat: relu2\); attention biases"),
     (lambda out: edit_config(out, rope_parameters={"rope_type": "default", "rope_theta": 100000}), "RoPE default base 100000"),
     (lambda out: edit_config(out, intermediate_size=100), "intermediate_size 100"),
-    (lambda out: edit_config(out, vocab_size=400), "the tokenizer has 330 tokens but config.json a vocab_size of 400"),
+    (lambda out: edit_config(out, vocab_size=400), "the tokenizer has 330 tokens but the model a vocabulary of 400"),
     (lambda out: edit_tensors(out, lambda t: t.update({"model.value_embeds.0.weight": np.zeros((2, 2), np.float32)})),
      "unknown model.value_embeds.0.weight"),
     (lambda out: edit_tensors(out, lambda t: t.pop("model.layers.1.mlp.fc2.weight")), "missing model.layers.1.mlp.fc2"),
@@ -355,5 +355,5 @@ def test_hub_download_checks_sha256(hub):
 def test_hub_repo_without_safetensors(hub):
     for name in [n for n in hub.files if n.endswith(".safetensors")]:
         del hub.files[name]
-    with pytest.raises(UserError, match="has no safetensors weights.*pytorch_model.bin.*refs/pr/1"):
+    with pytest.raises(UserError, match="holds neither safetensors weights nor nanochat's model_<step>.pt.*pytorch_model.bin"):
         hf.main(["import", "--repo", hub.repo, "-g", "hub"])
