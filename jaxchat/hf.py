@@ -127,12 +127,12 @@ def export(source, model_tag, step, out, dtype="float32", overwrite=False):
         raise UserError(f"{source}/{meta['model_tag']} cannot be expressed as a transformers NanoChat model: {differ}")
     _prepare_out(out, overwrite)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    cast = EXPORT_DTYPES[dtype]
-    tensors = {}
+    tensors = {}  # views of the weights (host arrays: no copy on CPU), transposed and cast one at a time as written
     for path, name in tensor_names(config.n_layer):
         w = np.asarray(jax.device_get(_get(params, path)))
-        tensors[name] = np.ascontiguousarray(w.T if path[-1] == "kernel" else w).astype(cast)
-    safetensors.save_file(tensors, os.path.join(out, safetensors.SINGLE), {"format": "pt"})  # transformers needs "pt"
+        tensors[name] = w.T if path[-1] == "kernel" else w
+    safetensors.save_file(tensors, os.path.join(out, safetensors.SINGLE), {"format": "pt"},  # transformers needs "pt"
+                          EXPORT_DTYPES[dtype])
     bos, end = tokenizer.get_bos_token_id(), tokenizer.encode_special("<|assistant_end|>")
     generation = {"bos_token_id": bos, "eos_token_id": [end, bos], "pad_token_id": bos}  # stop where the engine stops
     for name, content in ((CONFIG, hf), (GENERATION_CONFIG, generation)):
@@ -197,6 +197,7 @@ def import_model(directory, model_tag=None, source="sft", overwrite=False, origi
         raise UserError(f"{directory}: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model a "
                         f"vocabulary of {config.vocab_size}")
     params = _params_from_tensors(tensors, config, hf.get("tie_word_embeddings"), directory)
+    del tensors  # unmaps the weight files before the checkpoint is written: less memory at the peak
     model_tag = model_tag or f"d{config.n_layer}"
     meta = {"model_config": dataclasses.asdict(config), "imported_from": origin or os.path.abspath(directory),
             "hf_config": hf}

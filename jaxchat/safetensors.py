@@ -25,15 +25,18 @@ MAX_HEADER = 100 << 20  # the format's own limit: a larger "header" means a dama
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 
 
-def save_file(tensors, path, metadata=None):
-    """Write `tensors` (name -> numpy array) to `path` atomically (via path.tmp); `metadata`: str -> str."""
+def save_file(tensors, path, metadata=None, dtype=None):
+    """Write `tensors` (name -> numpy array, any layout: a transposed view is fine) to `path` atomically (via
+    path.tmp), each stored as `dtype` (default: its own); `metadata`: str -> str. One tensor at a time is copied
+    (made contiguous, cast) as it is written, so views of a model's weights cost no memory beyond that."""
     header, offset = {}, 0
     for name, array in tensors.items():
-        if array.dtype not in NAMES:
-            raise ValueError(f"{name}: dtype {array.dtype} has no safetensors name")
-        header[name] = {"dtype": NAMES[array.dtype], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
+        stored = np.dtype(dtype or array.dtype)
+        if stored not in NAMES:
+            raise ValueError(f"{name}: dtype {stored} has no safetensors name")
+        nbytes = array.size * stored.itemsize
+        header[name] = {"dtype": NAMES[stored], "shape": list(array.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     if metadata:
         header["__metadata__"] = dict(metadata)
     text = json.dumps(header, separators=(",", ":")).encode()
@@ -41,7 +44,8 @@ def save_file(tensors, path, metadata=None):
     with open(path + ".tmp", "wb") as f:
         f.write(struct.pack("<Q", len(text)) + text)
         for array in tensors.values():
-            f.write(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+            stored = np.dtype(dtype or array.dtype).newbyteorder("<")
+            f.write(np.ascontiguousarray(array, dtype=stored).reshape(-1).view(np.uint8))
     os.replace(path + ".tmp", path)
 
 
