@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import urllib.parse
 
 import jax
@@ -34,7 +35,7 @@ from flax import nnx
 from jaxchat import nanochat_checkpoint, safetensors
 from jaxchat.checkpoint_manager import SOURCE_DIRS, Checkpointer, checkpoint_dir, load_model
 from jaxchat.common import UserError, get_base_dir, run_main, write_atomic
-from jaxchat.download import download_file
+from jaxchat.download import DownloadError, download_file
 from jaxchat.hf_tokenizer import TOKENIZER_CONFIG, TOKENIZER_JSON, from_hf, save_hf_tokenizer
 from jaxchat.model import EXECUTION_FIELDS, GPT, ROPE_BASE, SOFTCAP, GPTConfig
 from jaxchat.tasks.hub import hub_endpoint, slug
@@ -45,17 +46,16 @@ LAYER_TENSORS = {("attn", "c_q"): "self_attn.q_proj", ("attn", "c_k"): "self_att
                  ("mlp", "c_fc"): "mlp.fc1", ("mlp", "c_proj"): "mlp.fc2"}
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 CONFIG, GENERATION_CONFIG = "config.json", "generation_config.json"
-HUB_FILES = (CONFIG, GENERATION_CONFIG, TOKENIZER_JSON, TOKENIZER_CONFIG, safetensors.INDEX, safetensors.SINGLE)
 
 
 def tensor_names(n_layer):
-    """(jaxchat parameter path, transformers tensor name) of every weight; paths ending in "kernel" are stored
-    transposed."""
-    yield ("wte",), "model.embed_tokens.weight"
+    """(jaxchat parameter path, transformers tensor name, nanochat tensor name) of every weight; paths ending in
+    "kernel" are stored transposed (both torch models keep Linear weights as (out, in))."""
+    yield ("wte",), "model.embed_tokens.weight", "transformer.wte.weight"
     for i in range(n_layer):
         for path, name in LAYER_TENSORS.items():
-            yield ("h", i, *path, "kernel"), f"model.layers.{i}.{name}.weight"
-    yield ("lm_head", "kernel"), "lm_head.weight"
+            yield ("h", i, *path, "kernel"), f"model.layers.{i}.{name}.weight", f"transformer.h.{i}.{'.'.join(path)}.weight"
+    yield ("lm_head", "kernel"), "lm_head.weight", "lm_head.weight"
 
 
 # ---- config ---------------------------------------------------------------------------------------------------
@@ -73,7 +73,8 @@ def hf_config(config, tokenizer, dtype="float32"):
 
 
 def config_from_hf(hf, where):
-    """(GPTConfig, notes) of a NanoChat config.json; one UserError naming what jaxchat's model cannot express."""
+    """(GPTConfig, notes) of a NanoChat config.json; one UserError naming what jaxchat's model cannot express.
+    A key that is absent means what it means to transformers (its NanoChatConfig defaults)."""
     def refuse(why):
         return UserError(f"{where} describes a model jaxchat cannot load: {why}")
 
@@ -81,28 +82,28 @@ def config_from_hf(hf, where):
         raise refuse(f"model_type {hf.get('model_type')!r}, not 'nanochat'")
     try:
         d, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-        kv_heads = int(hf.get("num_key_value_heads") or heads)
         config = GPTConfig(sequence_len=int(hf.get("max_position_embeddings", 2048)), vocab_size=int(hf["vocab_size"]),
-                           n_layer=int(hf["num_hidden_layers"]), n_head=heads, n_kv_head=kv_heads, n_embd=d)
-        sizes = [v for k, v in dataclasses.asdict(config).items() if k not in EXECUTION_FIELDS]
-        assert min(sizes) > 0, "sizes and counts must be positive"
-    except (KeyError, TypeError, ValueError, AssertionError) as e:
-        raise UserError(f"damaged {where}: {e!r}") from None
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    rope_theta = rope.get("rope_theta", hf.get("rope_theta", ROPE_BASE))
+                           n_layer=int(hf["num_hidden_layers"]), n_head=heads,
+                           n_kv_head=int(hf.get("num_key_value_heads") or heads), n_embd=d)
+        assert min(_model_fields(config).values()) > 0, "sizes and counts must be positive"
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        rope_theta = rope.get("rope_theta", hf.get("rope_theta", ROPE_BASE))
+        eps = hf.get("rms_norm_eps", 1e-6)
+    except (KeyError, TypeError, ValueError, AssertionError, AttributeError) as e:
+        raise UserError(f"damaged {where}: {type(e).__name__}: {e}") from None
+    kv_heads = config.n_kv_head
     problems = [
         (hf.get("hidden_act", "relu2") != "relu2", f"activation {hf.get('hidden_act')!r} (jaxchat: relu2)"),
         (bool(hf.get("attention_bias") or hf.get("qkv_bias")), "attention biases"),
         (d % heads or heads % kv_heads, f"{d} wide with {heads} heads and {kv_heads} kv heads"),
-        (hf.get("head_dim") not in (None, d // max(heads, 1)), f"head_dim {hf.get('head_dim')} ≠ hidden_size/heads"),
-        (hf.get("intermediate_size", 4 * d) != 4 * d, f"intermediate_size {hf.get('intermediate_size')} ≠ 4·{d}"),
+        (hf.get("head_dim") not in (None, d // heads), f"head_dim {hf.get('head_dim')} ≠ hidden_size/heads"),
+        (hf.get("intermediate_size", 8192) != 4 * d, f"intermediate_size {hf.get('intermediate_size', 8192)} ≠ 4·{d}"),
         (rope_type != "default" or rope_theta != ROPE_BASE, f"RoPE {rope_type} base {rope_theta} (jaxchat: default "
                                                             f"{ROPE_BASE})"),
         (hf.get("final_logit_softcapping", SOFTCAP) != SOFTCAP,
          f"final_logit_softcapping {hf.get('final_logit_softcapping')} (jaxchat: {SOFTCAP})"),
-        (not isinstance(eps := hf.get("rms_norm_eps", RMS_NORM_EPS), (int, float)) or not 0 <= eps <= 1e-5,
-         f"rms_norm_eps {eps} (jaxchat: {RMS_NORM_EPS:.3g})"),
+        (type(eps) not in (int, float) or not 0 <= eps <= 1e-5, f"rms_norm_eps {eps} (jaxchat: {RMS_NORM_EPS:.3g})"),
     ]
     if found := [why for bad, why in problems if bad]:
         raise refuse("; ".join(found))
@@ -128,7 +129,7 @@ def export(source, model_tag, step, out, dtype="float32", overwrite=False):
     _prepare_out(out, overwrite)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     tensors = {}  # views of the weights (host arrays: no copy on CPU), transposed and cast one at a time as written
-    for path, name in tensor_names(config.n_layer):
+    for path, name, _ in tensor_names(config.n_layer):
         w = np.asarray(jax.device_get(_get(params, path)))
         tensors[name] = w.T if path[-1] == "kernel" else w
     safetensors.save_file(tensors, os.path.join(out, safetensors.SINGLE), {"format": "pt"},  # transformers needs "pt"
@@ -169,13 +170,19 @@ def _model_card(source, meta, config, n_params):
 
 # ---- import ---------------------------------------------------------------------------------------------------
 def read_model_dir(directory, step=None):
-    """(config.json's dict, tensors, tokenizer, where) of a transformers NanoChat directory, or of a directory of
-    nanochat's own checkpoint files (model_<step>.pt, meta_<step>.json, tokenizer.pkl; `step`: default the last)."""
+    """(config.json's dict, tensors under transformers' names, tokenizer, where) of a transformers NanoChat
+    directory, or of a directory of nanochat's own checkpoint files (model_<step>.pt, meta_<step>.json,
+    tokenizer.pkl; `step`: default the last)."""
     if not os.path.isdir(directory):
         raise UserError(f"no directory {directory}")
     config_path = os.path.join(directory, CONFIG)
     if not os.path.exists(config_path) and nanochat_checkpoint.is_nanochat_dir(directory):
-        return nanochat_checkpoint.read(directory, step)
+        hf, tensors, tokenizer, where = nanochat_checkpoint.read(directory, step)
+        n_layer = hf.get("num_hidden_layers") if type(hf.get("num_hidden_layers")) is int else 0
+        renamed = {theirs: ours for _, ours, theirs in tensor_names(n_layer)}  # others keep their names: refused
+        return hf, {renamed.get(name, name): t for name, t in tensors.items()}, tokenizer, where
+    if step is not None:
+        raise UserError(f"-s/--step picks among nanochat's checkpoint files; {directory} is a transformers directory")
     try:
         with open(config_path, encoding="utf-8") as f:
             hf = json.load(f)
@@ -200,7 +207,7 @@ def import_model(directory, model_tag=None, source="sft", overwrite=False, origi
     del tensors  # unmaps the weight files before the checkpoint is written: less memory at the peak
     model_tag = model_tag or f"d{config.n_layer}"
     meta = {"model_config": dataclasses.asdict(config), "imported_from": origin or os.path.abspath(directory),
-            "hf_config": hf}
+            "hf_config": hf, "weights_only": True}
     with Checkpointer(checkpoint_dir(source, model_tag)).lock() as ckpt:
         if steps := ckpt.all_steps():
             if not overwrite:
@@ -220,17 +227,20 @@ def import_model(directory, model_tag=None, source="sft", overwrite=False, origi
 
 def _params_from_tensors(tensors, config, tied, where):
     """jaxchat's parameters (a pure dict of fp32 arrays) from transformers tensors, every name and shape checked."""
-    if tied and "lm_head.weight" not in tensors:  # a tied head is the embedding: copy it
+    if tied:  # transformers uses the embedding as the head (a stored lm_head.weight is not read): copy it
         tensors = {**tensors, "lm_head.weight": tensors.get("model.embed_tokens.weight")}
     abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0))), nnx.Param))
-    names = dict(tensor_names(config.n_layer))
+    names = {path: name for path, name, _ in tensor_names(config.n_layer)}
     unknown = sorted(set(tensors) - set(names.values()))
     missing = sorted(n for n in names.values() if tensors.get(n) is None)
+    def some(names):
+        return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
     if unknown or missing:
         raise UserError(f"{where} does not hold NanoChat's tensors for its config: "
-                        + (f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}; " if missing else "")
-                        + (f"unknown {', '.join(unknown[:4])}{' ...' if len(unknown) > 4 else ''} (a newer nanochat "
-                           f"architecture, e.g. value embeddings, has no place in this model)" if unknown else ""))
+                        + (f"missing {some(missing)}; " if missing else "")
+                        + (f"unknown {some(unknown)} (a newer nanochat architecture, e.g. value embeddings, has no "
+                           f"place in this model)" if unknown else ""))
     params = jax.tree.map(lambda _: None, abstract)
     for path, name in names.items():
         kernel, shape = path[-1] == "kernel", _get(abstract, path).shape
@@ -256,32 +266,45 @@ def download_repo(repo, revision="main", step=None):
     """A model repository at `revision`: its transformers files (config, tokenizer, safetensors), or else its
     nanochat checkpoint files (`step`: default the last), into $JAXCHAT_BASE_DIR/hf_models/<owner>--<name>/<commit>/
     (LFS files checked against their sha256). Returns (that directory, "repo@commit")."""
-    endpoint = hub_endpoint()
-    token = os.environ.get("HF_TOKEN")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo) or ".." in repo:
+        raise UserError(f"--repo {repo!r}: expected owner/name")
+    endpoint, token = hub_endpoint(), os.environ.get("HF_TOKEN")
     headers = {"Authorization": f"Bearer {token}"} if token else None
     root = os.path.join(get_base_dir(), "hf_models", slug(repo))
     listing = os.path.join(root, f"revision-{urllib.parse.quote(revision, safe='')}.json")
     if os.path.exists(listing):
         os.remove(listing)  # a branch moves: ask again
-    download_file(f"{endpoint}/api/models/{repo}/revision/{urllib.parse.quote(revision, safe='')}?blobs=true",
-                  listing, what=f"file list of {repo}", headers=headers)
+    try:
+        download_file(f"{endpoint}/api/models/{repo}/revision/{urllib.parse.quote(revision, safe='')}?blobs=true",
+                      listing, what=f"file list of {repo}", headers=headers)
+    except DownloadError as e:
+        why = next(iter(e.failed.values()))
+        raise UserError(f"cannot list {repo} at revision {revision!r} on {endpoint}: {why} (is the name right? a "
+                        f"gated or private repository needs HF_TOKEN)") from None
     try:
         with open(listing, encoding="utf-8") as f:
             info = json.load(f)
-        commit, files = info["sha"], {s["rfilename"]: s for s in info["siblings"]}
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"unexpected answer from {endpoint} for {repo}: {e!r}") from None
-    wanted = [name for name in files if name in HUB_FILES or ("/" not in name and name.endswith(".safetensors"))]
-    if not any(name.endswith(".safetensors") for name in wanted):
-        wanted = nanochat_checkpoint.files_to_fetch(files, step)
+        commit, files = info["sha"], {s["rfilename"]: s for s in info["siblings"] if isinstance(s, dict)}
+        assert isinstance(commit, str) and re.fullmatch(r"[0-9a-f]{40}", commit), f"commit {commit!r}"
+    except (ValueError, KeyError, TypeError, AssertionError) as e:
+        raise UserError(f"unexpected answer from {endpoint} for {repo}: {type(e).__name__}: {e}") from None
+    top = [name for name in files if isinstance(name, str) and "/" not in name]
+    weights = [safetensors.SINGLE] if safetensors.SINGLE in top else \
+        [name for name in top if name == safetensors.INDEX or name.endswith(".safetensors")]  # the index and shards
+    if weights:
+        wanted = weights + [name for name in top if name in (CONFIG, GENERATION_CONFIG, TOKENIZER_JSON, TOKENIZER_CONFIG)]
+    else:
+        wanted = nanochat_checkpoint.files_to_fetch(top, step)
     if not wanted:
         raise UserError(f"{repo} at {revision} holds neither safetensors weights nor nanochat's model_<step>.pt, "
                         f"meta_<step>.json and tokenizer.pkl{f' at step {step}' if step is not None else ''} "
-                        f"(files: {', '.join(sorted(files)[:12])})")
+                        f"(files: {', '.join(sorted(top)[:12])})")
     directory = os.path.join(root, commit)
     for name in wanted:
+        lfs = files[name].get("lfs")
         download_file(f"{endpoint}/{repo}/resolve/{commit}/{urllib.parse.quote(name)}", os.path.join(directory, name),
-                      sha256=(files[name].get("lfs") or {}).get("sha256"), what=f"{repo} file", headers=headers)
+                      sha256=lfs.get("sha256") if isinstance(lfs, dict) else None, what=f"{repo} file",
+                      headers=headers)
     return directory, f"{repo}@{commit}"
 
 

@@ -14,7 +14,10 @@ that, and then encodes a sample text both ways before it trusts the result.
 
 The chat template (Jinja, as transformers' `apply_chat_template` runs it) renders a conversation to exactly the
 ids of `render_conversation`, and with `add_generation_prompt` to those of `render_for_completion`: the system
-message merged into the first user message, python tool calls and outputs as their special-token blocks.
+message merged into the first user message, python tool calls and outputs as their special-token blocks. Two differences cannot be written in a
+template, since transformers tokenizes the rendered text as one string: the text of a special token inside a
+message becomes that token there (jaxchat keeps it as plain text), and two text parts of one assistant message
+in a row are encoded together (jaxchat encodes each part alone: a merge never crosses the boundary).
 """
 import json
 import os
@@ -28,6 +31,9 @@ CHAT_TEMPLATE = """\
 {%- if messages and messages[0]['role'] == 'system' -%}
   {%- set system = messages[0]['content'] + '\\n\\n' -%}
   {%- set messages = messages[1:] -%}
+  {%- if not messages -%}
+    {{- raise_exception('a system message must be followed by a user message') -}}
+  {%- endif -%}
 {%- else -%}
   {%- set system = '' -%}
 {%- endif -%}
@@ -124,56 +130,52 @@ def from_hf(directory):
     path = os.path.join(directory, TOKENIZER_JSON)
     if not os.path.exists(path):
         raise UserError(f"no {TOKENIZER_JSON} in {directory}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            spec = json.load(f)
-        model, pre, added = spec["model"], spec.get("pre_tokenizer") or {}, spec.get("added_tokens") or []
-        vocab, merges = model["vocab"], model.get("merges") or []
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"damaged {path}: {e!r}") from None
 
     def refuse(why):
         return UserError(f"{path} is not a tokenizer jaxchat can use: {why}")
 
-    if model.get("type") != "BPE" or spec.get("normalizer"):
-        raise refuse(f"model {model.get('type')}, normalizer {spec.get('normalizer')}: jaxchat needs byte-level BPE "
-                     f"without a normalizer")
-    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    if [s.get("type") for s in steps] != ["Split", "ByteLevel"] or steps[1].get("use_regex") \
-            or steps[1].get("add_prefix_space") or steps[0].get("behavior") != "Isolated" or steps[0].get("invert") \
-            or "Regex" not in (steps[0].get("pattern") or {}):
-        raise refuse("the pre-tokenizer must be a regex Split (isolated) then ByteLevel without its own regex or "
-                     "prefix space")
-    pattern = steps[0]["pattern"]["Regex"]
-    to_byte = {c: b for b, c in byte_to_char().items()}
     try:
+        with open(path, encoding="utf-8") as f:
+            spec = json.load(f)
+        model, pre = spec["model"], spec.get("pre_tokenizer") or {}
+        if model.get("type") != "BPE" or spec.get("normalizer"):
+            raise refuse(f"model {model.get('type')}, normalizer {spec.get('normalizer')}: jaxchat needs byte-level "
+                         f"BPE without a normalizer")
+        steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+        if [step.get("type") for step in steps] != ["Split", "ByteLevel"] or steps[1].get("use_regex") \
+                or steps[1].get("add_prefix_space") or steps[0].get("behavior") != "Isolated" \
+                or steps[0].get("invert") or "Regex" not in (steps[0].get("pattern") or {}):
+            raise refuse("the pre-tokenizer must be a regex Split (isolated) then ByteLevel without its own regex or "
+                         "prefix space")
+        pattern, vocab = steps[0]["pattern"]["Regex"], model["vocab"]
+        to_byte = {c: b for b, c in byte_to_char().items()}
+        if not all(c in to_byte for text in vocab for c in text):
+            raise refuse("the vocabulary is not byte-level (GPT-2's byte-to-character table)")
         ranks = {bytes(to_byte[c] for c in text): i for text, i in vocab.items()}
-    except KeyError as e:
-        raise refuse(f"vocabulary entry with character {e} is not byte-level") from None
-    n = len(ranks)
-    if sorted(ranks.values()) != list(range(n)) or any(ranks.get(bytes([b])) != b for b in range(256)):
-        raise refuse("the vocabulary's ids must run 0..n-1 and start with the 256 single bytes in order")
-    specials = {t.get("content"): t.get("id") for t in added}
-    expected = {name: n + i for i, name in enumerate(SPECIAL_TOKENS)}
+        specials = {t["content"]: t["id"] for t in spec.get("added_tokens") or []}
+        merges = [pair.split(" ", 1) if isinstance(pair, str) else pair for pair in model.get("merges") or []]
+        merged_ids = [vocab.get(left + right) for left, right in merges]
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+        raise UserError(f"damaged {path}: {type(e).__name__}: {e}") from None
+    expected = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
     if specials != expected:
         raise refuse(f"special tokens {specials} != nanochat's {expected}")
-    by_text = {text: i for text, i in vocab.items()}
-    last = -1
-    for pair in merges:
-        left, right = pair.split(" ", 1) if isinstance(pair, str) else pair
-        merged = by_text.get(left + right)
-        if merged is None or merged < last:
+    # tiktoken merges by token id (rank): right only when the merge list runs in id order
+    for (left, right), merged, last in zip(merges, merged_ids, [-1, *merged_ids]):
+        if merged is None or (last is not None and merged < last):
             raise refuse(f"merge {left!r} + {right!r} is {'not a token' if merged is None else 'out of id order'}: "
                          f"the ids are not the merge ranks")
-        last = merged
-    tokenizer = RustBPETokenizer.from_ranks(ranks, pattern)
+    tokenizer = RustBPETokenizer.from_ranks(ranks, pattern, path)
     _same_ids(tokenizer, path)
     return tokenizer
 
 
 def _same_ids(tokenizer, path):
     from tokenizers import Tokenizer
-    hf = Tokenizer.from_file(path)
+    try:
+        hf = Tokenizer.from_file(path)
+    except Exception as e:  # the tokenizers package raises plain Exceptions for what it cannot parse
+        raise UserError(f"{path}: the tokenizers package cannot load it: {e}") from None
     text = SAMPLE + "<|bos|>" + SAMPLE  # a special token between two texts: both sides must split there
     ours = tokenizer.encode(SAMPLE) + [tokenizer.get_bos_token_id()] + tokenizer.encode(SAMPLE)
     theirs = hf.encode(text, add_special_tokens=False).ids

@@ -8,13 +8,13 @@ hold and refuses any other name a pickle asks for:
   little-endian bytes are the zip member `<name>/data/<key>`; here each becomes a numpy array.
 - tokenizer.pkl pickles a tiktoken `Encoding` as its state: name, split pattern, mergeable ranks, special tokens.
 
-`read` turns a directory of them into what `jaxchat.hf` imports: a transformers-style config, tensors under
-transformers' names (others keep their own names, so that what has no place in jaxchat's model is named when the
-import refuses it), and the tokenizer.
+`read` turns a directory of them into what `jaxchat.hf` imports: the model's config in transformers' keys (with
+nanochat's MLP width and norm epsilon), the tensors under nanochat's names, and the tokenizer.
 """
 import collections
 import glob
 import json
+import math
 import os
 import pickle
 import re
@@ -29,29 +29,31 @@ from jaxchat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer
 STORAGES = {"FloatStorage": np.float32, "BFloat16Storage": ml_dtypes.bfloat16, "HalfStorage": np.float16,
             "DoubleStorage": np.float64, "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
             "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_}
-RENAMES = [(r"transformer\.wte\.weight", "model.embed_tokens.weight"), (r"lm_head\.weight", "lm_head.weight"),
-           (r"transformer\.h\.(\d+)\.attn\.c_([qkv])\.weight", r"model.layers.\1.self_attn.\2_proj.weight"),
-           (r"transformer\.h\.(\d+)\.attn\.c_proj\.weight", r"model.layers.\1.self_attn.o_proj.weight"),
-           (r"transformer\.h\.(\d+)\.mlp\.c_fc\.weight", r"model.layers.\1.mlp.fc1.weight"),
-           (r"transformer\.h\.(\d+)\.mlp\.c_proj\.weight", r"model.layers.\1.mlp.fc2.weight")]
+RMS_NORM_EPS = float(np.finfo(np.float32).eps)  # nanochat's: torch's rms_norm default on fp32
 MODEL_CONFIG_KEYS = {"sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"}
 
 
-class _Storage:
-    """A torch storage class named in a pickle: which dtype its bytes are."""
-
-    def __init__(self, dtype):
-        self.dtype = np.dtype(dtype)
-
-
 def _rebuild_tensor(storage, offset, size, stride, *_):
-    """torch._utils._rebuild_tensor_v2: `size` elements of `storage` from `offset` with element `stride`s."""
-    itemsize = storage.dtype.itemsize
-    view = np.lib.stride_tricks.as_strided(storage[offset:], tuple(size), tuple(s * itemsize for s in stride))
+    """torch._utils._rebuild_tensor_v2: `size` elements of `storage` from `offset` with element `stride`s, checked
+    to lie inside the storage (a crafted file must not read memory beyond it)."""
+    def counts(t):
+        return isinstance(t, tuple) and all(type(v) is int and v >= 0 for v in t)
+
+    if not (isinstance(storage, np.ndarray) and type(offset) is int and offset >= 0 and counts(size)
+            and counts(stride) and len(size) == len(stride)):
+        raise pickle.UnpicklingError("malformed tensor record")
+    n = math.prod(size)
+    if n > storage.size or n and offset + sum((k - 1) * s for k, s in zip(size, stride)) >= storage.size:
+        raise pickle.UnpicklingError(f"a tensor of shape {list(size)} reaches past its storage")
+    view = np.lib.stride_tricks.as_strided(storage[offset:], size, [s * storage.itemsize for s in stride],
+                                           writeable=False)
     return np.array(view)  # owns its memory, C order
 
 
 class _TensorUnpickler(pickle.Unpickler):
+    """Knows three names: the tensor rebuilder, OrderedDict and the storage classes, which stand here as their
+    names (plain strings: nothing a pickle could call or set attributes on)."""
+
     def __init__(self, file, archive, prefix):
         super().__init__(file)
         self.archive, self.prefix = archive, prefix
@@ -62,14 +64,15 @@ class _TensorUnpickler(pickle.Unpickler):
         if (module, name) == ("collections", "OrderedDict"):
             return collections.OrderedDict
         if module == "torch" and name in STORAGES:
-            return _Storage(STORAGES[name])
+            return name
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only tensors are expected)")
 
     def persistent_load(self, pid):
-        kind, storage, key, _location, numel = pid
-        if kind != "storage" or not isinstance(storage, _Storage):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and pid[1] in STORAGES
+                and isinstance(pid[2], str) and type(pid[4]) is int):
             raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
-        data = np.frombuffer(self.archive.read(f"{self.prefix}/data/{key}"), storage.dtype)
+        _, storage, key, _location, numel = pid
+        data = np.frombuffer(self.archive.read(f"{self.prefix}/data/{key}"), STORAGES[storage])
         if data.size < numel:
             raise pickle.UnpicklingError(f"storage {key} holds {data.size} elements, {numel} expected")
         return data
@@ -88,10 +91,12 @@ def load_state_dict(path):
                 raise pickle.UnpicklingError("big-endian tensors")
             with archive.open(pickles[0]) as f:
                 state = _TensorUnpickler(f, archive, prefix).load()
-    except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as e:
-        raise UserError(f"cannot read {path} as a nanochat model file: {e}") from None
-    if not isinstance(state, dict) or not all(isinstance(v, np.ndarray) for v in state.values()):
-        raise UserError(f"{path} holds no state dict of tensors")
+    except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError,
+            IndexError, NotImplementedError, MemoryError, RecursionError) as e:
+        raise UserError(f"cannot read {path} as a nanochat model file: {type(e).__name__}: {e}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, np.ndarray)
+                                              for k, v in state.items()):
+        raise UserError(f"{path} holds no state dict of named tensors")
     return {name.removeprefix("_orig_mod."): t for name, t in state.items()}  # torch.compile's prefix
 
 
@@ -115,12 +120,13 @@ def load_tokenizer_pickle(path):
         with open(path, "rb") as f:
             state = _TokenizerUnpickler(f).load().state
         ranks, pattern, specials = state["mergeable_ranks"], state["pat_str"], state["special_tokens"]
-    except (pickle.UnpicklingError, EOFError, AttributeError, KeyError, TypeError, ValueError) as e:
-        raise UserError(f"cannot read {path} as nanochat's tokenizer: {e}") from None
-    expected = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
-    if specials != expected or sorted(ranks.values()) != list(range(len(ranks))):
-        raise UserError(f"{path}: not nanochat's tokenizer layout (ranks 0..n-1, then the special tokens {expected})")
-    return RustBPETokenizer.from_ranks(ranks, pattern)
+    except (pickle.UnpicklingError, EOFError, AttributeError, KeyError, TypeError, ValueError, IndexError,
+            MemoryError, RecursionError) as e:
+        raise UserError(f"cannot read {path} as nanochat's tokenizer: {type(e).__name__}: {e}") from None
+    tokenizer = RustBPETokenizer.from_ranks(ranks, pattern, path)  # checks the ranks and the pattern
+    if specials != {name: tokenizer.encode_special(name) for name in SPECIAL_TOKENS}:
+        raise UserError(f"{path}: special tokens {specials} are not nanochat's 9, after the vocabulary")
+    return tokenizer
 
 
 def is_nanochat_dir(directory):
@@ -167,12 +173,10 @@ def read(directory, step=None):
     if not (found := [p for p in candidates if os.path.exists(p)]):
         raise UserError(f"no tokenizer.pkl for {directory} (looked in {', '.join(map(os.path.normpath, candidates))})")
     tokenizer = load_tokenizer_pickle(found[0])
-    tensors = {}
-    for name, t in load_state_dict(model_path).items():
-        renamed = next((re.sub(p, r, name) for p, r in RENAMES if re.fullmatch(p, name)), name)
-        tensors[renamed] = t
-    c = model_config
-    config = {"model_type": "nanochat", "vocab_size": c.get("vocab_size"), "hidden_size": c.get("n_embd"),
+    print(f"tokenizer: {os.path.normpath(found[0])}")
+    c, d = model_config, model_config.get("n_embd")
+    config = {"model_type": "nanochat", "vocab_size": c.get("vocab_size"), "hidden_size": d,
               "num_hidden_layers": c.get("n_layer"), "num_attention_heads": c.get("n_head"),
-              "num_key_value_heads": c.get("n_kv_head"), "max_position_embeddings": c.get("sequence_len")}
-    return config, tensors, tokenizer, model_path
+              "num_key_value_heads": c.get("n_kv_head"), "max_position_embeddings": c.get("sequence_len"),
+              "intermediate_size": 4 * d if type(d) is int else None, "rms_norm_eps": RMS_NORM_EPS}
+    return config, load_state_dict(model_path), tokenizer, model_path

@@ -222,6 +222,9 @@ class TrainingRun:
 
     def _resume(self, optim, resume_keys, model_config, tokenizer, loop_state):
         saved = self.ckpt.newest_meta()
+        if "user_config" not in saved:  # weights only (`jaxchat.hf import`): no optimizer, data position or flags
+            raise UserError(f"--resume: {self.ckpt.directory} holds weights only, no run to resume; start a run from "
+                            f"it with --source and --model_tag instead")
         if model_config is not None:
             check_model_config(saved, model_config, self.ckpt.directory)
         now = {**vars(self.args), **self.settings}

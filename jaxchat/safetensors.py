@@ -75,7 +75,8 @@ def load_file(path):
     for name, info in sorted(header.items(), key=lambda item: _start(item[1])):
         try:
             dtype, shape, (begin, stop) = np.dtype(DTYPES[info["dtype"]]), tuple(info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
+            assert all(type(v) is int and v >= 0 for v in (*shape, begin, stop))
+        except (KeyError, TypeError, ValueError, AssertionError):
             raise bad(f"tensor {name!r}: entry {info!r} is not a known dtype, shape and data_offsets") from None
         if begin != end or stop - begin != math.prod(shape) * dtype.itemsize or stop > data.size:
             raise bad(f"tensor {name!r}: bytes {begin}..{stop} do not follow the previous tensor's end {end} or do "
@@ -93,24 +94,25 @@ def _start(info):
 
 def load_dir(directory):
     """Every tensor of a model directory: model.safetensors, or the shards its index names. UserError where there
-    are none, a shard is missing, or a tensor is not where the index says."""
+    are none, a shard is missing, or a tensor is not in the shard the index names for it."""
     index_path, single_path = os.path.join(directory, INDEX), os.path.join(directory, SINGLE)
     if os.path.exists(index_path):
         try:
             with open(index_path, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
             files = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            assert all(isinstance(name, str) for name in files), "shard names must be strings"
+        except (ValueError, KeyError, TypeError, AttributeError, AssertionError) as e:
             raise UserError(f"damaged {index_path}: {e!r}") from None
-        tensors = {}
+        shards = {}
         for name in files:
             path = os.path.join(directory, name)
-            if os.path.dirname(name) or not os.path.exists(path):
-                raise UserError(f"{index_path} names the shard {name!r}, which is not in {directory}")
-            tensors.update(load_file(path)[0])
-        if misplaced := sorted(n for n, file in weight_map.items() if n not in tensors):
+            if os.path.basename(name) != name or not os.path.isfile(path):
+                raise UserError(f"{index_path} names the shard {name!r}, which is not a file in {directory}")
+            shards[name] = load_file(path)[0]
+        if misplaced := sorted(n for n, file in weight_map.items() if n not in shards[file]):
             raise UserError(f"{index_path} lists tensors its shards do not hold: {', '.join(misplaced[:5])}")
-        return tensors
+        return {n: shards[file][n] for n, file in weight_map.items()}  # each from the shard the index names
     if os.path.exists(single_path):
         return load_file(single_path)[0]
     others = sorted(f for f in os.listdir(directory) if f.endswith((".bin", ".pt", ".pth", ".safetensors")))

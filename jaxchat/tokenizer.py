@@ -56,10 +56,18 @@ class RustBPETokenizer:
         return cls.from_ranks(ranks, pattern)
 
     @classmethod
-    def from_ranks(cls, ranks, pattern=SPLIT_PATTERN):
-        """tiktoken's rank table (token bytes -> rank 0..n-1) and split pattern, the special tokens after it."""
+    def from_ranks(cls, ranks, pattern=SPLIT_PATTERN, where="tokenizer"):
+        """tiktoken's rank table (token bytes -> rank 0..n-1, the 256 single bytes first) and split pattern, the
+        special tokens after it. Anything else (read from a damaged or foreign file: `where`) is one UserError."""
+        if not (isinstance(ranks, dict) and all(type(t) is bytes and type(r) is int for t, r in ranks.items())
+                and sorted(ranks.values()) == list(range(len(ranks)))
+                and all(ranks.get(bytes([b])) == b for b in range(256))):
+            raise UserError(f"{where}: not a rank table of token bytes -> 0..n-1 starting with the 256 single bytes")
         specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
-        enc = tiktoken.Encoding(name="jaxchat", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+        try:
+            enc = tiktoken.Encoding(name="jaxchat", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+        except (ValueError, TypeError) as e:  # a split pattern the regex engine refuses
+            raise UserError(f"{where}: {e}") from None
         return cls(enc, "<|bos|>")
 
     @classmethod
@@ -85,7 +93,7 @@ class RustBPETokenizer:
         expected = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
         if specials != expected:
             raise UserError(f"damaged tokenizer file {meta_path}: special tokens {specials} != expected {expected}")
-        return cls.from_ranks(ranks, pattern)
+        return cls.from_ranks(ranks, pattern, ranks_path)
 
     def save(self, tokenizer_dir):
         """Write the ranks, the metadata and token_bytes as plain files (atomic per file)."""
@@ -236,7 +244,7 @@ def _messages_of(conversation):
 
 
 def _read_ranks(path):
-    """Parse tiktoken's text format, checking ranks run 0..n-1 and start with the 256 single bytes."""
+    """Parse tiktoken's text format, checking ranks run 0..n-1 in order (from_ranks checks the rest)."""
     ranks = {}
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
@@ -248,8 +256,6 @@ def _read_ranks(path):
             if rank != len(ranks) or token in ranks:
                 raise UserError(f"damaged tokenizer file {path}, line {lineno}: rank {rank} out of order or token repeated")
             ranks[token] = rank
-    if len(ranks) < 256 or any(ranks.get(bytes([b])) != b for b in range(256)):
-        raise UserError(f"damaged tokenizer file {path}: the first 256 ranks must be the single bytes")
     return ranks
 
 

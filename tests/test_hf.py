@@ -163,6 +163,8 @@ def test_chat_template_renders_jaxchat_ids(trained, tmp_path):
     from jinja2 import TemplateError
     with pytest.raises(TemplateError, match="alternate"):
         render([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], True)
+    with pytest.raises(TemplateError, match="followed by a user message"):  # as render_conversation refuses it
+        render([{"role": "system", "content": "a"}], True)
 
 
 def test_export_refuses_a_non_empty_directory(trained, tmp_path):
@@ -206,6 +208,10 @@ def edit_tensors(out, change):
     (lambda out: edit_config(out, hidden_act="silu", attention_bias=True), r"activation 'silu' \(jaxchat: relu2\); attention biases"),
     (lambda out: edit_config(out, rope_parameters={"rope_type": "default", "rope_theta": 100000}), "RoPE default base 100000"),
     (lambda out: edit_config(out, intermediate_size=100), "intermediate_size 100"),
+    (lambda out: edit_config(out, intermediate_size=None) or edit_config(out, rope_parameters=[1]), "damaged"),
+    (lambda out: json.dump({k: v for k, v in json.load(open(os.path.join(out, "config.json"))).items()
+                            if k != "intermediate_size"}, open(os.path.join(out, "config.json"), "w")),
+     "intermediate_size 8192 ≠ 4·64"),  # absent: transformers' default
     (lambda out: edit_config(out, vocab_size=400), "the tokenizer has 330 tokens but the model a vocabulary of 400"),
     (lambda out: edit_tensors(out, lambda t: t.update({"model.value_embeds.0.weight": np.zeros((2, 2), np.float32)})),
      "unknown model.value_embeds.0.weight"),
@@ -235,15 +241,31 @@ def test_import_keeps_existing_checkpoints_unless_overwrite(trained, tmp_path):
     assert Checkpointer(checkpoint_dir("sft", "small"), create=False).all_steps() == [0]
 
 
-def test_tied_head_and_other_eps_import(trained, tmp_path, capsys):
+@pytest.mark.parametrize("keep_head", [False, True])
+def test_tied_head_and_other_eps_import(trained, tmp_path, capsys, keep_head):
+    """A tied head is the embedding, as transformers reads it, whether or not the file also has lm_head.weight;
+    an absent rms_norm_eps is transformers' default 1e-6."""
     model, _ = trained
     out = exported(tmp_path)
-    edit_config(out, tie_word_embeddings=True, rms_norm_eps=1e-6)
-    edit_tensors(out, lambda t: t.pop("lm_head.weight"))
+    edit_config(out, tie_word_embeddings=True)
+    config = json.load(open(os.path.join(out, "config.json")))
+    del config["rms_norm_eps"]
+    json.dump(config, open(os.path.join(out, "config.json"), "w"))
+    if not keep_head:
+        edit_tensors(out, lambda t: t.pop("lm_head.weight"))
     hf.import_model(out, "tied", "sft")
     assert "rms_norm_eps 1e-06 computed as jaxchat's" in capsys.readouterr().out
     back, _, _ = load_model("sft", "tied")
     np.testing.assert_array_equal(np.asarray(back.lm_head.kernel[...]), np.asarray(model.wte[...]).T)
+
+
+def test_an_imported_checkpoint_is_not_resumed(trained, tmp_path):
+    import argparse
+    from jaxchat.run import TrainingRun
+    hf.import_model(exported(tmp_path), "imported", "mid")
+    with pytest.raises(UserError, match="holds weights only, no run to resume; start a run from it with --source"):
+        TrainingRun("mid", "imported", argparse.Namespace(resume=1, keep=2), {}, {}, optim=None, resume_keys=(),
+                    fresh=None)
 
 
 def test_sharded_weights_import(trained, tmp_path):
@@ -350,6 +372,13 @@ def test_hub_download_checks_sha256(hub):
     hub.corrupt.add("model.safetensors")
     with pytest.raises(UserError, match="sha256 mismatch"):
         hf.main(["import", "--repo", hub.repo, "-g", "hub"])
+
+
+def test_hub_bad_names_and_unknown_repos(hub):
+    with pytest.raises(UserError, match="expected owner/name"):
+        hf.main(["import", "--repo", "../../etc", "-g", "hub"])
+    with pytest.raises(UserError, match="cannot list someone/other at revision 'main'.*HTTP 404.*HF_TOKEN"):
+        hf.main(["import", "--repo", "someone/other", "-g", "hub"])
 
 
 def test_hub_repo_without_safetensors(hub):

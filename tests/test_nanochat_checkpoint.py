@@ -1,6 +1,7 @@
 """Importing nanochat's own checkpoint files without torch: a model file written by torch.save (fixture) whose
 logits transformers' NanoChat computed are the reference; the tokenizer pickle; refusals of code and of newer
 architectures (newer nanochat's extra tensors are refused as transformers' extra tensors are: test_hf)."""
+import io
 import json
 import os
 import pickle
@@ -129,3 +130,60 @@ def test_import_from_the_hub_as_nanochat_files(tokenizer, tmp_path, monkeypatch)
     reference = np.load(os.path.join(FIXTURE, "transformers_logits.npy"))
     np.testing.assert_allclose(np.asarray(model(jnp.array([IDS]))[0]), reference, atol=2e-5, rtol=0)
     assert os.path.isdir(os.path.join(get_base_dir(), "hf_models", "karpathy--nanochat-d1", hub.commit))
+
+
+def write_pt(path, records, monkeypatch):
+    """A torch zip file of tensor records {name: (float32 storage values, offset, size, stride)}, pickled with the
+    same globals torch uses (a stand-in `torch` module for the dump only): crafted records, good and bad."""
+    import collections
+    import sys
+    import types
+    fake_torch, fake_utils = types.ModuleType("torch"), types.ModuleType("torch._utils")
+
+    def _rebuild_tensor_v2(*args):
+        raise AssertionError("only pickled here")
+
+    class FloatStorage:
+        pass
+
+    _rebuild_tensor_v2.__module__, FloatStorage.__module__ = "torch._utils", "torch"
+    _rebuild_tensor_v2.__qualname__, FloatStorage.__qualname__ = "_rebuild_tensor_v2", "FloatStorage"
+    fake_utils._rebuild_tensor_v2, fake_torch.FloatStorage = _rebuild_tensor_v2, FloatStorage
+
+    class Record:
+        def __init__(self, key, n, offset, size, stride):
+            self.storage, self.args = ("storage", FloatStorage, key, "cpu", n), (offset, size, stride)
+
+        def __reduce__(self):
+            return _rebuild_tensor_v2, (self.storage, *self.args, False, collections.OrderedDict())
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return obj if isinstance(obj, tuple) and obj[:1] == ("storage",) else None
+
+    state = collections.OrderedDict((name, Record(str(i), len(values), *rest))
+                                    for i, (name, (values, *rest)) in enumerate(records.items()))
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "torch", fake_torch)
+        m.setitem(sys.modules, "torch._utils", fake_utils)
+        buffer = io.BytesIO()
+        Pickler(buffer, protocol=2).dump(state)
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", buffer.getvalue())
+        z.writestr("archive/byteorder", "little")
+        for i, (values, *_) in enumerate(records.values()):
+            z.writestr(f"archive/data/{i}", np.asarray(values, np.float32).tobytes())
+
+
+def test_tensor_records_are_bounded_by_their_storage(tmp_path, monkeypatch):
+    path = str(tmp_path / "m.pt")
+    values = list(range(12))
+    write_pt(path, {"a": (values, 0, (3, 4), (4, 1)), "t": (values, 2, (2, 3), (1, 4))}, monkeypatch)
+    state = nanochat_checkpoint.load_state_dict(path)
+    np.testing.assert_array_equal(state["a"], np.arange(12).reshape(3, 4))
+    np.testing.assert_array_equal(state["t"], [[2, 6, 10], [3, 7, 11]])  # element [i, j] = storage[2 + i + 4j]
+    for offset, size, stride in [(-2, (2,), (1,)), (0, (13,), (1,)), (0, (2,), (10 ** 12,)), (0, (10 ** 12,), (0,)),
+                                 (11, (2,), (1,)), (0, (2, 2), (1,)), ("0", (2,), (1,))]:
+        write_pt(path, {"bad": (values, offset, size, stride)}, monkeypatch)
+        with pytest.raises(UserError, match="cannot read .* as a nanochat model file"):
+            nanochat_checkpoint.load_state_dict(path)
