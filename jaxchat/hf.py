@@ -78,14 +78,18 @@ def config_from_hf(hf, where):
     def refuse(why):
         return UserError(f"{where} describes a model jaxchat cannot load: {why}")
 
+    def count(key, default=None):  # absent or null: the default (none: required)
+        value = default if hf.get(key) is None else hf[key]
+        assert type(value) is int and value > 0, f"{key} must be a positive integer, not {value!r}"
+        return value
+
     if hf.get("model_type") != "nanochat":
         raise refuse(f"model_type {hf.get('model_type')!r}, not 'nanochat'")
     try:
-        d, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-        config = GPTConfig(sequence_len=int(hf.get("max_position_embeddings", 2048)), vocab_size=int(hf["vocab_size"]),
-                           n_layer=int(hf["num_hidden_layers"]), n_head=heads,
-                           n_kv_head=int(hf.get("num_key_value_heads") or heads), n_embd=d)
-        assert min(_model_fields(config).values()) > 0, "sizes and counts must be positive"
+        d, heads = count("hidden_size"), count("num_attention_heads")
+        config = GPTConfig(sequence_len=count("max_position_embeddings", 2048), vocab_size=count("vocab_size"),
+                           n_layer=count("num_hidden_layers"), n_head=heads,
+                           n_kv_head=count("num_key_value_heads", heads), n_embd=d)
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         rope_theta = rope.get("rope_theta", hf.get("rope_theta", ROPE_BASE))
@@ -170,17 +174,14 @@ def _model_card(source, meta, config, n_params):
 
 # ---- import ---------------------------------------------------------------------------------------------------
 def read_model_dir(directory, step=None):
-    """(config.json's dict, tensors under transformers' names, tokenizer, where) of a transformers NanoChat
-    directory, or of a directory of nanochat's own checkpoint files (model_<step>.pt, meta_<step>.json,
-    tokenizer.pkl; `step`: default the last)."""
+    """(config.json's dict, tensors, tokenizer, where, naming) of a transformers NanoChat directory (naming
+    "transformers"), or of a directory of nanochat's own checkpoint files (model_<step>.pt, meta_<step>.json,
+    tokenizer.pkl; `step`: default the last; naming "nanochat")."""
     if not os.path.isdir(directory):
         raise UserError(f"no directory {directory}")
     config_path = os.path.join(directory, CONFIG)
     if not os.path.exists(config_path) and nanochat_checkpoint.is_nanochat_dir(directory):
-        hf, tensors, tokenizer, where = nanochat_checkpoint.read(directory, step)
-        n_layer = hf.get("num_hidden_layers") if type(hf.get("num_hidden_layers")) is int else 0
-        renamed = {theirs: ours for _, ours, theirs in tensor_names(n_layer)}  # others keep their names: refused
-        return hf, {renamed.get(name, name): t for name, t in tensors.items()}, tokenizer, where
+        return (*nanochat_checkpoint.read(directory, step), "nanochat")
     if step is not None:
         raise UserError(f"-s/--step picks among nanochat's checkpoint files; {directory} is a transformers directory")
     try:
@@ -190,20 +191,20 @@ def read_model_dir(directory, step=None):
     except FileNotFoundError:
         raise UserError(f"{directory} is neither a transformers model directory (no {CONFIG}) nor a nanochat "
                         f"checkpoint directory (no model_<step>.pt)") from None
-    except (ValueError, AssertionError) as e:
-        raise UserError(f"damaged {config_path}: {e}") from None
-    return hf, safetensors.load_dir(directory), from_hf(directory), config_path
+    except (ValueError, AssertionError, RecursionError) as e:
+        raise UserError(f"damaged {config_path}: {type(e).__name__}: {e}") from None
+    return hf, safetensors.load_dir(directory), from_hf(directory), config_path, "transformers"
 
 
 def import_model(directory, model_tag=None, source="sft", overwrite=False, origin=None, step=None):
     """Read a transformers NanoChat directory (or nanochat's own checkpoint files) into checkpoint
     `source`/`model_tag` (default d<layers>), step 0. Returns the checkpoint directory."""
-    hf, tensors, tokenizer, where = read_model_dir(directory, step)
+    hf, tensors, tokenizer, where, naming = read_model_dir(directory, step)
     config, notes = config_from_hf(hf, where)
     if tokenizer.get_vocab_size() != config.vocab_size:
         raise UserError(f"{directory}: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model a "
                         f"vocabulary of {config.vocab_size}")
-    params = _params_from_tensors(tensors, config, hf.get("tie_word_embeddings"), directory)
+    params = _params_from_tensors(tensors, naming, config, hf.get("tie_word_embeddings"), directory)
     del tensors  # unmaps the weight files before the checkpoint is written: less memory at the peak
     model_tag = model_tag or f"d{config.n_layer}"
     meta = {"model_config": dataclasses.asdict(config), "imported_from": origin or os.path.abspath(directory),
@@ -225,17 +226,21 @@ def import_model(directory, model_tag=None, source="sft", overwrite=False, origi
     return ckpt.directory
 
 
-def _params_from_tensors(tensors, config, tied, where):
-    """jaxchat's parameters (a pure dict of fp32 arrays) from transformers tensors, every name and shape checked."""
-    if tied:  # transformers uses the embedding as the head (a stored lm_head.weight is not read): copy it
-        tensors = {**tensors, "lm_head.weight": tensors.get("model.embed_tokens.weight")}
-    abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0))), nnx.Param))
-    names = {path: name for path, name, _ in tensor_names(config.n_layer)}
-    unknown = sorted(set(tensors) - set(names.values()))
-    missing = sorted(n for n in names.values() if tensors.get(n) is None)
+def _params_from_tensors(tensors, naming, config, tied, where):
+    """jaxchat's parameters (a pure dict of fp32 arrays) from tensors named as `naming` ("transformers" or
+    "nanochat") names them, every name and shape checked."""
     def some(names):
         return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
+    if len(tensors) + 1 < 6 * config.n_layer + 2:  # before building a model of that many layers to compare with
+        raise UserError(f"{where}: its config says {config.n_layer} layers, but it holds only {len(tensors)} tensors")
+    column = 1 if naming == "transformers" else 2
+    names = {spellings[0]: spellings[column] for spellings in tensor_names(config.n_layer)}
+    if tied:  # transformers uses the embedding as the head (a stored lm_head.weight is not read): copy it
+        tensors = {**tensors, names["lm_head", "kernel"]: tensors.get(names["wte",])}
+    abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0))), nnx.Param))
+    unknown = sorted(set(tensors) - set(names.values()))
+    missing = sorted(n for n in names.values() if tensors.get(n) is None)
     if unknown or missing:
         raise UserError(f"{where} does not hold NanoChat's tensors for its config: "
                         + (f"missing {some(missing)}; " if missing else "")
@@ -302,9 +307,11 @@ def download_repo(repo, revision="main", step=None):
     directory = os.path.join(root, commit)
     for name in wanted:
         lfs = files[name].get("lfs")
+        sha256 = lfs.get("sha256") if isinstance(lfs, dict) else None
+        if sha256 is not None and not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-f]{64}", sha256)):
+            raise UserError(f"unexpected answer from {endpoint} for {repo}: sha256 {sha256!r} of {name}")
         download_file(f"{endpoint}/{repo}/resolve/{commit}/{urllib.parse.quote(name)}", os.path.join(directory, name),
-                      sha256=lfs.get("sha256") if isinstance(lfs, dict) else None, what=f"{repo} file",
-                      headers=headers)
+                      sha256=sha256, what=f"{repo} file", headers=headers)
     return directory, f"{repo}@{commit}"
 
 

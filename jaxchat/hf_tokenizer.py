@@ -155,8 +155,9 @@ def from_hf(directory):
         specials = {t["content"]: t["id"] for t in spec.get("added_tokens") or []}
         merges = [pair.split(" ", 1) if isinstance(pair, str) else pair for pair in model.get("merges") or []]
         merged_ids = [vocab.get(left + right) for left, right in merges]
-    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as e:
         raise UserError(f"damaged {path}: {type(e).__name__}: {e}") from None
+    tokenizer = RustBPETokenizer.from_ranks(ranks, pattern, path)  # checks the ids and the pattern
     expected = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
     if specials != expected:
         raise refuse(f"special tokens {specials} != nanochat's {expected}")
@@ -165,7 +166,6 @@ def from_hf(directory):
         if merged is None or (last is not None and merged < last):
             raise refuse(f"merge {left!r} + {right!r} is {'not a token' if merged is None else 'out of id order'}: "
                          f"the ids are not the merge ranks")
-    tokenizer = RustBPETokenizer.from_ranks(ranks, pattern, path)
     _same_ids(tokenizer, path)
     return tokenizer
 

@@ -33,20 +33,31 @@ RMS_NORM_EPS = float(np.finfo(np.float32).eps)  # nanochat's: torch's rms_norm d
 MODEL_CONFIG_KEYS = {"sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"}
 
 
+class _Storage:
+    """One storage's elements (1-D), as persistent_load hands them to the pickle. No name in a pickle makes one,
+    and a pickle cannot change one (no __dict__; BUILD ends in __setstate__'s refusal)."""
+    __slots__ = ("data",)
+
+    def __init__(self, data):
+        self.data = data
+
+    def __setstate__(self, state):
+        raise pickle.UnpicklingError("a storage has no state to set")
+
+
 def _rebuild_tensor(storage, offset, size, stride, *_):
     """torch._utils._rebuild_tensor_v2: `size` elements of `storage` from `offset` with element `stride`s, checked
     to lie inside the storage (a crafted file must not read memory beyond it)."""
     def counts(t):
-        return isinstance(t, tuple) and all(type(v) is int and v >= 0 for v in t)
+        return isinstance(t, tuple) and all(type(v) is int and 0 <= v <= data.size for v in t)
 
-    if not (isinstance(storage, np.ndarray) and type(offset) is int and offset >= 0 and counts(size)
-            and counts(stride) and len(size) == len(stride)):
+    data = storage.data if isinstance(storage, _Storage) else np.zeros(0)
+    if not (isinstance(storage, _Storage) and type(offset) is int and 0 <= offset <= data.size and counts(size)
+            and counts(stride) and len(size) == len(stride) <= 32):
         raise pickle.UnpicklingError("malformed tensor record")
-    n = math.prod(size)
-    if n > storage.size or n and offset + sum((k - 1) * s for k, s in zip(size, stride)) >= storage.size:
+    if math.prod(size) and offset + sum((k - 1) * s for k, s in zip(size, stride)) >= data.size:
         raise pickle.UnpicklingError(f"a tensor of shape {list(size)} reaches past its storage")
-    view = np.lib.stride_tricks.as_strided(storage[offset:], size, [s * storage.itemsize for s in stride],
-                                           writeable=False)
+    view = np.lib.stride_tricks.as_strided(data[offset:], size, [s * data.itemsize for s in stride], writeable=False)
     return np.array(view)  # owns its memory, C order
 
 
@@ -56,7 +67,7 @@ class _TensorUnpickler(pickle.Unpickler):
 
     def __init__(self, file, archive, prefix):
         super().__init__(file)
-        self.archive, self.prefix = archive, prefix
+        self.archive, self.prefix, self.storages = archive, prefix, {}
 
     def find_class(self, module, name):
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
@@ -71,11 +82,13 @@ class _TensorUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and pid[1] in STORAGES
                 and isinstance(pid[2], str) and type(pid[4]) is int):
             raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
-        _, storage, key, _location, numel = pid
-        data = np.frombuffer(self.archive.read(f"{self.prefix}/data/{key}"), STORAGES[storage])
-        if data.size < numel:
-            raise pickle.UnpicklingError(f"storage {key} holds {data.size} elements, {numel} expected")
-        return data
+        _, dtype, key, _location, numel = pid
+        if (key, dtype) not in self.storages:  # read once, however often the pickle names it
+            data = np.frombuffer(self.archive.read(f"{self.prefix}/data/{key}"), STORAGES[dtype])
+            if data.size < numel:
+                raise pickle.UnpicklingError(f"storage {key} holds {data.size} elements, {numel} expected")
+            self.storages[key, dtype] = _Storage(data)
+        return self.storages[key, dtype]
 
 
 def load_state_dict(path):
@@ -92,7 +105,7 @@ def load_state_dict(path):
             with archive.open(pickles[0]) as f:
                 state = _TensorUnpickler(f, archive, prefix).load()
     except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError,
-            IndexError, NotImplementedError, MemoryError, RecursionError) as e:
+            IndexError, NotImplementedError, MemoryError, RecursionError, OverflowError) as e:
         raise UserError(f"cannot read {path} as a nanochat model file: {type(e).__name__}: {e}") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, np.ndarray)
                                               for k, v in state.items()):
@@ -121,7 +134,7 @@ def load_tokenizer_pickle(path):
             state = _TokenizerUnpickler(f).load().state
         ranks, pattern, specials = state["mergeable_ranks"], state["pat_str"], state["special_tokens"]
     except (pickle.UnpicklingError, EOFError, AttributeError, KeyError, TypeError, ValueError, IndexError,
-            MemoryError, RecursionError) as e:
+            MemoryError, RecursionError, OverflowError) as e:
         raise UserError(f"cannot read {path} as nanochat's tokenizer: {type(e).__name__}: {e}") from None
     tokenizer = RustBPETokenizer.from_ranks(ranks, pattern, path)  # checks the ranks and the pattern
     if specials != {name: tokenizer.encode_special(name) for name in SPECIAL_TOKENS}:
@@ -130,7 +143,7 @@ def load_tokenizer_pickle(path):
 
 
 def is_nanochat_dir(directory):
-    return bool(glob.glob(os.path.join(directory, "model_*.pt")))
+    return bool(glob.glob(os.path.join(glob.escape(directory), "model_*.pt")))
 
 
 def _steps(names):
@@ -164,7 +177,7 @@ def read(directory, step=None):
         with open(meta_path, encoding="utf-8") as f:
             model_config = json.load(f)["model_config"]
         extra = {k: v for k, v in model_config.items() if k not in MODEL_CONFIG_KEYS}
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise UserError(f"damaged {meta_path}: {e!r}") from None
     if set(extra) - {"window_pattern"} or set(str(extra.get("window_pattern", "L"))) != {"L"}:  # L: full attention
         raise UserError(f"{meta_path} describes a newer nanochat architecture than jaxchat's ({extra})")

@@ -65,8 +65,8 @@ def load_file(path):
             raise bad(f"header length {n} is larger than the file allows")
         try:
             header = json.loads(f.read(n))
-        except ValueError as e:
-            raise bad(f"header is not JSON ({e})") from None
+        except (ValueError, RecursionError) as e:
+            raise bad(f"header is not JSON ({type(e).__name__}: {e})") from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -75,7 +75,7 @@ def load_file(path):
     for name, info in sorted(header.items(), key=lambda item: _start(item[1])):
         try:
             dtype, shape, (begin, stop) = np.dtype(DTYPES[info["dtype"]]), tuple(info["shape"]), info["data_offsets"]
-            assert all(type(v) is int and v >= 0 for v in (*shape, begin, stop))
+            assert len(shape) <= 32 and all(type(v) is int and v >= 0 for v in (*shape, begin, stop))
         except (KeyError, TypeError, ValueError, AssertionError):
             raise bad(f"tensor {name!r}: entry {info!r} is not a known dtype, shape and data_offsets") from None
         if begin != end or stop - begin != math.prod(shape) * dtype.itemsize or stop > data.size:
@@ -102,8 +102,8 @@ def load_dir(directory):
                 weight_map = json.load(f)["weight_map"]
             files = sorted(set(weight_map.values()))
             assert all(isinstance(name, str) for name in files), "shard names must be strings"
-        except (ValueError, KeyError, TypeError, AttributeError, AssertionError) as e:
-            raise UserError(f"damaged {index_path}: {e!r}") from None
+        except (ValueError, KeyError, TypeError, AttributeError, AssertionError, RecursionError) as e:
+            raise UserError(f"damaged {index_path}: {type(e).__name__}: {e}") from None
         shards = {}
         for name in files:
             path = os.path.join(directory, name)

@@ -27,6 +27,8 @@ SPECIAL_TOKENS = [
 SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|"""
                  r"""\s*[\r\n]|\s+(?!\S)|\s+""")
 FORMAT = "jaxchat-tokenizer-v1"
+# every printable ASCII character, whitespace runs, accents, CJK, emoji: where a broken split pattern shows itself
+PATTERN_PROBE = "".join(map(chr, range(32, 127))) + " \t\n\r\n  héllo 東京は晴れ 😀 2026 it's"
 RANKS_FILE, META_FILE, TOKEN_BYTES_FILE = "tokenizer.tiktoken", "tokenizer.json", "token_bytes.npy"
 
 
@@ -66,8 +68,12 @@ class RustBPETokenizer:
         specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
         try:
             enc = tiktoken.Encoding(name="jaxchat", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
-        except (ValueError, TypeError) as e:  # a split pattern the regex engine refuses
-            raise UserError(f"{where}: {e}") from None
+            enc.encode_ordinary(PATTERN_PROBE)  # a pattern that can match "" panics on use
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # the regex engine's refusal, or tiktoken's Rust panic (a BaseException)
+            raise UserError(f"{where}: the split pattern {pattern!r} does not work with tiktoken "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         return cls(enc, "<|bos|>")
 
     @classmethod

@@ -167,6 +167,14 @@ def test_chat_template_renders_jaxchat_ids(trained, tmp_path):
         render([{"role": "system", "content": "a"}], True)
 
 
+def test_a_split_pattern_tiktoken_cannot_use_is_one_error(trained):
+    """A pattern that can match the empty string builds an Encoding, then panics in Rust on first use."""
+    _, tok = trained
+    for pattern in ("a*|[^a]", "(?=a)", "([unclosed"):
+        with pytest.raises(UserError, match="does not work with tiktoken"):
+            RustBPETokenizer.from_ranks(tok.enc._mergeable_ranks, pattern, "t.json")
+
+
 def test_export_refuses_a_non_empty_directory(trained, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
@@ -208,6 +216,9 @@ def edit_tensors(out, change):
     (lambda out: edit_config(out, hidden_act="silu", attention_bias=True), r"activation 'silu' \(jaxchat: relu2\); attention biases"),
     (lambda out: edit_config(out, rope_parameters={"rope_type": "default", "rope_theta": 100000}), "RoPE default base 100000"),
     (lambda out: edit_config(out, intermediate_size=100), "intermediate_size 100"),
+    (lambda out: edit_config(out, hidden_size=64.0), "damaged .*hidden_size must be a positive integer, not 64.0"),
+    (lambda out: open(os.path.join(out, "config.json"), "w").write('{"model_type": "nanochat", "hidden_size": Infinity}'),
+     "damaged .*hidden_size must be a positive integer, not inf"),
     (lambda out: edit_config(out, intermediate_size=None) or edit_config(out, rope_parameters=[1]), "damaged"),
     (lambda out: json.dump({k: v for k, v in json.load(open(os.path.join(out, "config.json"))).items()
                             if k != "intermediate_size"}, open(os.path.join(out, "config.json"), "w")),

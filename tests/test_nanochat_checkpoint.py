@@ -134,7 +134,8 @@ def test_import_from_the_hub_as_nanochat_files(tokenizer, tmp_path, monkeypatch)
 
 def write_pt(path, records, monkeypatch):
     """A torch zip file of tensor records {name: (float32 storage values, offset, size, stride)}, pickled with the
-    same globals torch uses (a stand-in `torch` module for the dump only): crafted records, good and bad."""
+    same globals torch uses (a stand-in `torch` module for the dump only): crafted records, good and bad. Values
+    given as the name of an earlier record use that tensor as the storage (what a crafted file could try)."""
     import collections
     import sys
     import types
@@ -161,8 +162,11 @@ def write_pt(path, records, monkeypatch):
         def persistent_id(self, obj):
             return obj if isinstance(obj, tuple) and obj[:1] == ("storage",) else None
 
-    state = collections.OrderedDict((name, Record(str(i), len(values), *rest))
-                                    for i, (name, (values, *rest)) in enumerate(records.items()))
+    state = collections.OrderedDict()
+    for i, (name, (values, *rest)) in enumerate(records.items()):
+        state[name] = Record(str(i), len(values), *rest)
+        if isinstance(values, str):
+            state[name].storage = state[values]
     with monkeypatch.context() as m:
         m.setitem(sys.modules, "torch", fake_torch)
         m.setitem(sys.modules, "torch._utils", fake_utils)
@@ -172,7 +176,8 @@ def write_pt(path, records, monkeypatch):
         z.writestr("archive/data.pkl", buffer.getvalue())
         z.writestr("archive/byteorder", "little")
         for i, (values, *_) in enumerate(records.values()):
-            z.writestr(f"archive/data/{i}", np.asarray(values, np.float32).tobytes())
+            if not isinstance(values, str):
+                z.writestr(f"archive/data/{i}", np.asarray(values, np.float32).tobytes())
 
 
 def test_tensor_records_are_bounded_by_their_storage(tmp_path, monkeypatch):
@@ -183,7 +188,12 @@ def test_tensor_records_are_bounded_by_their_storage(tmp_path, monkeypatch):
     np.testing.assert_array_equal(state["a"], np.arange(12).reshape(3, 4))
     np.testing.assert_array_equal(state["t"], [[2, 6, 10], [3, 7, 11]])  # element [i, j] = storage[2 + i + 4j]
     for offset, size, stride in [(-2, (2,), (1,)), (0, (13,), (1,)), (0, (2,), (10 ** 12,)), (0, (10 ** 12,), (0,)),
-                                 (11, (2,), (1,)), (0, (2, 2), (1,)), ("0", (2,), (1,))]:
+                                 (11, (2,), (1,)), (0, (2, 2), (1,)), ("0", (2,), (1,)), (0, (1,), (2 ** 70,)),
+                                 (0, (0, 2 ** 70), (1, 1))]:
         write_pt(path, {"bad": (values, offset, size, stride)}, monkeypatch)
         with pytest.raises(UserError, match="cannot read .* as a nanochat model file"):
             nanochat_checkpoint.load_state_dict(path)
+    # a rebuilt tensor used as the storage of the next: its rows would move the offset past the check's elements
+    write_pt(path, {"a": (values, 0, (3, 4), (4, 1)), "b": ("a", 2, (6,), (1,))}, monkeypatch)
+    with pytest.raises(UserError, match="malformed tensor record"):
+        nanochat_checkpoint.load_state_dict(path)
