@@ -37,10 +37,9 @@ from jaxchat.checkpoint_manager import SOURCE_DIRS, Checkpointer, checkpoint_dir
 from jaxchat.common import UserError, get_base_dir, run_main, write_atomic
 from jaxchat.download import DownloadError, download_file
 from jaxchat.hf_tokenizer import TOKENIZER_CONFIG, TOKENIZER_JSON, from_hf, save_hf_tokenizer
-from jaxchat.model import EXECUTION_FIELDS, GPT, ROPE_BASE, SOFTCAP, GPTConfig
+from jaxchat.model import EXECUTION_FIELDS, GPT, NORM_EPS, ROPE_BASE, SOFTCAP, GPTConfig
 from jaxchat.tasks.hub import hub_endpoint, slug
 
-RMS_NORM_EPS = float(np.finfo(np.float32).eps)  # jaxchat's (and nanochat's: torch's rms_norm default on fp32)
 LAYER_TENSORS = {("attn", "c_q"): "self_attn.q_proj", ("attn", "c_k"): "self_attn.k_proj",
                  ("attn", "c_v"): "self_attn.v_proj", ("attn", "c_proj"): "self_attn.o_proj",
                  ("mlp", "c_fc"): "mlp.fc1", ("mlp", "c_proj"): "mlp.fc2"}
@@ -66,7 +65,7 @@ def hf_config(config, tokenizer, dtype="float32"):
             "hidden_size": config.n_embd, "intermediate_size": 4 * config.n_embd,
             "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
             "num_key_value_heads": config.n_kv_head, "max_position_embeddings": config.sequence_len,
-            "hidden_act": "relu2", "rms_norm_eps": RMS_NORM_EPS, "final_logit_softcapping": SOFTCAP,
+            "hidden_act": "relu2", "rms_norm_eps": NORM_EPS, "final_logit_softcapping": SOFTCAP,
             "rope_parameters": {"rope_type": "default", "rope_theta": float(ROPE_BASE)},
             "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": False, "use_cache": True,
             "bos_token_id": bos, "eos_token_id": end, "pad_token_id": bos, "dtype": dtype}
@@ -107,12 +106,12 @@ def config_from_hf(hf, where):
                                                             f"{ROPE_BASE})"),
         (hf.get("final_logit_softcapping", SOFTCAP) != SOFTCAP,
          f"final_logit_softcapping {hf.get('final_logit_softcapping')} (jaxchat: {SOFTCAP})"),
-        (type(eps) not in (int, float) or not 0 <= eps <= 1e-5, f"rms_norm_eps {eps} (jaxchat: {RMS_NORM_EPS:.3g})"),
+        (type(eps) not in (int, float) or not 0 <= eps <= 1e-5, f"rms_norm_eps {eps} (jaxchat: {NORM_EPS:.3g})"),
     ]
     if found := [why for bad, why in problems if bad]:
         raise refuse("; ".join(found))
     # an eps this small is nothing against mean(x²) ~ 1: computing it as jaxchat's changes no visible digit
-    notes = [f"rms_norm_eps {eps:g} computed as jaxchat's {RMS_NORM_EPS:.3g}"] if eps != RMS_NORM_EPS else []
+    notes = [f"rms_norm_eps {eps:g} computed as jaxchat's {NORM_EPS:.3g}"] if eps != NORM_EPS else []
     return config, notes
 
 
@@ -232,7 +231,7 @@ def _params_from_tensors(tensors, naming, config, tied, where):
     def some(names):
         return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
-    if len(tensors) + 1 < 6 * config.n_layer + 2:  # before building a model of that many layers to compare with
+    if len(tensors) + 1 < len(LAYER_TENSORS) * config.n_layer + 2:  # before building a model of that many layers to compare with
         raise UserError(f"{where}: its config says {config.n_layer} layers, but it holds only {len(tensors)} tensors")
     column = 1 if naming == "transformers" else 2
     names = {spellings[0]: spellings[column] for spellings in tensor_names(config.n_layer)}

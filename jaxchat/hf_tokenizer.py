@@ -157,10 +157,7 @@ def from_hf(directory):
         merged_ids = [vocab.get(left + right) for left, right in merges]
     except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as e:
         raise UserError(f"damaged {path}: {type(e).__name__}: {e}") from None
-    tokenizer = RustBPETokenizer.from_ranks(ranks, pattern, path)  # checks the ids and the pattern
-    expected = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
-    if specials != expected:
-        raise refuse(f"special tokens {specials} != nanochat's {expected}")
+    tokenizer = RustBPETokenizer.from_ranks(ranks, pattern, path, specials)  # checks ids, specials, the pattern
     # tiktoken merges by token id (rank): right only when the merge list runs in id order
     for (left, right), merged, last in zip(merges, merged_ids, [-1, *merged_ids]):
         if merged is None or (last is not None and merged < last):

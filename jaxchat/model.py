@@ -33,6 +33,7 @@ from jaxchat.losses import softcap_cross_entropy_per_token, softcap_cross_entrop
 
 SOFTCAP = 15.0
 ROPE_BASE = 10_000
+NORM_EPS = float(jnp.finfo(jnp.float32).eps)  # every RMSNorm's: torch's F.rms_norm(eps=None) on fp32, as nanochat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +121,7 @@ _linear.defvjp(_linear_fwd, _linear_bwd)
 
 
 def norm(x):
-    """Parameter-free RMSNorm; eps = finfo(fp32).eps, as torch's F.rms_norm(eps=None) on fp32."""
+    """Parameter-free RMSNorm with eps NORM_EPS."""
     return _norm_and_scale(x)[0]
 
 
@@ -176,7 +177,7 @@ rope_qk_norm.defvjp(_rope_qk_norm_fwd, _rope_qk_norm_bwd)
 
 def _norm_and_scale(x):
     """(norm(x), the inverse RMS r)."""
-    r = jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + jnp.finfo(jnp.float32).eps)
+    r = jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + NORM_EPS)
     return x * r, r
 
 

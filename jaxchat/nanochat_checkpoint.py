@@ -24,12 +24,12 @@ import ml_dtypes
 import numpy as np
 
 from jaxchat.common import UserError
-from jaxchat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer
+from jaxchat.model import NORM_EPS
+from jaxchat.tokenizer import RustBPETokenizer
 
 STORAGES = {"FloatStorage": np.float32, "BFloat16Storage": ml_dtypes.bfloat16, "HalfStorage": np.float16,
             "DoubleStorage": np.float64, "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
             "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_}
-RMS_NORM_EPS = float(np.finfo(np.float32).eps)  # nanochat's: torch's rms_norm default on fp32
 MODEL_CONFIG_KEYS = {"sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"}
 
 
@@ -136,10 +136,7 @@ def load_tokenizer_pickle(path):
     except (pickle.UnpicklingError, EOFError, AttributeError, KeyError, TypeError, ValueError, IndexError,
             MemoryError, RecursionError, OverflowError) as e:
         raise UserError(f"cannot read {path} as nanochat's tokenizer: {type(e).__name__}: {e}") from None
-    tokenizer = RustBPETokenizer.from_ranks(ranks, pattern, path)  # checks the ranks and the pattern
-    if specials != {name: tokenizer.encode_special(name) for name in SPECIAL_TOKENS}:
-        raise UserError(f"{path}: special tokens {specials} are not nanochat's 9, after the vocabulary")
-    return tokenizer
+    return RustBPETokenizer.from_ranks(ranks, pattern, path, specials)  # checks ranks, specials, the pattern
 
 
 def is_nanochat_dir(directory):
@@ -191,5 +188,5 @@ def read(directory, step=None):
     config = {"model_type": "nanochat", "vocab_size": c.get("vocab_size"), "hidden_size": d,
               "num_hidden_layers": c.get("n_layer"), "num_attention_heads": c.get("n_head"),
               "num_key_value_heads": c.get("n_kv_head"), "max_position_embeddings": c.get("sequence_len"),
-              "intermediate_size": 4 * d if type(d) is int else None, "rms_norm_eps": RMS_NORM_EPS}
+              "intermediate_size": 4 * d if type(d) is int else None, "rms_norm_eps": NORM_EPS}
     return config, load_state_dict(model_path), tokenizer, model_path

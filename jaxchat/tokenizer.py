@@ -58,16 +58,19 @@ class RustBPETokenizer:
         return cls.from_ranks(ranks, pattern)
 
     @classmethod
-    def from_ranks(cls, ranks, pattern=SPLIT_PATTERN, where="tokenizer"):
+    def from_ranks(cls, ranks, pattern=SPLIT_PATTERN, where="tokenizer", specials=None):
         """tiktoken's rank table (token bytes -> rank 0..n-1, the 256 single bytes first) and split pattern, the
-        special tokens after it. Anything else (read from a damaged or foreign file: `where`) is one UserError."""
+        special tokens after it. `specials`: the {name: id} a file recorded, which must be that layout. Anything
+        else (read from a damaged or foreign file: `where`) is one UserError."""
         if not (isinstance(ranks, dict) and all(type(t) is bytes and type(r) is int for t, r in ranks.items())
                 and sorted(ranks.values()) == list(range(len(ranks)))
                 and all(ranks.get(bytes([b])) == b for b in range(256))):
             raise UserError(f"{where}: not a rank table of token bytes -> 0..n-1 starting with the 256 single bytes")
-        specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
+        layout = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
+        if specials is not None and specials != layout:
+            raise UserError(f"{where}: special tokens {specials} are not jaxchat's (nanochat's) {layout}")
         try:
-            enc = tiktoken.Encoding(name="jaxchat", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+            enc = tiktoken.Encoding(name="jaxchat", pat_str=pattern, mergeable_ranks=ranks, special_tokens=layout)
             enc.encode_ordinary(PATTERN_PROBE)  # a pattern that can match "" panics on use
         except (KeyboardInterrupt, SystemExit):
             raise
@@ -95,11 +98,7 @@ class RustBPETokenizer:
             pattern, specials = meta["pattern"], meta["special_tokens"]
         except (ValueError, KeyError, AssertionError) as e:
             raise UserError(f"damaged or foreign tokenizer file {meta_path}: {e}") from None
-        ranks = _read_ranks(ranks_path)
-        expected = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
-        if specials != expected:
-            raise UserError(f"damaged tokenizer file {meta_path}: special tokens {specials} != expected {expected}")
-        return cls.from_ranks(ranks, pattern, ranks_path)
+        return cls.from_ranks(_read_ranks(ranks_path), pattern, f"damaged tokenizer {tokenizer_dir}", specials)
 
     def save(self, tokenizer_dir):
         """Write the ranks, the metadata and token_bytes as plain files (atomic per file)."""

@@ -201,6 +201,14 @@ def edit_config(out, **changes):
     json.dump(config, open(path, "w"))
 
 
+def swap_special_ids(out):
+    path = os.path.join(out, "tokenizer.json")
+    spec = json.load(open(path))
+    first, second = spec["added_tokens"][:2]
+    first["id"], second["id"] = second["id"], first["id"]
+    json.dump(spec, open(path, "w"))
+
+
 def edit_tensors(out, change):
     path = os.path.join(out, "model.safetensors")
     tensors = {k: np.array(v) for k, v in safetensors.load_file(path)[0].items()}
@@ -232,6 +240,7 @@ def edit_tensors(out, change):
     (lambda out: open(os.path.join(out, "model.safetensors"), "r+b").truncate(1000), "damaged or foreign safetensors"),
     (lambda out: os.remove(os.path.join(out, "model.safetensors")), "no model.safetensors"),
     (lambda out: os.remove(os.path.join(out, "tokenizer.json")), "no tokenizer.json"),
+    (lambda out: swap_special_ids(out), r"special tokens .* are not jaxchat's \(nanochat's\)"),
 ])
 def test_bad_directories_are_one_clear_error(trained, tmp_path, damage, message):
     out = exported(tmp_path)
