@@ -9,7 +9,9 @@ Used by the engine's python tool (chat CLI, server) and by code evaluations (Hum
   files, and the whole sandbox dies on a wall-clock timeout. A non-root user gets a user namespace for this, and the
   process limit counts that namespace's processes; root runs bwrap without one and drops to uid 65534 before the
   code runs, because the kernel never applies a process limit to uid 0 (a fork bomb would go unbounded). There the
-  limit counts every uid-65534 process on the host, so sandboxes running at once share it.
+  limit counts every uid-65534 process on the host, so sandboxes running at once share it. Either way a system-call
+  filter (`jaxchat.seccomp`) refuses new namespaces, mounts and the kernel objects that hold memory outside these
+  limits, and no_new_privs makes setuid programs run without their privileges: nothing inside gets a capability back.
 - "weak": the same child process, limits and output handling without namespaces, plus Python-level guards (os.fork,
   os.system, socket, shutil.rmtree... raise PermissionError). A guard against accidents by a small model, NOT against
   a determined one: `posix`, `ctypes` or `_socket` get around it. Only by explicit choice (--unsafe-weak-sandbox).
@@ -28,6 +30,7 @@ import functools
 import math
 import os
 import pathlib
+import platform
 import selectors
 import shutil
 import signal
@@ -36,6 +39,7 @@ import sys
 import tempfile
 import time
 
+from jaxchat import seccomp
 from jaxchat.common import UserError
 
 SANDBOXES = ("boundary", "weak")
@@ -182,6 +186,8 @@ def boundary_problem():
     """Why the kernel boundary cannot be used here, or None when it can (tried once per process)."""
     if not sys.platform.startswith("linux"):
         return f"it needs Linux namespaces, and this is {sys.platform}"
+    if seccomp.filter_program() is None:
+        return f"its system-call filter knows {' and '.join(seccomp.ARCHES)} machines, and this is {platform.machine()}"
     if shutil.which("bwrap") is None:
         return "bubblewrap is not installed (Debian/Ubuntu: apt install bubblewrap; Fedora: dnf install bubblewrap)"
     result = _run("print('ok')", "boundary", timeout=10.0, maximum_memory_bytes=None, max_output_bytes=4096)
@@ -255,9 +261,13 @@ def _run(code, sandbox, timeout, maximum_memory_bytes, max_output_bytes):
         limits = [maximum_memory_bytes or 0, math.ceil(timeout) + 1, MAX_FILE_BYTES,
                   MAX_PROCESSES if boundary else 0, MAX_OPEN_FILES,
                   SANDBOX_UID if boundary and os.geteuid() == 0 else -1, 0 if boundary else 1]
-        with open(path, "rb") as program:
+        syscall_filter = os.path.join(workdir, "seccomp.bpf")
+        with open(syscall_filter, "wb") as f:
+            f.write(seccomp.filter_program() or b"")
+        with open(path, "rb") as program, open(syscall_filter, "rb") as filter_file:
             if boundary:  # bwrap copies the program into the sandbox's own /tmp
-                prefix = [*_bwrap_argv(), "--file", str(program.fileno()), "/tmp/program.py", _interpreter()]
+                prefix = [*_bwrap_argv(), "--seccomp", str(filter_file.fileno()),
+                          "--file", str(program.fileno()), "/tmp/program.py", _interpreter()]
                 path, cwd = "/tmp/program.py", None
             else:
                 prefix, cwd = [_interpreter()], workdir
@@ -267,7 +277,7 @@ def _run(code, sandbox, timeout, maximum_memory_bytes, max_output_bytes):
             deadline = time.monotonic() + timeout
             with subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, start_new_session=True,
-                                  pass_fds=(program.fileno(),) if boundary else ()) as proc:
+                                  pass_fds=(program.fileno(), filter_file.fileno()) if boundary else ()) as proc:
                 try:
                     out, err, timed_out, overflow = _collect(proc, deadline, max_output_bytes)
                     if not (timed_out or overflow):

@@ -1,9 +1,12 @@
 """The kernel boundary of jaxchat.execution: each escape a user found in the Python-level sandbox, tried for real,
 must be contained and reported as a failed execution within its time limit; and where the boundary cannot be had,
 nothing runs and the reason is said."""
+import errno
 import os
 import pathlib
+import platform
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -12,7 +15,7 @@ import uuid
 import pytest
 
 from conftest import boundary_or_skip
-from jaxchat import execution
+from jaxchat import execution, seccomp
 from jaxchat.execution import MAX_PROCESSES, SandboxUnavailable, execute_code, python_tool
 
 
@@ -185,3 +188,78 @@ def test_unavailable_boundary_refuses_and_says_why(monkeypatch):
         assert python_tool("weak")("print(6 * 7)") == "42"  # the explicit opt-in still runs
     finally:
         execution.boundary_problem.cache_clear()
+
+
+# The doors back out of the boundary that the system-call filter closes. Each is tried with the real filter, and
+# where this host opens it, once more with a filter that allows everything: the same code must then get through,
+# so the test shows the door exists and the filter is what shuts it.
+ALLOW_ALL = struct.pack("=HBBI", seccomp.RET, 0, 0, seccomp.ALLOW)
+
+DOORS = {
+    # a user namespace of its own: uid 0 with every capability there, and a tmpfs no limit of ours bounds
+    "user namespace and tmpfs": (
+        "import subprocess\n"
+        "script = 'mount -t tmpfs none /tmp && for i in 1 2; do head -c 50000000 /dev/zero > /tmp/f$i || exit 1; "
+        "done && du -sm /tmp'\n"
+        "r = subprocess.run(['unshare', '-Urm', 'sh', '-c', script], capture_output=True, text=True)\n"
+        "assert r.returncode == 0, r.stderr\nprint(r.stdout.split()[0])", "96"),
+    # memfds: memory written to a file descriptor, outside the address-space limit and /tmp's size
+    "memfd": (
+        "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nfds = []\nfor i in range(6):\n"
+        "    fd = libc.memfd_create(b'x', 0)\n    assert fd >= 0, os.strerror(ctypes.get_errno())\n"
+        "    os.write(fd, bytes(50_000_000))\n    fds.append(fd)\nprint(sum(os.fstat(fd).st_size for fd in fds) >> 20)",
+        "286"),
+    # System V shared memory: a detached segment keeps its pages and leaves the address space
+    "shared memory": (
+        "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nlibc.shmat.restype = ctypes.c_void_p\n"
+        "for i in range(3):\n    sid = libc.shmget(0, 100_000_000, 0o1600)\n"
+        "    assert sid >= 0, os.strerror(ctypes.get_errno())\n    at = libc.shmat(sid, None, 0)\n"
+        "    ctypes.memset(at, 1, 100_000_000)\n    libc.shmdt(ctypes.c_void_p(at))\nprint(3 * 100_000_000 >> 20)",
+        "286"),
+}
+
+
+@pytest.mark.parametrize("door", DOORS)
+@pytest.mark.parametrize("syscall_filter", ["jaxchat's", "allow everything"])
+def test_no_way_out_past_the_limits(door, syscall_filter, monkeypatch):
+    code, escaped = DOORS[door]
+    if syscall_filter == "allow everything":
+        monkeypatch.setattr(seccomp, "filter_program", lambda machine=None: ALLOW_ALL)
+    result = run(code, timeout=10.0)
+    if syscall_filter == "jaxchat's":
+        assert not result.success and "Operation not permitted" in result.error, result
+    elif result.success:
+        assert result.stdout.strip() == escaped  # megabytes held past the 64 MiB /tmp and 256 MiB of memory
+    else:
+        pytest.skip(f"this host keeps the door shut without the filter: {result.error}")
+
+
+@pytest.mark.parametrize("name", sorted(seccomp.BLOCKED))
+def test_each_blocked_call_fails_with_eperm(name):
+    number = seccomp.BLOCKED[name][seccomp.ARCHES[platform.machine()][0]]
+    code = (f"import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            f"print(libc.syscall({number}, 0, 0, 0, 0, 0, 0), ctypes.get_errno())")
+    result = run(code)
+    assert result.success and result.stdout.split() == ["-1", str(errno.EPERM)], result
+
+
+def test_clone_into_a_new_namespace_fails_but_threads_and_processes_work():
+    clone = seccomp.CLONE[seccomp.ARCHES[platform.machine()][0]]
+    code = (f"import ctypes, os, signal, threading\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            f"print(libc.syscall({clone}, 0x10000000 | signal.SIGCHLD, 0, 0, 0, 0), ctypes.get_errno())\n"
+            "pid = os.fork()\nif pid == 0:\n    os._exit(7)\nprint(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))\n"
+            "t = threading.Thread(target=print, args=('thread',))\nt.start()\nt.join()")
+    result = run(code)
+    assert result.success and result.stdout.split() == ["-1", str(errno.EPERM), "7", "thread"], result
+
+
+def test_no_capability_inside_and_setuid_programs_gain_nothing():
+    code = ("import os\nstatus = dict(line.split(':\\t') for line in open('/proc/self/status').read().splitlines()\n"
+            "              if ':\\t' in line)\n"
+            "print(*(int(status[k], 16) for k in ('CapInh', 'CapPrm', 'CapEff', 'CapAmb')), status['NoNewPrivs'])\n"
+            "print(all('nosuid' in line.split()[3].split(',') for line in open('/proc/self/mounts')))\n"
+            "try:\n    os.setuid(0)\nexcept PermissionError:\n    print('setuid refused')")
+    result = run(code)
+    cap_inh, cap_prm, cap_eff, cap_amb, no_new_privs = result.stdout.split("\n")[0].split()
+    assert (cap_prm, cap_eff, cap_amb, no_new_privs) == ("0", "0", "0", "1"), result
+    assert result.stdout.split("\n")[1:3] == ["True", "setuid refused"], result
