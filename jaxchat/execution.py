@@ -261,12 +261,11 @@ def _run(code, sandbox, timeout, maximum_memory_bytes, max_output_bytes):
         limits = [maximum_memory_bytes or 0, math.ceil(timeout) + 1, MAX_FILE_BYTES,
                   MAX_PROCESSES if boundary else 0, MAX_OPEN_FILES,
                   SANDBOX_UID if boundary and os.geteuid() == 0 else -1, 0 if boundary else 1]
-        syscall_filter = os.path.join(workdir, "seccomp.bpf")
-        with open(syscall_filter, "wb") as f:
-            f.write(seccomp.filter_program() or b"")
-        with open(path, "rb") as program, open(syscall_filter, "rb") as filter_file:
-            if boundary:  # bwrap copies the program into the sandbox's own /tmp
-                prefix = [*_bwrap_argv(), "--seccomp", str(filter_file.fileno()),
+        with open(path, "rb") as program, tempfile.TemporaryFile() as syscall_filter:
+            if boundary:  # bwrap copies the program into the sandbox's own /tmp and installs the filter
+                syscall_filter.write(seccomp.filter_program())
+                syscall_filter.seek(0)
+                prefix = [*_bwrap_argv(), "--seccomp", str(syscall_filter.fileno()),
                           "--file", str(program.fileno()), "/tmp/program.py", _interpreter()]
                 path, cwd = "/tmp/program.py", None
             else:
@@ -277,7 +276,7 @@ def _run(code, sandbox, timeout, maximum_memory_bytes, max_output_bytes):
             deadline = time.monotonic() + timeout
             with subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, start_new_session=True,
-                                  pass_fds=(program.fileno(), filter_file.fileno()) if boundary else ()) as proc:
+                                  pass_fds=(program.fileno(), syscall_filter.fileno()) if boundary else ()) as proc:
                 try:
                     out, err, timed_out, overflow = _collect(proc, deadline, max_output_bytes)
                     if not (timed_out or overflow):
@@ -308,6 +307,8 @@ def _result(returncode, out, err, timed_out, overflow, timeout, maximum_memory_b
         error = f"MemoryError: memory limit exceeded ({maximum_memory_bytes} bytes)"
     elif overflow:
         error = f"output exceeded {max_output_bytes} bytes: truncated and the process was killed"
+    elif returncode in (-signal.SIGSYS, 128 + signal.SIGSYS):  # bwrap passes its child's signal on as 128 + n
+        error = "killed by the sandbox's system-call filter (a forbidden system call)"
     elif not success:
         lines = [line for line in stderr.splitlines() if line.strip()]
         error = lines[-1].strip() if lines else f"exited with code {returncode}"

@@ -263,3 +263,14 @@ def test_no_capability_inside_and_setuid_programs_gain_nothing():
     cap_inh, cap_prm, cap_eff, cap_amb, no_new_privs = result.stdout.split("\n")[0].split()
     assert (cap_prm, cap_eff, cap_amb, no_new_privs) == ("0", "0", "0", "1"), result
     assert result.stdout.split("\n")[1:3] == ["True", "setuid refused"], result
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the 32-bit x86 system-call ABI exists on x86_64 only")
+def test_the_32_bit_system_call_abi_kills_the_process():
+    """`int 0x80` reaches the i386 table, whose numbers the filter does not check: the filter kills instead."""
+    code = ("import ctypes, mmap\nbuf = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)\n"
+            "buf.write(b'\\xb8\\x14\\x00\\x00\\x00\\xcd\\x80\\xc3')  # mov eax, 20 (i386 getpid); int 0x80; ret\n"
+            "addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))\n"
+            "print(ctypes.CFUNCTYPE(ctypes.c_int)(addr)())")
+    result = run(code)
+    assert not result.success and result.stdout == "" and "system-call filter" in result.error, result
