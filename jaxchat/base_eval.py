@@ -13,7 +13,8 @@ import jax
 
 from jaxchat import core_eval, distributed
 from jaxchat.checkpoint_manager import load_model
-from jaxchat.common import UserError, flag_adder, get_base_dir, run_main, write_results
+from jaxchat.common import (SWITCH, UserError, count_or_unset, flag_adder, get_base_dir, non_negative_int, positive_int,
+                            run_main, step_or_last, write_results)
 from jaxchat.dataloader import DistributedDataLoader
 from jaxchat.engine import SAMPLE_PROMPTS, sample_greedy
 from jaxchat.loss_eval import evaluate_bpb
@@ -28,15 +29,15 @@ def build_parser():
     add = flag_adder(p)
     add("eval", default="core,bpb,sample", help=f"comma-separated: {', '.join(EVALS)}")
     add("model_tag", default="", help="default: the largest d<N> in base_checkpoints")
-    add("step", type=int, default=-1, help="default: the last")
-    add("device_batch_size", type=int, default=32)
-    add("split_tokens", type=int, default=20 * 524288, help="tokens per split for bpb")
-    add("max_seq_len", type=int, default=0, help="default: the model's sequence_len")
+    add("step", type=step_or_last, default=-1, help="default: the last")
+    add("device_batch_size", type=positive_int, default=32)
+    add("split_tokens", type=positive_int, default=20 * 524288, help="tokens per split for bpb")
+    add("max_seq_len", type=non_negative_int, default=0, help="default: the model's sequence_len")
     add("data_dir", default="")
-    add("max_per_task", type=int, default=-1, help="CORE examples per task (-1 = all)")
+    add("max_per_task", type=count_or_unset, default=-1, help="CORE examples per task (-1 = all)")
     add("eval_bundle", default="", help="CORE bundle directory (default: $JAXCHAT_EVAL_BUNDLE, else the base dir's)")
-    add("download_bundle", type=int, default=1, help="fetch nanochat's CORE bundle when there is none; 0: skip CORE")
-    add("mesh_data", type=int, default=1)
+    add("download_bundle", **SWITCH, default=1, help="fetch nanochat's CORE bundle when there is none; 0: skip CORE")
+    add("mesh_data", type=positive_int, default=1)
     return p
 
 

@@ -12,7 +12,8 @@ import jax
 from tqdm import tqdm
 
 from jaxchat import core_eval, sharding
-from jaxchat.common import UserError, run_main
+from jaxchat.common import (SWITCH, UserError, count_or_unset, fraction, non_negative_float, non_negative_int, number,
+                            positive_int, run_main)
 from jaxchat.dataloader import DistributedDataLoader
 from jaxchat.engine import SAMPLE_PROMPTS, sample_greedy
 from jaxchat.loss_eval import evaluate_bpb
@@ -33,39 +34,47 @@ RESUME_KEYS = ("dtype", "num_iterations", "target_flops", "target_param_data_rat
 def build_parser():
     p = argparse.ArgumentParser(description="Pretrain a jaxchat base model.")
     add = add_training_flags(p, device_batch_size=32, eval_every=250)
-    add("depth", type=int, default=20, help="the one dial: model_dim = 64·depth")
-    add("head_dim", type=int, default=128)
-    add("n_kv_head", type=int, default=0, help="key/value heads (GQA); 0 = as many as query heads")
-    add("max_seq_len", type=int, default=2048)
-    add("target_flops", type=float, default=-1.0, help="horizon when num_iterations is -1")
-    add("target_param_data_ratio", type=int, default=20, help="Chinchilla: tokens = ratio × params (the default "
-                                                                "horizon)")
-    add("total_batch_size", type=int, default=524288, help="tokens per optimizer step")
-    add("grad_clip", type=float, default=1.0)
-    add("warmup_ratio", type=float, default=0.0)
-    add("warmdown_ratio", type=float, default=0.2)
-    add("final_lr_frac", type=float, default=0.0)
-    add("eval_tokens", type=int, default=-1, help="val tokens per bpb evaluation (-1: a tenth of the run's training "
-                                                  f"tokens, at most {NANOCHAT_EVAL_TOKENS:,} as nanochat)")
-    add("sample_every", type=int, default=2000)
-    add("core_metric_every", type=int, default=2000, help="CORE every N steps and at the end (-1: never)")
-    add("core_metric_max_per_task", type=int, default=500, help="CORE examples per task during training")
+    add("depth", type=positive_int, default=20, help="the one dial: model_dim = 64·depth")
+    add("head_dim", type=positive_int, default=128)
+    add("n_kv_head", type=non_negative_int, default=0, help="key/value heads (GQA); 0 = as many as query heads")
+    add("max_seq_len", type=positive_int, default=2048)
+    add("target_flops", type=number(float, 1, unset=-1), default=-1.0,
+        help="horizon when num_iterations is -1 (-1: unset)")
+    add("target_param_data_ratio", type=count_or_unset, default=20,
+        help="Chinchilla: tokens = ratio × params (the default horizon; -1: unset)")
+    add("total_batch_size", type=positive_int, default=524288, help="tokens per optimizer step")
+    add("grad_clip", type=non_negative_float, default=1.0, help="0: off")
+    add("warmup_ratio", type=fraction, default=0.0)
+    add("warmdown_ratio", type=fraction, default=0.2)
+    add("final_lr_frac", type=fraction, default=0.0)
+    add("eval_tokens", type=count_or_unset, default=-1, help="val tokens per bpb evaluation (-1: a tenth of the "
+                                                             f"run's training tokens, at most {NANOCHAT_EVAL_TOKENS:,})")
+    add("sample_every", type=count_or_unset, default=2000, help="-1: never")
+    add("core_metric_every", type=count_or_unset, default=2000, help="CORE every N steps and at the end (-1: never)")
+    add("core_metric_max_per_task", type=count_or_unset, default=500,
+        help="CORE examples per task during training (-1: all)")
     add("eval_bundle", default="", help="CORE bundle directory (default: $JAXCHAT_EVAL_BUNDLE, else the base dir's)")
-    add("download_bundle", type=int, default=1, help="fetch nanochat's CORE bundle when there is none (0: never; "
-                                                     "a bundle already there is used)")
+    add("download_bundle", **SWITCH, default=1, help="fetch nanochat's CORE bundle when there is none (0: never; "
+                                                      "a bundle already there is used)")
     add("data_dir", default="", help="pretraining shards (default: $JAXCHAT_BASE_DIR/base_data)")
     return p
 
 
 def horizon(args, num_params, flops_per_token):
-    """nanochat's precedence: num_iterations > target_flops > target_param_data_ratio."""
+    """nanochat's precedence: num_iterations > target_flops > target_param_data_ratio (-1: unset). A horizon of
+    no step is refused: the run would end before it began."""
     if args.num_iterations > 0:
         return args.num_iterations
     if args.target_flops > 0:
-        return round(args.target_flops / (flops_per_token * args.total_batch_size))
-    if args.target_param_data_ratio > 0:
-        return args.target_param_data_ratio * num_params // args.total_batch_size
-    raise UserError("no training horizon: set num_iterations, target_flops or target_param_data_ratio")
+        steps, given = round(args.target_flops / (flops_per_token * args.total_batch_size)), "target_flops"
+    elif args.target_param_data_ratio > 0:
+        steps, given = args.target_param_data_ratio * num_params // args.total_batch_size, "target_param_data_ratio"
+    else:
+        raise UserError("no training horizon: set num_iterations, target_flops or target_param_data_ratio")
+    if steps < 1:
+        raise UserError(f"{given}={getattr(args, given):g} is less than one step of {args.total_batch_size:,} tokens: "
+                        f"raise it, or set num_iterations")
+    return steps
 
 
 def core_during_training(args):
@@ -101,7 +110,7 @@ def train(args):
     fresh = lambda: (init_train_state(config, optim, args.seed), tokenizer, {})
     with TrainingRun("base", model_tag, args, settings, loop_state, optim=optim, resume_keys=RESUME_KEYS, fresh=fresh,
                      model_config=config, tokenizer=tokenizer) as run:
-        return _loop(run, args, config, rows, accum)
+        return None if run.finished else _loop(run, args, config, rows, accum)
 
 
 def _loop(run, args, config, rows, accum):
@@ -196,7 +205,7 @@ def _loop(run, args, config, rows, accum):
         pending = (step, metrics, lrm)
         step += 1
     flush()
-    run.save(step, loader.get_state())  # before the final evaluation: a crash there loses nothing
+    run.save(step, loader.get_state(), final=True)  # before the final evaluation: a crash there loses nothing
     evaluate(step)
     if bundle is not None:
         core(step)

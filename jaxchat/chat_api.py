@@ -5,6 +5,8 @@ Every limit violation is an `ApiError`: HTTP 400 with {"error": {"message", "typ
 `openai` client raises as BadRequestError. Unknown fields are ignored (strict servers break LibreChat and friends).
 """
 import dataclasses
+import json
+import math
 import random
 
 from jaxchat.sampling import MAX_TOP_K
@@ -15,6 +17,9 @@ MAX_TOTAL_CHARS = 32000
 MAX_TOKENS = 4096
 MAX_CHOICES = 8
 MAX_STOPS = 4
+# No valid request is larger: 32,000 characters at 12 bytes each (an emoji escaped as two \uXXXX) is 384 KB, and
+# 500 messages with 1 KiB each of keys, roles and fields to ignore is 512 KB more. A larger body is refused unread.
+MAX_BODY_BYTES = 1 << 20
 
 
 class ApiError(Exception):
@@ -41,11 +46,23 @@ class ChatRequest:
     model: str | None
 
 
+def read_json(raw):
+    """The request's JSON. NaN and Infinity parse (Python's json takes them) and are refused by the parameter that
+    holds them; nesting too deep for the parser is one 400 like any other bad JSON."""
+    try:
+        return json.loads(raw or b"null")
+    except RecursionError:
+        raise ApiError("the request body is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError("the request body is not valid JSON") from None
+
+
 def _number(body, name, default, low, high, kind=float, low_open=False):
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or (isinstance(value, float) and not math.isfinite(value)) or (kind is int and value != int(value))):
         raise ApiError(f"'{name}' must be {'an integer' if kind is int else 'a number'}, got {value!r}", name)
     if value < low or value > high or (low_open and value == low):
         raise ApiError(f"'{name}' must be {'>' if low_open else '≥'} {low} and ≤ {high}, got {value}", name)
@@ -134,9 +151,11 @@ def parse_request(body, defaults):
 
 
 class ReplyText:
-    """The text of a growing reply, handed out in whole UTF-8 characters, cut at the first stop string (which is
-    not returned; text that could still become one is held back). `markers`: text for special tokens (the tool
-    blocks), None to decode them as they are."""
+    """The text of a growing reply, handed out in whole UTF-8 characters, cut at the first of `end_ids` (a token the
+    reply ends at; the engine itself stops only at <|assistant_end|> and <|bos|>) or stop string (neither is
+    returned; text that could still become a stop string is held back). `stopped`: the reply was cut, its
+    generation is to be cancelled. `markers`: text for special tokens (the tool blocks), None to decode them as
+    they are."""
 
     def __init__(self, tokenizer, end_ids, stop=(), markers=None):
         self.tokenizer, self.end_ids, self.stop, self.markers = tokenizer, set(end_ids), list(stop), markers or {}
@@ -162,6 +181,8 @@ class ReplyText:
     def add(self, tokens, final=False):
         """The new text these tokens make visible ("" while a character or a possible stop string is incomplete)."""
         self.tokens += tokens
+        if self.end_ids.intersection(tokens):
+            final = self.stopped = True
         text = self.text()
         cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:

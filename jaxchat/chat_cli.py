@@ -3,30 +3,34 @@
 Interactive: type a message, the reply streams back token by token; `clear` starts over, `quit`/`exit` (or
 Ctrl-D) leaves. With -p: one reply, then exit. Each turn prefills only the new tokens: the engine keeps the KV
 cache of the conversation so far. The tool runs when the model calls it: the calculator, or with --tool python
-Python behind the kernel sandbox (jaxchat.execution; --unsafe-weak-sandbox where there is none).
+Python behind the kernel sandbox (jaxchat.execution; --unsafe-weak-sandbox where there is none). A reader that goes
+away (`... | head`) ends it quietly, as it ends other tools.
 """
 import argparse
+import os
+import signal
 import sys
 
 from jaxchat.checkpoint_manager import SOURCE_DIRS, load_model
-from jaxchat.common import UserError, run_main
+from jaxchat.common import UserError, non_negative_float, non_negative_int, number, positive_int, random_seed, run_main
 from jaxchat.engine import Engine, use_calculator
 from jaxchat.execution import add_sandbox_flag, python_tool
+from jaxchat.sampling import MAX_TOP_K
 
 
 def build_parser():
     p = argparse.ArgumentParser(description="Chat with a jaxchat model.")
     p.add_argument("-i", "--source", default="sft", choices=sorted(SOURCE_DIRS), help="which stage's checkpoint")
     p.add_argument("-g", "--model-tag", "--model_tag", default=None, help="default: the largest d<N>")
-    p.add_argument("-s", "--step", type=int, default=None, help="default: the last")
+    p.add_argument("-s", "--step", type=non_negative_int, default=None, help="default: the last")
     p.add_argument("-p", "--prompt", default=None, help="one message, one reply, then exit")
-    p.add_argument("-t", "--temperature", type=float, default=0.6)
-    p.add_argument("-k", "--top-k", "--top_k", type=int, default=50)
-    p.add_argument("-m", "--max-tokens", "--max_tokens", type=int, default=256, help="reply length limit")
+    p.add_argument("-t", "--temperature", type=non_negative_float, default=0.6, help="0: greedy")
+    p.add_argument("-k", "--top-k", "--top_k", type=number(int, 0, MAX_TOP_K), default=50, help="0: off")
+    p.add_argument("-m", "--max-tokens", "--max_tokens", type=positive_int, default=256, help="reply length limit")
     p.add_argument("--tool", default="calculator", choices=("calculator", "python"),
                    help="what runs a <|python_start|> block: nanochat's calculator, or Python in the code sandbox")
     add_sandbox_flag(p)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=random_seed, default=42)
     return p
 
 
@@ -73,9 +77,14 @@ class Chat:
         return text
 
 
-def main(argv=None, stdin=None, out=sys.stdout):
+def main(argv=None, stdin=None, out=None):
     args = build_parser().parse_args(argv)
-    if args.prompt is not None and not args.prompt.strip():  # before the model loads
+    stdin, out = stdin or sys.stdin, out or sys.stdout  # None when the command started with them closed (<&-, >&-)
+    if out is None:  # each of these before the model loads
+        raise UserError("standard output is closed: nothing could show the replies")
+    if args.prompt is None and stdin is None:
+        raise UserError("standard input is closed: give it your messages, or pass -p PROMPT for one reply")
+    if args.prompt is not None and not args.prompt.strip():
         raise UserError("-p: the prompt is empty; leave out -p to chat interactively")
     tool = python_tool(args.sandbox) if args.tool == "python" else use_calculator  # a missing sandbox says so now
     model, tokenizer, meta = load_model(args.source, args.model_tag, args.step)
@@ -86,7 +95,6 @@ def main(argv=None, stdin=None, out=sys.stdout):
         return [chat.reply(args.prompt, out=out, **sampling)]
     out.write(f"jaxchat: {args.source} model {meta['model_tag']} step {meta['step']} "
               f"(context {chat.context} tokens). 'clear' starts over, 'quit' leaves.\n")
-    stdin = stdin or sys.stdin
     replies = []
     while True:
         out.write("\nUser: ")
@@ -112,5 +120,15 @@ def main(argv=None, stdin=None, out=sys.stdout):
     return replies
 
 
+def cli():
+    try:
+        run_main(main)
+    except BrokenPipeError:  # the reader went away: no traceback, and the status a shell shows for SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's last flush at exit must not fail
+        sys.exit(128 + signal.SIGPIPE)
+    except KeyboardInterrupt:  # Ctrl-C: leave without a traceback, with the status a shell shows for SIGINT
+        sys.exit(128 + signal.SIGINT)
+
+
 if __name__ == "__main__":
-    run_main(main)
+    cli()

@@ -18,9 +18,10 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxchat import distributed, sharding
-from jaxchat.common import UserError, pad_bucket, run_main
+from jaxchat.common import UserError, non_negative_float, number, pad_bucket, positive_int, run_main
 from jaxchat.engine import Engine
 from jaxchat.optim import hyperparams
+from jaxchat.sampling import MAX_TOP_K
 from jaxchat.run import add_chat_flags, batch_rows, chat_run, devices_line, make_mesh
 from jaxchat.train import check_finite, train_step
 
@@ -28,14 +29,14 @@ from jaxchat.train import check_finite, train_step
 def build_parser():
     p = argparse.ArgumentParser(description="RL of a jaxchat chat model on GSM8K.")
     add = add_chat_flags(p, "sft", device_batch_size=8, init_lr_frac=0.05, eval_every=60)
-    add("num_epochs", type=int, default=1)
-    add("examples_per_step", type=int, default=16, help="problems per optimizer step")
-    add("num_samples", type=int, default=16, help="completions per problem (the group)")
-    add("max_new_tokens", type=int, default=256)
-    add("temperature", type=float, default=1.0)
-    add("top_k", type=int, default=50)
-    add("eval_examples", type=int, default=400, help="held-out problems for pass@k")
-    add("eval_samples", type=int, default=8, help="pass@k for k = 1..this")
+    add("num_epochs", type=positive_int, default=1)
+    add("examples_per_step", type=positive_int, default=16, help="problems per optimizer step")
+    add("num_samples", type=positive_int, default=16, help="completions per problem (the group)")
+    add("max_new_tokens", type=positive_int, default=256)
+    add("temperature", type=non_negative_float, default=1.0)
+    add("top_k", type=number(int, 0, MAX_TOP_K), default=50, help="0: off")
+    add("eval_examples", type=positive_int, default=400, help="held-out problems for pass@k")
+    add("eval_samples", type=positive_int, default=8, help="pass@k for k = 1..this")
     return p
 
 
@@ -119,6 +120,8 @@ def train(args):
     settings = {"device_batch_size": args.device_batch_size, "examples_per_step": args.examples_per_step,
                 "num_samples": args.num_samples, "batch_rows": rows}
     with chat_run("rl", args, settings, {"reward": None, "pass@1": None}) as run:
+        if run.finished:
+            return None
         tokenizer, loop = run.tokenizer, run.loop_state
         num_steps = args.num_iterations if args.num_iterations > 0 else \
             max(1, len(train_task) // args.examples_per_step * args.num_epochs)
@@ -162,7 +165,7 @@ def train(args):
             bar.set_postfix_str(f"reward {rewards.mean():.3f} | len {seq_len:.0f}")
             bar.update(1)
             step += 1
-        run.save(step, {"step": step})  # before the final evaluation: a crash there loses nothing
+        run.save(step, {"step": step}, final=True)  # before the final evaluation: a crash there loses nothing
         evaluate(step, Engine(run.model, tokenizer))
         bar.close()
         run.report("Chat RL", {

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from jaxchat import sharding
 from jaxchat.chat_data import PaddedLoader
-from jaxchat.common import UserError, run_main
+from jaxchat.common import UserError, count_or_unset, non_negative_int, positive_int, run_main
 from jaxchat.mixtures import MIXTURE_KEYS, build_mixture, describe
 from jaxchat.optim import hyperparams
 from jaxchat.run import add_chat_flags, batch_rows, chat_run, devices_line, make_mesh
@@ -27,12 +27,14 @@ from jaxchat.train import check_finite, train_step
 def build_parser():
     p = argparse.ArgumentParser(description="Supervised fine-tuning of a jaxchat model.")
     add = add_chat_flags(p, "mid", device_batch_size=4, init_lr_frac=0.02, eval_every=100)
-    add("num_epochs", type=int, default=1)
-    add("target_examples_per_step", type=int, default=32, help="conversations per optimizer step")
-    add("max_seq_len", type=int, default=0, help="longest conversation in tokens (default: the model's context)")
-    add("eval_steps", type=int, default=100, help="val batches per val-loss evaluation")
-    add("eval_metrics_every", type=int, default=200, help="MMLU / ARC-Easy accuracy every N steps (-1: never)")
-    add("eval_metrics_max_problems", type=int, default=1024)
+    add("num_epochs", type=positive_int, default=1)
+    add("target_examples_per_step", type=positive_int, default=32, help="conversations per optimizer step")
+    add("max_seq_len", type=non_negative_int, default=0,
+        help="longest conversation in tokens (0: the model's context)")
+    add("eval_steps", type=positive_int, default=100, help="val batches per val-loss evaluation")
+    add("eval_metrics_every", type=count_or_unset, default=200,
+        help="MMLU / ARC-Easy accuracy every N steps (-1: never)")
+    add("eval_metrics_max_problems", type=positive_int, default=1024)
     add("extra_jsonl", default="", help="your own conversations (JSONL files, comma-separated) to add to the mix")
     add("mixture", default="", help="NAME=N,...: N conversations of these parts of the training mixture (0: none)")
     return p
@@ -82,6 +84,8 @@ def train(args):
     settings = {"device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
                 "target_examples_per_step": args.target_examples_per_step, "batch_rows": rows}
     with chat_run("sft", args, settings, {"val_loss": None}, MIXTURE_KEYS) as run:
+        if run.finished:
+            return None
         tokenizer = run.tokenizer
         T = args.max_seq_len or run.model.config.sequence_len
         num_iterations = args.num_iterations if args.num_iterations > 0 else \
@@ -125,7 +129,7 @@ def train(args):
             bar.set_postfix_str(f"loss {smooth:.4f} | lrm {lrm:.4f} | {tok_s:,.0f} supervised tok/s")
             bar.update(1)
             step += 1
-        run.save(step, loader.get_state())  # before the final evaluation: a crash there loses nothing
+        run.save(step, loader.get_state(), final=True)  # before the final evaluation: a crash there loses nothing
         evaluate(step, last=True)
         bar.close()
         run.report("Chat SFT", {

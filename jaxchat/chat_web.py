@@ -1,7 +1,7 @@
 """Serve a model: a chat page and an OpenAI-compatible API over one continuously batched engine.
 
     python -m jaxchat.chat_web -i sft -g d20 [-s STEP] [--host 127.0.0.1] [-p 8000] [-t 0.8] [-k 50] [-m 512]
-                               [--slots 8]
+                               [--slots 8] [--max-connections 1000] [--read-timeout 30] [--max-body-bytes N]
 
 - `GET /` the chat page; `GET /health` (503 while loading, then 200); `GET /stats`; `GET /metrics` (Prometheus).
 - `POST /chat/completions`: nanochat's request and SSE framing (`data: {"token": ...}` … `data: {"done": true}`).
@@ -10,19 +10,24 @@
 
 All requests share `--slots` rows of one KV cache (`jaxchat.serving`): decoding runs on a worker thread, the event
 loop only parses, queues and streams. A closed connection frees its row before the next device call.
+No request can hold the server: connections are capped and each request has --read-timeout seconds to arrive
+(`jaxchat.http_limits`), a body over --max-body-bytes is refused (413) before it is read, and every error, 404 and
+405 included, is one response in OpenAI's shape that leaves the connection usable.
 """
 import argparse
 import asyncio
 import json
 import os
+import signal
 import threading
 import time
 import uuid
 from contextlib import aclosing, asynccontextmanager
 
-from jaxchat.chat_api import MAX_TOKENS, ApiError, ReplyText, parse_request
+from jaxchat.chat_api import MAX_BODY_BYTES, MAX_TOKENS, ApiError, ReplyText, parse_request, read_json
 from jaxchat.checkpoint_manager import SOURCE_DIRS
-from jaxchat.common import UserError, run_main
+from jaxchat.common import UserError, non_negative_int, number, positive_int, run_main
+from jaxchat.sampling import MAX_TOP_K
 
 PAGE = os.path.join(os.path.dirname(__file__), "ui.html")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # proxies must not hold the stream back
@@ -32,18 +37,29 @@ def build_parser():
     p = argparse.ArgumentParser(description="Serve a jaxchat model: chat page and OpenAI-compatible API.")
     p.add_argument("-i", "--source", default="sft", choices=sorted(SOURCE_DIRS), help="which stage's checkpoint")
     p.add_argument("-g", "--model-tag", "--model_tag", default=None, help="default: the largest d<N>")
-    p.add_argument("-s", "--step", type=int, default=None, help="default: the last")
+    p.add_argument("-s", "--step", type=non_negative_int, default=None, help="default: the last")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
-    p.add_argument("-p", "--port", type=int, default=8000)
-    p.add_argument("-t", "--temperature", type=float, default=0.8, help="default when a request has none")
-    p.add_argument("-k", "--top-k", "--top_k", type=int, default=50, help="default when a request has none")
-    p.add_argument("-m", "--max-tokens", "--max_tokens", type=int, default=512, help="default reply length")
-    p.add_argument("--slots", type=int, default=8, help="rows decoded together (concurrent requests)")
-    p.add_argument("--chunk", type=int, default=16, help="decode steps per device call (tokens streamed together)")
-    p.add_argument("--max-waiting", "--max_waiting", type=int, default=64, help="queued requests before 503")
+    p.add_argument("-p", "--port", type=number(int, 0, 65535), default=8000, help="0: any free port")
+    p.add_argument("-t", "--temperature", type=number(float, 0, 2), default=0.8,
+                   help="default when a request has none")
+    p.add_argument("-k", "--top-k", "--top_k", type=number(int, 0, MAX_TOP_K), default=50,
+                   help="default when a request has none")
+    p.add_argument("-m", "--max-tokens", "--max_tokens", type=number(int, 1, MAX_TOKENS), default=512,
+                   help="default reply length")
+    p.add_argument("--slots", type=positive_int, default=8, help="rows decoded together (concurrent requests)")
+    p.add_argument("--chunk", type=positive_int, default=16,
+                   help="decode steps per device call (tokens streamed together)")
+    p.add_argument("--max-waiting", "--max_waiting", type=non_negative_int, default=64,
+                   help="queued requests before 503")
+    p.add_argument("--max-connections", "--max_connections", type=positive_int, default=1000,
+                   help="open connections; one more is answered 503 and closed")
+    p.add_argument("--read-timeout", "--read_timeout", type=number(float, 0.1), default=30.0,
+                   help="seconds for a request to arrive whole (headers and body), else 408")
+    p.add_argument("--max-body-bytes", "--max_body_bytes", type=positive_int, default=MAX_BODY_BYTES,
+                   help="larger request bodies are refused (413) unread; the default fits the largest valid request")
     p.add_argument("--tool", default="calculator", choices=("calculator", "python"),
                    help="what runs a <|python_start|> block; python needs the kernel sandbox (see README)")
-    p.add_argument("--mesh-data", "--mesh_data", type=int, default=1)
+    p.add_argument("--mesh-data", "--mesh_data", type=positive_int, default=1)
     from jaxchat.execution import add_sandbox_flag
     add_sandbox_flag(p)
     return p
@@ -69,13 +85,15 @@ def _metrics(registry, server):
                              registry=registry, buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000))}
 
 
-def create_app(make_server, model_id, defaults):
+def create_app(make_server, model_id, defaults, max_body_bytes=MAX_BODY_BYTES):
     """The ASGI app. make_server() -> a started SlotServer (run in a thread at start-up, so /health answers 503
     meanwhile); defaults: the server's temperature, top_k, max_tokens."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 
     from jaxchat.serving import QueueFull, Stopped
     from jaxchat.serving import Request as Generation
@@ -101,12 +119,28 @@ def create_app(make_server, model_id, defaults):
     app.state.jaxchat = state
 
     @app.exception_handler(ApiError)
-    async def api_error(request, e):
-        return JSONResponse(e.body(), e.status, headers={"x-should-retry": "true" if e.status >= 500 else "false"})
+    async def api_error(request, e, headers=None):
+        headers = {"x-should-retry": "true" if e.status >= 500 else "false", **(headers or {})}
+        if e.status in (413, 500):  # the client may still be sending (413), or this connection is dropped (500)
+            headers["connection"] = "close"
+        return JSONResponse(e.body(), e.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, e):
         return await api_error(request, ApiError(f"invalid request: {e.errors()}"))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e):  # 404, 405: OpenAI's shape too, not FastAPI's {"detail": ...}
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return await api_error(request, ApiError(f"{e.detail}: {request.method} {request.url.path}", code=code,
+                                                 status=e.status_code), e.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, e):
+        """A bug, not the request's fault: its traceback is logged (uvicorn), the client gets a 500 in OpenAI's shape
+        that says the connection closes (uvicorn drops a connection whose app raised)."""
+        return await api_error(request, ApiError(f"the server failed on this request ({type(e).__name__}); its log "
+                                                 "says more", status=500, kind="server_error", code="internal_error"))
 
     def current():
         """The serving SlotServer, or None while loading or once its worker has ended (then state says why)."""
@@ -120,13 +154,27 @@ def create_app(make_server, model_id, defaults):
                            status=503, kind="server_error", code="not_ready")
         return state["server"]
 
-    async def chat_request(request):
-        server = ready()
+    async def read_body(request):
+        """The body, refused (413) as soon as it is known to be larger than any valid request: by its declared
+        length before a byte of it is read, else as its chunks arrive. Kept in memory: max_body_bytes at most."""
+        too_large = ApiError(f"the request body is over {max_body_bytes} bytes, larger than any valid request",
+                             status=413, code="request_too_large")
+        if int(request.headers.get("content-length") or 0) > max_body_bytes:  # uvicorn checked it is a number
+            raise too_large
+        body = bytearray()
         try:
-            body = json.loads(await request.body() or b"null")
-        except (ValueError, UnicodeDecodeError):
-            raise ApiError("the request body is not valid JSON") from None
-        chat = parse_request(body, defaults)
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_body_bytes:
+                    raise too_large
+        except ClientDisconnect:  # nobody is left to answer; not the server's error
+            raise ApiError("the client left before sending the whole request", code="client_disconnected") from None
+        return bytes(body)
+
+    async def chat_request(request):
+        body = await read_body(request)
+        server = ready()
+        chat = parse_request(read_json(body), defaults)
         prompt = server.tokenizer.render_for_completion({"messages": chat.messages + [
             {"role": "assistant", "content": ""}]})
         if len(prompt) + 1 > server.context:
@@ -134,12 +182,13 @@ def create_app(make_server, model_id, defaults):
                            f"(and the reply needs at least one)", "messages", "context_length_exceeded")
         return server, chat, prompt
 
-    def generate(server, chat, prompt, markers, route, request=None):
+    def generate(server, chat, prompt, ends, markers, route, request=None):
         """Submit chat.n generations now (a full queue is a 503 before any response starts); returns an async
-        generator of (choice, new_text, finish, tokens generated) as their tokens arrive. Closing it cancels what
-        is unfinished; with `request` (a reply that is not streamed), so does the client going away."""
+        generator of (choice, new_text, finish, tokens generated) as their tokens arrive, each reply ending at the
+        first of the token ids `ends`. Closing it cancels what is unfinished; with `request` (a reply that is not
+        streamed), so does the client going away."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        texts = [ReplyText(server.tokenizer, server.ids[:2], chat.stop, markers) for _ in range(chat.n)]
+        texts = [ReplyText(server.tokenizer, ends, chat.stop, markers) for _ in range(chat.n)]
         gens = []
         for i in range(chat.n):
             emit = lambda tokens, finish, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, tokens, finish))
@@ -156,20 +205,18 @@ def create_app(make_server, model_id, defaults):
             raise ApiError(f"the server is busy ({e}); try again shortly" if busy else str(e), status=503,
                            kind="server_error", code="queue_full" if busy else "unavailable") from None
 
-        async def next_event():
-            while request is not None:  # a reply not streamed: notice a client that left
-                try:
-                    return await asyncio.wait_for(queue.get(), 1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return None
-            return await queue.get()
+        async def client_left():
+            """None in the queue the moment the client goes (a reply not streamed has no write that would fail)."""
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            queue.put_nowait(None)
 
         async def results():
+            watch = asyncio.create_task(client_left()) if request is not None else None
             open_choices = set(range(chat.n))
             try:
                 while open_choices:
-                    event = await next_event()
+                    event = await queue.get()
                     if event is None:
                         return
                     i, tokens, finish = event
@@ -188,6 +235,8 @@ def create_app(make_server, model_id, defaults):
                     yield i, new, finish, texts[i].count()
                 metrics["requests"].labels(route, "ok").inc()
             finally:
+                if watch is not None:
+                    watch.cancel()
                 for i in open_choices:
                     server.cancel(gens[i])
                     metrics["requests"].labels(route, "cancelled").inc()
@@ -226,7 +275,7 @@ def create_app(make_server, model_id, defaults):
         server, chat, prompt = await chat_request(request)
         chat.n = 1
 
-        stream = generate(server, chat, prompt, None, "nanochat")
+        stream = generate(server, chat, prompt, server.ids[:2], None, "nanochat")
 
         async def events():
             try:
@@ -246,8 +295,11 @@ def create_app(make_server, model_id, defaults):
         markers = {tokenizer.encode_special(s): text for s, text in (
             ("<|python_start|>", "\n```python\n"), ("<|python_end|>", "\n```\n"),
             ("<|output_start|>", "\n```output\n"), ("<|output_end|>", "\n```\n"))}
+        # The reply also ends at any other special token (the engine stops only at <|assistant_end|> and <|bos|>):
+        # <|user_end|>, <|assistant_start|> and the like are the model writing past its turn, not text to show.
+        ends = {tokenizer.encode_special(s) for s in tokenizer.get_special_tokens()} - markers.keys()
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": chat.model or model_id}
-        stream = generate(server, chat, prompt, markers, "openai", None if chat.stream else request)
+        stream = generate(server, chat, prompt, ends, markers, "openai", None if chat.stream else request)
         if not chat.stream:
             content, finishes, completion = [""] * chat.n, [None] * chat.n, 0
             async with aclosing(stream):
@@ -307,6 +359,7 @@ def main(argv=None):
     from jaxchat.checkpoint_manager import load_model
     from jaxchat.engine import use_calculator
     from jaxchat.execution import python_tool
+    from jaxchat.http_limits import limited_http, raise_fd_limit
     from jaxchat.run import make_mesh
     from jaxchat.serving import STOPPED, SlotServer
 
@@ -326,8 +379,12 @@ def main(argv=None):
         return server
 
     defaults = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens}
-    app = create_app(make_server, model_id, defaults)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    app = create_app(make_server, model_id, defaults, args.max_body_bytes)
+    if (connections := raise_fd_limit(args.max_connections)) < args.max_connections:
+        print(f"jaxchat: --max-connections lowered to {connections}, what this process's open-file limit allows "
+              f"(ulimit -n)", flush=True)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5,
+                            http=limited_http(connections, args.read_timeout))
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
@@ -339,6 +396,9 @@ def main(argv=None):
 
     print(f"jaxchat: serving on http://{args.host}:{args.port}/ (OpenAI API at http://{args.host}:{args.port}/v1)",
           flush=True)
+    # uvicorn handles SIGTERM as Ctrl-C, then raises it again once stopped: let it end the command as Ctrl-C does
+    # (a clean exit 0 after the "stopped" line), not kill it with status -15.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         Server(config).run()
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: stopping is this command's normal end

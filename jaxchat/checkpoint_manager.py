@@ -9,7 +9,9 @@ Layout (nanochat's, one directory per step instead of three files):
         <step:06d>/
             model/      the parameters (fp32): all that a later stage, an eval or the engine needs
             optim/      the optimizer state (Adam moments, Muon momentum, step count)
-            meta/       JSON: the caller's keys (model_config, loop_state, ...), `step`, `tokenizer_fingerprint`
+            meta/       JSON: the caller's keys (model_config, loop_state, ...), `step`, `tokenizer_fingerprint`,
+                        `checksums` (the hash that checksums.json holds)
+            checksums.json  {path in the step: hash} of every file of model/, optim/ and meta/
 
 With several processes (jax.distributed) every process calls the same methods on the same path, a filesystem they
 all see: orbax writes each process's shards, process 0 the meta, the lock and the tokenizer copy.
@@ -21,15 +23,17 @@ crashed run never leaves it behind. Readers (`load_model`, evals) never lock. Pa
 is the one way a checkpoint learns it; `load_model` refuses any tokenizer whose fingerprint differs.
 
 orbax writes each step into a temporary directory and renames it when complete, so a crash mid-write never
-damages an earlier checkpoint; a file damaged afterwards (a full disk, a bad copy) makes its step fail to restore
-with one line, and `restore_latest` (resume) falls back to the newest intact step. Arrays land with the
-shardings of the mesh set by `jax.set_mesh` (one device without one), so a checkpoint saved on one mesh shape
-loads onto another (orbax re-shards).
+damages an earlier checkpoint. A file damaged afterwards (a full disk, a bad copy, a bad sector) makes its step fail
+to restore with one line naming it, and `restore_latest` (resume) falls back to the newest intact step: truncated
+or garbled files, and also bytes changed in place (which can still decode, to other numbers), fail the checksums
+that every restore verifies before reading. Arrays land with the shardings of the mesh set by `jax.set_mesh` (one
+device without one), so a checkpoint saved on one mesh shape loads onto another (orbax re-shards).
 """
 import asyncio
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -50,7 +54,12 @@ from jaxchat.tokenizer import get_tokenizer
 
 SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
                "rl": "chatrl_checkpoints"}
-LOCK_FILE, TOKENIZER_DIR = ".lock", "tokenizer"
+LOCK_FILE, TOKENIZER_DIR, CHECKSUMS_FILE = ".lock", "tokenizer", "checksums.json"
+# Damage detection, not tamper-proofing: any hash that misses random damage with negligible odds would do. On the
+# project's CPU (with SHA extensions, as most x86 since ~2019 and ARMv8) sha256 reads a file at 1.2 GB/s a core,
+# zlib's crc32 at 1.6 GB/s (32 bits: one damaged file in 4 billion passes), blake2b at 0.3 GB/s: sha256 costs
+# about a second more per d20 resume than crc32 and is never the weak link. Its name goes in each step's meta.
+CHECKSUM = "sha256"
 
 
 def checkpoint_dir(source, model_tag):
@@ -85,10 +94,13 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         if not create and not os.path.isdir(self.directory):
             raise UserError(f"no checkpoint directory {self.directory}")
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create, step_format_fixed_length=6)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=create, step_format_fixed_length=6,
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._write_checksums))
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._lock_file, self._locked = None, False
         self._fingerprint = None  # of the tokenizer this run saves with, once its copy is on disk
+        self._saving = None  # the step being written (orbax writes one at a time)
 
     def __enter__(self):
         return self
@@ -150,13 +162,33 @@ class Checkpointer:
                 tokenizer.save(path + ".tmp")
                 os.rename(path + ".tmp", path)  # atomic: a reader sees the whole copy or none
         items = {"model": ocp.args.StandardSave(_pure(model_state)),
-                 "meta": ocp.args.JsonSave({**meta, "step": step, "tokenizer_fingerprint": self._fingerprint})}
+                 "meta": ocp.args.JsonSave({**meta, "step": step, "tokenizer_fingerprint": self._fingerprint,
+                                            "checksums": CHECKSUM})}
         if optim_state is not None:
             items["optim"] = ocp.args.StandardSave(_pure(optim_state))
+        self.manager.wait_until_finished()  # the previous save, whose checksums are written for self._saving
+        self._saving = step
         saved = self.manager.save(step, args=ocp.args.Composite(**items))
         if not saved:  # orbax declines (returns False) when a step at or after this one is already on disk
             raise UserError(f"checkpoint step {step} was not written to {self.directory} (steps there: "
                             f"{self.all_steps()})")
+
+    def _write_checksums(self):
+        """The checksums of every file of the step being saved, into its checksums.json. orbax calls this on
+        process 0 alone once every process has written its files and the items are finalised, just before it
+        renames the step's temporary directory into place: the checksums land atomically with the step.
+
+        Why files, hashed here, and not arrays hashed before the save: the files are every byte a restore reads
+        (orbax's metadata, the manifests, the data), hashing them needs no device-to-host copy, and a restore
+        onto another mesh or another number of processes checks the same files (a hash of each process's shards
+        would not match a re-sharded restore). It costs this background thread one read of the step (from the
+        page cache, just written) while training goes on."""
+        step_dir = self._step_dir(self._saving)
+        tmp_dir = step_dir + ocp.path.atomicity.TMP_DIR_SUFFIX
+        step_dir = tmp_dir if os.path.isdir(tmp_dir) else step_dir  # (were orbax to rename first: the same files)
+        with open(os.path.join(step_dir, CHECKSUMS_FILE), "w") as f:
+            json.dump({path: file_checksum(os.path.join(step_dir, path), CHECKSUM)
+                       for path in _item_files(step_dir)}, f, indent=0)
 
     def load_tokenizer(self, meta, where):
         """The tokenizer this run trained with (see `load_model`), checked against the step's `meta`."""
@@ -190,14 +222,18 @@ class Checkpointer:
         return distributed.all_gather_json("steps", self.all_steps())[0]
 
     def restore_meta(self, step=None):
-        """The meta of `step` (default: the latest)."""
-        return self._restore_item(self._step(step), "meta", ocp.args.JsonRestore())
+        """The meta of `step` (default: the latest), verified."""
+        step = self._step(step)
+        meta = self._restore_item(step, "meta", ocp.args.JsonRestore())
+        self._verify(step, meta, "meta")
+        return meta
 
     def restore(self, step, abstract_model_state, abstract_optim_state=None):
         """Restore `step` (None: the latest) into the given abstract NNX states, sharded on the current mesh.
         Returns (model_state, optim_state or None, meta); a damaged step raises DamagedCheckpoint."""
         step = self._step(step)
-        meta = self._restore_item(step, "meta", ocp.args.JsonRestore())
+        meta = self.restore_meta(step)
+        self._verify(step, meta, "model", *(() if abstract_optim_state is None else ("optim",)))
         model_state = self._restore_state(step, "model", abstract_model_state)
         optim_state = None if abstract_optim_state is None else self._restore_state(step, "optim", abstract_optim_state)
         return model_state, optim_state, meta
@@ -249,6 +285,34 @@ class Checkpointer:
     def _step_dir(self, step):
         return os.path.join(self.directory, f"{step:06d}")
 
+    def _verify(self, step, meta, *items):
+        """Compare the files of `items` (meta, model, optim) with the checksums recorded when `step` was saved: a
+        changed, missing or extra file is a DamagedCheckpoint naming it. Every process checks all the items' files
+        (it reads its shards from several of them). A step saved before checksums (no `checksums` in its meta)
+        restores unverified, as it did then."""
+        if "checksums" not in meta:
+            return
+        step_dir = self._step_dir(step)
+
+        def damaged(reason):
+            return DamagedCheckpoint(f"checkpoint {step_dir} is damaged ({reason})", reason)
+
+        try:
+            with open(os.path.join(step_dir, CHECKSUMS_FILE)) as f:
+                recorded = json.load(f)
+            expected = {path: value for path, value in recorded.items() if path.split("/")[0] in items}
+            actual = {path: file_checksum(os.path.join(step_dir, path), meta["checksums"])
+                      for path in _item_files(step_dir, items)}
+        except FileNotFoundError:
+            raise damaged(f"{CHECKSUMS_FILE}: missing") from None
+        except (OSError, ValueError, AttributeError) as e:  # unreadable, not JSON, not a dict, unknown hash
+            raise damaged(f"{CHECKSUMS_FILE}: {type(e).__name__}: {e}") from None
+        for path in sorted(expected.keys() | actual.keys()):
+            if path not in actual:
+                raise damaged(f"{path}: missing")
+            if expected.get(path) != actual[path]:
+                raise damaged(f"{path}: " + ("checksum mismatch" if path in expected else f"not in {CHECKSUMS_FILE}"))
+
     def _restore_item(self, step, name, args):
         """One item of a step (meta, model or optim); any failure of orbax or TensorStore reading it means a
         damaged file, reported in one line."""
@@ -270,6 +334,19 @@ class Checkpointer:
         state = jax.tree.map(lambda x: x, abstract_state)  # a copy: replace_by_pure_dict works in place
         nnx.replace_by_pure_dict(state, self._restore_item(step, name, ocp.args.StandardRestore(target)))
         return state
+
+
+def file_checksum(path, algorithm):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, algorithm).hexdigest()
+
+
+def _item_files(step_dir, items=None):
+    """The paths (relative, "/"-separated) of every file under the step's item directories (`items`, default
+    all). Not the files at the step's top: orbax's own step record, which it rewrites as it commits the step."""
+    items = items or [d for d in os.listdir(step_dir) if os.path.isdir(os.path.join(step_dir, d))]
+    return [os.path.relpath(os.path.join(root, name), step_dir).replace(os.sep, "/")
+            for item in items for root, _, names in os.walk(os.path.join(step_dir, item)) for name in names]
 
 
 def _move_aside(path):

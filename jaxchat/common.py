@@ -1,7 +1,9 @@
-"""Small helpers every stage uses: the base directory, a file lock, padding buckets, the entry-point wrapper."""
+"""Small helpers every stage uses: the base directory, a file lock, padding buckets, flag types, the entry point."""
+import argparse
 import contextlib
 import fcntl
 import json
+import math
 import os
 import sys
 import traceback
@@ -36,6 +38,36 @@ def pad_bucket(n, cap=None, minimum=16):
 def flag_adder(parser):
     """add(name, ...) registers --name-with-dashes and --name_with_underscores (nanochat's scripts take both)."""
     return lambda name, **kw: parser.add_argument(f"--{name.replace('_', '-')}", f"--{name}", **kw)
+
+
+def number(kind, low, high=None, unset=None):
+    """The `type=` of a numeric flag: a finite `kind` (int or float) from `low` to `high`, or exactly `unset`.
+
+    Every stage's numeric flags use it, so that a value out of range is argparse's one error line (or the
+    launcher's, which calls it on a config's values) instead of a traceback later or a run that silently differs.
+    `unset` is nanochat's -1 where nanochat gives it a meaning (the default horizon, never, all, the last step);
+    no other value below `low` means anything. `kind` is read by the launcher to type-check TOML values."""
+    rule = " and ".join([f"≥ {low}"] + [f"≤ {high}"] * (high is not None)) + f", or {unset}" * (unset is not None)
+
+    def parse(text):
+        value = kind(text)  # ValueError: argparse says "invalid int value: 'x'"
+        within = low <= value and (high is None or value <= high) and (kind is int or math.isfinite(value))
+        if not within and value != unset:  # NaN is within nothing
+            raise argparse.ArgumentTypeError(f"must be {rule}; got {text}")
+        return value
+
+    parse.__name__, parse.kind = kind.__name__, kind
+    return parse
+
+
+positive_int = number(int, 1)  # sizes and counts
+non_negative_int = number(int, 0)  # where 0 means "the default" or "off"
+count_or_unset = number(int, 1, unset=-1)  # nanochat's -1: the default horizon, never (for *_every), all
+step_or_last = number(int, 0, unset=-1)  # a checkpoint's step; -1: the last
+non_negative_float = number(float, 0)  # learning rates, weight decay, temperatures
+fraction = number(float, 0, 1)
+random_seed = number(int, 0, 2 ** 31 - 1)  # JAX folds larger seeds (without x64) onto small ones: 2**40 would be seed 0
+SWITCH = {"type": int, "choices": (0, 1)}  # an on/off flag, as nanochat writes them: add("resume", **SWITCH, ...)
 
 
 def write_atomic(path, data):

@@ -354,6 +354,21 @@ class DataLoader(_Batches):
         self._close()
 
 
+def agree_on_split(split, data_dir):
+    """Every process checks the split's files (`split_files`: a recorded shard missing is refused) and all stop with
+    the same error: one that alone refused would leave the others waiting in the next collective until the
+    timeout, and its own message could be lost when process 0 ends the job first."""
+    try:
+        split_files(split, data_dir)
+        problem = None
+    except UserError as e:
+        problem = str(e)
+    problems = distributed.all_gather_json(f"data/{split}", problem)
+    if failed := [(i, p) for i, p in enumerate(problems) if p]:
+        i, problem = failed[0]
+        raise UserError(problem if len(problems) == 1 else f"process {i}: {problem}")
+
+
 class DistributedDataLoader(_Batches):
     """Batches {"inputs", "targets"} of B global rows from `num_streams` streams (B / num_streams rows each;
     default one stream per device), of which this process builds only `rows` (a range of the global rows; default
@@ -376,6 +391,7 @@ class DistributedDataLoader(_Batches):
             raise UserError(f"the data loader state has {len(state['streams'])} streams, this run "
                             f"{num_streams} (one per device): resume on as many devices")
         self.B, self.streams = B, range(rows.start // per, rows.stop // per)
+        agree_on_split(split, data_dir)
         self.loaders = []
         try:
             for j in self.streams:

@@ -1,7 +1,7 @@
 """Pretraining text: where the shards live, how to get them (download or embedded default), how to iterate documents.
 
 Layout (as nanochat's): `$JAXCHAT_BASE_DIR/base_data/shard_00000.parquet, ...`, one `text` column, row groups of
-1,024 documents; the split rule is nanochat's: the last file (in sorted order) is validation, the rest train.
+1,024 documents; the split is nanochat's: the last file (in sorted order) is validation, the rest train.
 
 One directory holds one corpus, never a mix (the last-file rule would otherwise pick a val file from the wrong one):
 - `python -m jaxchat.dataset -n N` downloads nanochat's FineWeb-EDU-100B shuffle: train shards 0..N-1 plus the pinned
@@ -11,11 +11,19 @@ One directory holds one corpus, never a mix (the last-file rule would otherwise 
 - `python -m jaxchat.dataset` (no `-n`) builds the embedded default offline into an empty directory (marked with
   `.default_corpus_built`); it refuses a directory that already holds other data: use `--data-dir` for it.
 
+A directory jaxchat builds or downloads records its split in `manifest.json` (the val shard's name, the train shards'
+names; a later, larger download adds to it once it completes). Every stage that reads the data checks the record
+first and refuses, naming them, when recorded shards are missing: a lost middle shard would train on without a word,
+a lost val shard would turn the last train shard into validation. Shards in the directory but not in the record (a
+download still running) are not used.
+
 Bring your own data: point `data_dir` at a directory of `.parquet` (a `text` column), `.jsonl`/`.jsonl.gz`
-(a "text" field per line) or `.txt` files (cut into documents at blank lines). The same split rule applies.
+(a "text" field per line) or `.txt` files (cut into documents at blank lines). The last file is validation; jaxchat
+writes nothing into your directory, so keep its files in place (or name them so that validation sorts last).
 """
 import glob
 import gzip
+import itertools
 import json
 import os
 import random
@@ -26,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jaxchat import distributed
-from jaxchat.common import UserError, file_lock, get_base_dir, run_main
+from jaxchat.common import UserError, count_or_unset, file_lock, get_base_dir, positive_int, run_main, write_atomic
 from jaxchat.download import RETRY_DELAY, BadFile, DownloadError, Progress, download_one
 
 DEFAULT_CORPUS = os.path.join(os.path.dirname(__file__), "data", "default_corpus.jsonl.gz")
@@ -34,6 +42,7 @@ DATA_EXTENSIONS = (".parquet", ".jsonl", ".jsonl.gz", ".txt")
 ROW_GROUP_SIZE = 1024  # documents per parquet row group, nanochat's value
 MAX_DOC_CHARS = 4000
 DEFAULT_MARKER = ".default_corpus_built"  # in a directory built by build_default_shards
+MANIFEST = "manifest.json"  # the split of a directory jaxchat built or downloaded: {"val": name, "train": [names]}
 
 
 def default_data_dir():
@@ -70,12 +79,79 @@ def list_data_files(data_dir=None):
 
 
 def split_files(split, data_dir=None):
-    """nanochat's rule: the last file is validation, all the others train (one file serves as both)."""
+    """The files of a split: as recorded for a directory jaxchat built or downloaded (`recorded_split`: refused when
+    recorded shards are missing), else nanochat's rule: the last file is validation, all the others train (one file
+    serves as both)."""
     assert split in ("train", "val"), split
+    data_dir = str(data_dir or default_data_dir())
     files = list_data_files(data_dir)
+    if record := recorded_split(data_dir, files):
+        train, val = record
+        return [os.path.join(data_dir, n) for n in (train if split == "train" else [val])]
     if len(files) == 1:
         return files
     return files[:-1] if split == "train" else files[-1:]
+
+
+def recorded_split(data_dir, files):
+    """(train shard names, val shard name) of a directory jaxchat built or downloaded, or None for one of your own;
+    a UserError when one of its shards is missing, since the split would then change.
+
+    A directory from before the record (no MANIFEST) is recognised by its names and recorded on first use: the
+    embedded default (its marker; the build fixes its shard names) or a download (the pinned val shard, train shards
+    0..K-1). Other shard_NNNNN.parquet files (nanochat's older downloads, your own) keep nanochat's last-file rule,
+    but a gap in their numbers is refused too: it is a lost middle shard. What no rule can tell apart is a download
+    from before the record that lost its val shard before its first use here from such shards of your own."""
+    names = {os.path.basename(f) for f in files}
+    path, default = os.path.join(data_dir, MANIFEST), os.path.exists(os.path.join(data_dir, DEFAULT_MARKER))
+    if os.path.exists(path):
+        train, val = _read_manifest(path)
+    elif default:
+        *train, val = map(shard_name, range(len(_default_shards())))
+    elif all(SHARD_RE.fullmatch(n) for n in names):
+        val = shard_name(MAX_SHARD) if shard_name(MAX_SHARD) in names else None  # None: not a download
+        train = [shard_name(i) for i in range(max([shard_index(n) for n in names if n != val], default=-1) + 1)]
+    else:
+        return None
+    expected = train + [val] * (val is not None)
+    if missing := [n for n in expected if n not in names]:
+        fix = ("rebuild it: move the directory away and run `python -m jaxchat.dataset`" if default else
+               "restore them, or number the files without a gap" if val is None else
+               f"fetch them: `python -m jaxchat.dataset -n {len(train)} --data-dir={data_dir}`")
+        raise UserError(f"{data_dir} is missing {len(missing)} of its {len(expected)} shards ("
+                        f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}): a run would train or "
+                        f"validate on other data than the directory was made with; {fix}")
+    if val is None:
+        return None
+    if not train:
+        raise UserError(f"{data_dir} holds only the validation shard {val}: fetch train shards with "
+                        f"`python -m jaxchat.dataset -n N --data-dir={data_dir}`")
+    if not os.path.exists(path) and distributed.is_writer():  # first use after an upgrade: pin the split now
+        try:
+            with file_lock(os.path.join(data_dir, ".lock")):  # a download may be recording its shards
+                if not os.path.exists(path):
+                    write_manifest(data_dir, train, val)
+        except OSError:  # a read-only copy: its names are checked again at every start
+            pass
+    return train, val
+
+
+def write_manifest(data_dir, train, val):
+    """Record a directory's split: the val shard's name and the train shards' names."""
+    write_atomic(os.path.join(data_dir, MANIFEST), json.dumps({"val": val, "train": sorted(train)}, indent=1).encode())
+
+
+def _read_manifest(path):
+    try:
+        with open(path, "rb") as f:
+            record = json.load(f)
+        train, val = record["train"], record["val"]
+        if not all(isinstance(n, str) and SHARD_RE.fullmatch(n) for n in [val, *train]):
+            raise ValueError("expected shard names")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is damaged ({e}); remove it and the split is worked out again from the file names") \
+            from None
+    return train, val
 
 
 def iter_file_batches(path):
@@ -139,28 +215,34 @@ def write_shard(path, texts):
     os.replace(tmp, path)
 
 
-def build_default_shards(data_dir=None, num_val_docs=96, docs_per_shard=600):
-    """The embedded default: shuffle the shipped corpus (seed 42) into train shards plus a last, validation shard."""
-    data_dir = data_dir or default_data_dir()
+def _default_shards(num_val_docs=96, docs_per_shard=600):
+    """The embedded default's shards (lists of texts): the shipped corpus shuffled (seed 42) into train shards plus a
+    last, validation shard."""
+    with gzip.open(DEFAULT_CORPUS, "rt", encoding="utf-8") as f:
+        docs = [json.loads(line)["text"] for line in f]
+    random.Random(42).shuffle(docs)
+    train, val = docs[:-num_val_docs], docs[-num_val_docs:]
+    return [train[i:i + docs_per_shard] for i in range(0, len(train), docs_per_shard)] + [val]
+
+
+def build_default_shards(data_dir=None):
+    """Write the embedded default into data_dir (once: a built directory is only checked); returns its files."""
+    data_dir = str(data_dir or default_data_dir())
     os.makedirs(data_dir, exist_ok=True)
     done = os.path.join(data_dir, DEFAULT_MARKER)
     with file_lock(os.path.join(data_dir, ".lock")):
-        if os.path.exists(done):
-            return list_data_files(data_dir)
-        if present := _data_files(data_dir):  # downloaded shards or the user's own: never overwrite or mix
-            raise UserError(f"{data_dir} already holds {len(present)} data files that are not the embedded default "
-                            f"(downloaded shards or your own); build the default elsewhere with --data-dir=DIR "
-                            f"(the launcher passes it to every stage), or move those files away")
-        with gzip.open(DEFAULT_CORPUS, "rt", encoding="utf-8") as f:
-            docs = [json.loads(line)["text"] for line in f]
-        random.Random(42).shuffle(docs)
-        train, val = docs[:-num_val_docs], docs[-num_val_docs:]
-        shards = [train[i:i + docs_per_shard] for i in range(0, len(train), docs_per_shard)] + [val]
-        for i, texts in enumerate(shards):
-            write_shard(os.path.join(data_dir, f"shard_{i:05d}.parquet"), texts)
-        with open(done, "w") as f:
-            f.write(f"{len(docs)} documents from {os.path.basename(DEFAULT_CORPUS)}\n")
-    return list_data_files(data_dir)
+        if not os.path.exists(done):
+            if present := _data_files(data_dir):  # downloaded shards or the user's own: never overwrite or mix
+                raise UserError(f"{data_dir} already holds {len(present)} data files that are not the embedded "
+                                f"default (downloaded shards or your own); build the default elsewhere with "
+                                f"--data-dir=DIR (the launcher passes it to every stage), or move those files away")
+            shards = _default_shards()
+            for i, texts in enumerate(shards):
+                write_shard(os.path.join(data_dir, shard_name(i)), texts)
+            write_manifest(data_dir, [shard_name(i) for i in range(len(shards) - 1)], shard_name(len(shards) - 1))
+            with open(done, "w") as f:
+                f.write(f"{sum(map(len, shards))} documents from {os.path.basename(DEFAULT_CORPUS)}\n")
+    return split_files("train", data_dir) + split_files("val", data_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -173,6 +255,10 @@ SHARD_RE = re.compile(r"shard_\d{5}\.parquet")
 
 def shard_name(index):
     return f"shard_{index:05d}.parquet"
+
+
+def shard_index(name):
+    return int(name[len("shard_"):-len(".parquet")])
 
 
 def shard_indices(num_files):
@@ -206,8 +292,26 @@ def _prepare_download_dir(data_dir):
                             f"download into a directory of its own: --data-dir=DIR")
         if os.path.exists(marker := os.path.join(data_dir, DEFAULT_MARKER)):
             print(f"replacing the embedded default corpus in {data_dir} (rebuild it anywhere: no -n, --data-dir=DIR)")
-            for f in files + [marker]:
-                os.remove(f)
+            for f in files + [marker, os.path.join(data_dir, MANIFEST)]:
+                if os.path.exists(f):
+                    os.remove(f)
+
+
+def _record_download(data_dir, names):
+    """Add a completed download's shards to the directory's record (one with the val shard: jaxchat's downloads).
+    Without a record yet, the shards already there count from shard 0 up to the first gap (a failed earlier
+    download's shards past a gap are recorded once a download that includes the gap completes)."""
+    val = shard_name(MAX_SHARD)
+    if val not in names:
+        return
+    with file_lock(os.path.join(data_dir, ".lock")):
+        path = os.path.join(data_dir, MANIFEST)
+        if os.path.exists(path):
+            before = _read_manifest(path)[0]
+        else:
+            present = set(os.listdir(data_dir))
+            before = list(itertools.takewhile(present.__contains__, map(shard_name, range(MAX_SHARD))))
+        write_manifest(data_dir, set(before + names) - {val}, val)
 
 
 def download_shards(indices, data_dir=None, base_url=BASE_URL, num_workers=4, attempts=5, timeout=30, backoff=None):
@@ -242,6 +346,7 @@ def download_shards(indices, data_dir=None, base_url=BASE_URL, num_workers=4, at
                 " default corpus, offline: run without -n/--num-files")
         raise DownloadError(f"{len(failed)} of {len(names)} shards could not be downloaded from {base_url} into "
                             f"{data_dir}:\n" + "\n".join(lines) + "\n" + hint, failed)
+    _record_download(data_dir, names)  # only a whole download: a failed one must not record its gaps as the split
     return [os.path.join(data_dir, n) for n in names]
 
 
@@ -249,10 +354,10 @@ def build_parser():
     import argparse
     p = argparse.ArgumentParser(description="Prepare pretraining shards: download FineWeb-EDU shards (-n N), "
                                             "or build the embedded default corpus offline (no -n).")
-    p.add_argument("--num-files", "--num_files", "-n", type=int, default=None,
+    p.add_argument("--num-files", "--num_files", "-n", type=count_or_unset, default=None,
                    help=f"download train shards 0..N-1 plus the val shard {shard_name(MAX_SHARD)}; -1 = all "
                         f"{MAX_SHARD + 1} (default: build the embedded default instead)")
-    p.add_argument("--num-workers", "--num_workers", "-w", type=int, default=4, help="parallel downloads")
+    p.add_argument("--num-workers", "--num_workers", "-w", type=positive_int, default=4, help="parallel downloads")
     p.add_argument("--base-url", "--base_url", default=BASE_URL, help="where the shards are (a mirror, a test server)")
     p.add_argument("--data-dir", "--data_dir", default=None, help="where to write them (default: $JAXCHAT_BASE_DIR/base_data)")
     return p
@@ -263,9 +368,9 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.num_files is None:
         if args.data_dir and _data_files(args.data_dir) and not os.path.exists(os.path.join(args.data_dir, DEFAULT_MARKER)):
-            files = list_data_files(args.data_dir)  # bring-your-own data: use it as it is
-            print(f"using your {len(files)} data files in {args.data_dir} (the last, {os.path.basename(files[-1])}, "
-                  f"is validation)")
+            train, val = split_files("train", args.data_dir), split_files("val", args.data_dir)  # used as it is
+            print(f"using the {len(set(train + val))} data files in {args.data_dir}: {len(train)} to train on, "
+                  f"{os.path.basename(val[0])} for validation")
             return
         files = build_default_shards(args.data_dir)
         print(f"{len(files)} shards in {os.path.dirname(files[0])} (the last one is validation)")

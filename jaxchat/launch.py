@@ -3,9 +3,10 @@
 A config (`jaxchat/configs/NAME.toml`, shipped in the package, or a path) lists the stages to run, in order, and
 the flags of each stage in a table named after it; `--stages=a,b` runs only some of them (e.g. `--stages=base_train
 --resume=1`). Overrides on the command line: `--stage.key=value` for one stage, or `--key=value` for every stage of
-the config that has that flag. Every key and the type of every value are checked against the stage's own flags
-before anything runs. A whole pipeline starts a new report card and ends by writing it
-(`$JAXCHAT_BASE_DIR/report/report.md`, copied to ./report.md); `--stages` adds its stages to the current one.
+the config that has that flag. Every key, the type of every value and its range are checked against the stage's
+own flags before anything runs (a config's `depth = "4"` is refused: TOML has numbers, and a quoted one is a slip).
+A whole pipeline starts a new report card and ends by writing it (`$JAXCHAT_BASE_DIR/report/report.md`, copied to
+./report.md); `--stages` adds its stages to the current one.
 """
 import argparse
 import functools
@@ -15,7 +16,7 @@ import time
 import tomllib
 
 from jaxchat import distributed
-from jaxchat.common import UserError, run_main
+from jaxchat.common import UserError, non_negative_float, run_main
 from jaxchat.report import get_report
 
 # stage name -> module; each module has build_parser() and main(argv), and runs alone as `python -m jaxchat.<module>`
@@ -54,40 +55,44 @@ def stage_flags(stage):
     return {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
 
 
-def check_value(stage, key, value, flags):
-    """The value converted to the type of the stage's flag (int, float or str), or one line naming stage.key.
+def check_value(stage, key, value, flags, command_line=False):
+    """The value converted to the type of the stage's flag (int, float or str) and checked by it (its range:
+    `common.number`), or one line naming stage.key.
 
     Command-line values arrive as strings and must parse as that type; a config's values arrive typed by TOML and
-    must already have it: no float for an int, no number for a string, no list or table. A TOML bool is always
-    refused: on/off flags are ints (1 or 0), and reading true as 1 would turn a slip such as
-    `num_iterations = true` into a one-step run instead of an error."""
+    must already have it: no string for a number (`depth = "4"`), no float for an int, no number for a string, no
+    list or table. A TOML bool is always refused: on/off flags are ints (1 or 0), and reading true as 1 would turn a
+    slip such as `num_iterations = true` into a one-step run instead of an error."""
     if key not in flags:
         raise UserError(f"unknown key {stage}.{key}; valid keys for {stage}: {', '.join(sorted(flags)) or '(none)'}")
     action = flags[key]
-    kind = action.type or str  # argparse's default type is the string itself
+    parse = action.type or str  # argparse's default type is the string itself
+    kind = getattr(parse, "kind", parse)  # a ranged flag's type (common.number) names its int or float
+    shown = str(value).lower() if isinstance(value, bool) else repr(value)  # as written in TOML: true, not True
 
     def wrong(hint=""):
-        shown = str(value).lower() if isinstance(value, bool) else repr(value)  # as written in TOML: true, not True
         return UserError(f"{stage}.{key}={shown}: expected {kind.__name__}{hint}")
 
     if isinstance(value, bool):  # before the int case: bool is a subclass of int
         raise wrong(": write 1 or 0, not true/false" if kind is int else "")
-    if isinstance(value, str):
-        try:
-            value = kind(value)
-        except ValueError:
-            raise wrong() from None
-    elif isinstance(value, kind) or (kind is float and isinstance(value, int)):
-        value = kind(value)
-    else:
+    if isinstance(value, str) and kind is not str and not command_line:
+        raise wrong(", a TOML number: write it without quotes")
+    if not isinstance(value, (str, kind)) and not (kind is float and isinstance(value, int)):
         raise wrong(" (in quotes)" if kind is str else "")
+    try:
+        value = parse(value)
+    except ValueError:
+        raise wrong() from None
+    except argparse.ArgumentTypeError as e:  # out of the flag's range
+        raise UserError(f"{stage}.{key}={shown}: {e}") from None
     if action.choices is not None and value not in action.choices:
         raise UserError(f"{stage}.{key}={value!r}: expected one of {', '.join(map(str, action.choices))}")
     return value
 
 
 def parse_overrides(args, config):
-    """--stage.key=value or --key=value (every configured stage with that flag) -> {stage: {key: raw value}}."""
+    """--stage.key=value or --key=value (every configured stage with that flag) -> {stage: {key: value}}, each
+    value converted to (and checked against) its stage's flag."""
     out = {stage: {} for stage in config["stages"]}
     for arg in args:
         if not arg.startswith("--") or "=" not in arg:
@@ -98,15 +103,14 @@ def parse_overrides(args, config):
             stage, key = key.split(".", 1)
             if stage not in out:
                 raise UserError(f"override {arg!r}: stage {stage!r} is not in this config ({', '.join(out)})")
-            check_value(stage, key, value, stage_flags(stage))
-            out[stage][key] = value
+            out[stage][key] = check_value(stage, key, value, stage_flags(stage), command_line=True)
             continue
         hits = [s for s in out if key in stage_flags(s)]
         if not hits:
             valid = sorted({k for s in out for k in stage_flags(s)})
             raise UserError(f"unknown key {key!r}; valid keys: {', '.join(valid)}")
         for stage in hits:
-            out[stage][key] = value
+            out[stage][key] = check_value(stage, key, value, stage_flags(stage), command_line=True)
     return out
 
 
@@ -125,7 +129,7 @@ def main(argv=None):
     parser.add_argument("--config", required=True,
                         help="a name in jaxchat/configs/ (tiny, d20, ...) or a path to a .toml file")
     parser.add_argument("--stages", default="", help="run only these of the config's stages, e.g. base_train,base_eval")
-    parser.add_argument("--gpu_hourly_rate", "--gpu-hourly-rate", type=float, default=None,
+    parser.add_argument("--gpu_hourly_rate", "--gpu-hourly-rate", type=non_negative_float, default=None,
                         help="dollars per device-hour for the report's cost (default: by device kind)")
     distributed.add_flags(parser)  # read by run_main before this parser (listed here for --help)
     args, rest = parser.parse_known_args(argv)

@@ -67,8 +67,9 @@ def base_train_args(config_name, overrides, vocab_size):
     """base_train's flags as the launcher would pass them for `config_name` and the `--key=value` overrides."""
     from jaxchat import base_train, launch
     config = launch.load_config(config_name) if config_name else {"stages": ["base_train"]}
-    settings = {**config.get("base_train", {}), **dict(_split(o) for o in overrides)}
     flags = launch.stage_flags("base_train")
+    given = {k: launch.check_value("base_train", k, v, flags, command_line=True) for k, v in map(_split, overrides)}
+    settings = {**config.get("base_train", {}), **given}  # a config's values are TOML-typed, the command line's text
     argv = [f"--{k}={launch.check_value('base_train', k, v, flags)}" for k, v in settings.items()]
     args = base_train.build_parser().parse_args(argv)
     return args, vocab_size or config.get("tok_train", {}).get("vocab_size", 65536)

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from jaxchat import sharding
 from jaxchat.chat_data import PackedLoader
-from jaxchat.common import run_main
+from jaxchat.common import count_or_unset, non_negative_int, positive_int, run_main
 from jaxchat.loss_eval import evaluate_bpb
 from jaxchat.mixtures import MIXTURE_KEYS, build_mixture, describe
 from jaxchat.optim import get_muon_momentum, hyperparams
@@ -26,10 +26,10 @@ from jaxchat.train import check_finite, train_step
 def build_parser():
     p = argparse.ArgumentParser(description="Midtrain a jaxchat base model on conversations.")
     add = add_chat_flags(p, "base", device_batch_size=32, init_lr_frac=1.0, eval_every=150)
-    add("max_seq_len", type=int, default=0, help="row length (default: the model's context)")
-    add("total_batch_size", type=int, default=524288, help="tokens per optimizer step")
-    add("eval_tokens", type=int, default=-1, help="val tokens per val-bpb evaluation (-1: a tenth of the run's "
-                                                  "tokens, at most nanochat's 20 × 524,288)")
+    add("max_seq_len", type=non_negative_int, default=0, help="row length (default: the model's context)")
+    add("total_batch_size", type=positive_int, default=524288, help="tokens per optimizer step")
+    add("eval_tokens", type=count_or_unset, default=-1, help="val tokens per val-bpb evaluation (-1: a tenth of the "
+                                                             "run's tokens, at most nanochat's 20 × 524,288)")
     add("extra_jsonl", default="", help="your own conversations (JSONL files, comma-separated) to add to the mix")
     add("mixture", default="", help="NAME=N,...: N conversations of these parts of the training mixture (0: none)")
     return p
@@ -55,6 +55,8 @@ def train(args):
     settings = {"device_batch_size": args.device_batch_size, "max_seq_len": T, "total_batch_size": args.total_batch_size,
                 "batch_rows": rows}
     with chat_run("mid", args, settings, {"val_bpb": None}, MIXTURE_KEYS) as run:
+        if run.finished:
+            return None
         tokenizer, token_bytes = run.tokenizer, run.tokenizer.token_bytes()
         loader = PackedLoader(tokenizer, train_task, rows, T, "all", state=run.dataloader_state_dict)
         epoch_len = len(train_task)
@@ -92,7 +94,7 @@ def train(args):
             bar.set_postfix_str(f"step {step} | loss {smooth:.4f} | lrm {lrm:.3f} | {tok_s:,.0f} tok/s")
             bar.update(min(1.0, progress(step + 1)) - bar.n)
             step += 1
-        run.save(step, loader.get_state())  # before the final evaluation: a crash there loses nothing
+        run.save(step, loader.get_state(), final=True)  # before the final evaluation: a crash there loses nothing
         evaluate(step)
         bar.close()
         run.report("Midtraining", {

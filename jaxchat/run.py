@@ -3,12 +3,13 @@
     with TrainingRun("base", model_tag, args, settings, loop_state, optim=optim, resume_keys=RESUME_KEYS,
                      fresh=lambda: (init_train_state(config, optim), tok, {}), model_config=config, tokenizer=tok) as run:
         ... run.state, run.step, run.dataloader_state_dict, run.loop_state ...
-        run.save(step, loader.get_state())
+        run.save(step, loader.get_state())      # the last one: run.save(step, ..., final=True)
 
 A run owns its checkpoint directory `<stage>_checkpoints/<model_tag>/` while it lives (a second run on the same tag
 is refused). Fresh: a directory that already holds checkpoints is replaced only with --overwrite=1. Resumed
 (--resume=1): the settings that shape the run must equal the saved ones, and the state, the data position and the
-loop state continue from the newest intact checkpoint, so the resumed run is the uninterrupted one. Checkpoint meta
+loop state continue from the newest intact checkpoint, so the resumed run is the uninterrupted one; a run whose last
+step is saved (`final=True`) is finished: resumed, it says so and `run.finished` tells the stage to return. Meta
 keys are nanochat's: `model_config`, `user_config`, `device_batch_size`, `max_seq_len`, `dataloader_state_dict`,
 `loop_state` (`smooth_train_loss`, `min_val_bpb`, `total_training_time`, ...).
 """
@@ -26,7 +27,8 @@ from tensorboard.summary.writer.event_file_writer import EventFileWriter
 from jaxchat import distributed, sharding
 from jaxchat.checkpoint_manager import (Checkpointer, check_model_config, check_tokenizer, checkpoint_dir,
                                         find_largest_model, load_model)
-from jaxchat.common import UserError, flag_adder, get_base_dir
+from jaxchat.common import (SWITCH, UserError, count_or_unset, flag_adder, get_base_dir, non_negative_float,
+                            positive_int, random_seed, step_or_last)
 from jaxchat.memory import peak_memory
 from jaxchat.model import REMAT, GPTConfig
 from jaxchat.optim import OptimConfig
@@ -47,21 +49,22 @@ def add_training_flags(p, **defaults):
     add("model_tag", default="", help="checkpoint directory name")
     add("dtype", default="float32", choices=["float32", "bfloat16"], help="matmul dtype (params stay fp32)")
     add("remat", default="none", choices=list(REMAT), help="what each block's backward recomputes (less memory)")
-    add("scan_layers", type=int, default=0, help="1: the blocks under one lax.scan (faster compile)")
-    add("mesh_data", type=int, default=1, help="size of the mesh's data axis; the rest of the devices go to fsdp")
-    add("device_batch_size", type=int, default=d["device_batch_size"], help="rows per device per micro-batch")
-    add("num_iterations", type=int, default=-1, help="optimizer steps (-1: the stage's default horizon)")
-    add("embedding_lr", type=float, default=0.2)
-    add("unembedding_lr", type=float, default=0.004)
-    add("matrix_lr", type=float, default=0.02)
-    add("weight_decay", type=float, default=0.0)
-    add("eval_every", type=int, default=d["eval_every"])
-    add("save_every", type=int, default=-1, help="-1: only at the end")
-    add("keep", type=int, default=2, help="checkpoints kept")
-    add("resume", type=int, default=0, help="1: continue this stage's latest checkpoint of this model tag")
-    add("overwrite", type=int, default=0, help="1: a fresh run may replace this model tag's old checkpoints")
+    add("scan_layers", **SWITCH, default=0, help="1: the blocks under one lax.scan (faster compile)")
+    add("mesh_data", type=positive_int, default=1,
+        help="size of the mesh's data axis; the rest of the devices go to fsdp")
+    add("device_batch_size", type=positive_int, default=d["device_batch_size"], help="rows per device per micro-batch")
+    add("num_iterations", type=count_or_unset, default=-1, help="optimizer steps (-1: the stage's default horizon)")
+    add("embedding_lr", type=non_negative_float, default=0.2)
+    add("unembedding_lr", type=non_negative_float, default=0.004)
+    add("matrix_lr", type=non_negative_float, default=0.02)
+    add("weight_decay", type=non_negative_float, default=0.0)
+    add("eval_every", type=count_or_unset, default=d["eval_every"], help="-1: never")
+    add("save_every", type=count_or_unset, default=-1, help="-1: only at the end")
+    add("keep", type=positive_int, default=2, help="checkpoints kept")
+    add("resume", **SWITCH, default=0, help="1: continue this stage's latest checkpoint of this model tag")
+    add("overwrite", **SWITCH, default=0, help="1: a fresh run may replace this model tag's old checkpoints")
     add("run", default="", help="TensorBoard run name (default: <stage>_<model_tag>)")
-    add("seed", type=int, default=0)
+    add("seed", type=random_seed, default=0)
     return add
 
 
@@ -69,8 +72,9 @@ def add_chat_flags(p, source, **defaults):
     """The training flags plus what the chat stages (mid, SFT, RL) share: where they start from."""
     add = add_training_flags(p, **defaults)
     add("source", default=source, choices=["base", "mid", "sft", "rl"], help="the checkpoints to start from")
-    add("model_step", type=int, default=-1, help="the source's step (default: its last)")
-    add("init_lr_frac", type=float, default=defaults.get("init_lr_frac", 1.0), help="every learning rate × this")
+    add("model_step", type=step_or_last, default=-1, help="the source's step (default: its last)")
+    add("init_lr_frac", type=non_negative_float, default=defaults.get("init_lr_frac", 1.0),
+        help="every learning rate × this")
     return add
 
 
@@ -191,6 +195,7 @@ class TrainingRun:
     (device_batch_size, max_seq_len, total_batch_size, ...). resume_keys: the flags a resumed run must share with
     the saved run (with every key of `settings`). optim: the OptimConfig (a resumed state gets its optimizer).
     fresh(): (TrainState, tokenizer, the stage's own meta keys) of a new run.
+    `run.finished`: resumed from the final checkpoint of a finished run; the stage has nothing to do (returns None).
     On resume the model config comes from the checkpoint (checked against `model_config` when given) and the
     tokenizer from the run's own copy (checked against `tokenizer` when given)."""
 
@@ -219,6 +224,7 @@ class TrainingRun:
             self.ckpt.clear()
         self.state, self.tokenizer, self.meta = fresh()
         self.step, self.dataloader_state_dict, self.loop_state = 0, None, dict(loop_state, smooth_train_loss=0.0)
+        self.finished = False
 
     def _resume(self, optim, resume_keys, model_config, tokenizer, loop_state):
         saved = self.ckpt.newest_meta()
@@ -242,6 +248,11 @@ class TrainingRun:
         self.step, self.dataloader_state_dict, self.loop_state = \
             meta["step"], meta["dataloader_state_dict"], {**loop_state, **meta["loop_state"]}
         self.meta = meta
+        # restored (so verified) before it is believed: a damaged final step is resumed from an earlier one instead
+        self.finished = bool(meta.get("finished"))
+        if self.finished:
+            print(f"{self.ckpt.directory}: this run finished at step {self.step}; nothing to resume (--overwrite=1 "
+                  f"trains it again, --model_tag=NAME starts another)")
 
     @property
     def model(self):
@@ -252,10 +263,12 @@ class TrainingRun:
         self.loop_state["smooth_train_loss"] = EMA_BETA * self.loop_state["smooth_train_loss"] + (1 - EMA_BETA) * loss
         return self.loop_state["smooth_train_loss"] / (1 - EMA_BETA ** (step + 1))
 
-    def save(self, step, dataloader_state_dict):
-        """Checkpoint the whole run at `step` (steps taken): model, optimizer, data position, loop state."""
+    def save(self, step, dataloader_state_dict, final=False):
+        """Checkpoint the whole run at `step` (steps taken): model, optimizer, data position, loop state. final: the
+        run's last step (a resume of it finds the run finished)."""
         meta = {**self.meta, "model_config": dataclasses.asdict(self.model.config), "user_config": vars(self.args),
-                **self.settings, "dataloader_state_dict": dataloader_state_dict, "loop_state": self.loop_state}
+                **self.settings, "dataloader_state_dict": dataloader_state_dict, "loop_state": self.loop_state,
+                "finished": final}
         self.ckpt.save(step, self.state.params, self.state.opt_state, json.loads(json.dumps(meta)), self.tokenizer)
 
     def report(self, title, results):

@@ -1,6 +1,8 @@
 """Pretraining end to end on tiny shapes: exact resume, checkpoints, bpb, the tiny pipeline, bad input."""
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -40,23 +42,56 @@ def params_of(tag, step=None):
     return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param))), meta
 
 
-def test_resume_is_exact(env):
-    """6 steps straight == 3 steps, a stop, and --resume for the rest: same losses, same parameters (bitwise)."""
-    straight = base_train.main(TINY + ["--num_iterations=6", "--save_every=3", "--keep=5", "--model_tag=straight"])
+@pytest.fixture(scope="module")
+def straight_run(base_dir, tmp_path_factory):
+    """6 steps straight, saved at steps 3 and 6: what a resumed run must reproduce (tag "straight"), in a base dir
+    of its own with base_dir's shards and tokenizer (which the pipeline test retrains). Returns (dir, results)."""
+    d = tmp_path_factory.mktemp("straight")
+    for name in ("base_data", "tokenizer"):
+        shutil.copytree(base_dir / name, d / name)
+    old = os.environ["JAXCHAT_BASE_DIR"]
+    os.environ["JAXCHAT_BASE_DIR"] = str(d)
+    try:
+        return d, base_train.main(TINY + ["--num_iterations=6", "--save_every=3", "--keep=5", "--model_tag=straight"])
+    finally:
+        os.environ["JAXCHAT_BASE_DIR"] = old
+
+
+@pytest.fixture
+def straight(straight_run, monkeypatch):
+    """The straight run's results, its base dir the test's."""
+    monkeypatch.setenv("JAXCHAT_BASE_DIR", str(straight_run[0]))
+    return straight_run[1]
+
+
+def copy_of_straight(tag):
+    """A copy of the straight run's checkpoints under another tag; returns its directory."""
     root = os.path.join(get_base_dir(), "base_checkpoints")
-    shutil.copytree(os.path.join(root, "straight"), os.path.join(root, "resumed"))
-    shutil.rmtree(os.path.join(root, "resumed", "000006"))  # as if killed before step 6 was saved
-    resumed = base_train.main(TINY + ["--num_iterations=6", "--save_every=3", "--model_tag=resumed", "--resume=1"])
+    shutil.copytree(os.path.join(root, "straight"), os.path.join(root, tag))
+    return os.path.join(root, tag)
+
+
+def assert_continues_the_straight_run(straight, resumed, tag):
+    """Resumed at step 3, the run's steps 3-5 and its step 6 are the straight run's, bit for bit."""
     assert sorted(resumed["losses"]) == [3, 4, 5]
     assert all(resumed["losses"][s] == straight["losses"][s] for s in (3, 4, 5))
     assert resumed["val_bpb"] == straight["val_bpb"]
     a, meta_a = params_of("straight", 6)
-    b, meta_b = params_of("resumed", 6)
+    b, meta_b = params_of(tag, 6)
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
     assert meta_a["dataloader_state_dict"] == meta_b["dataloader_state_dict"]
     assert meta_a["loop_state"]["smooth_train_loss"] == meta_b["loop_state"]["smooth_train_loss"]
     assert meta_a["loop_state"]["min_val_bpb"] == meta_b["loop_state"]["min_val_bpb"]
-    assert meta_a["device_batch_size"] == 4 and meta_a["max_seq_len"] == 32 and meta_a["model_config"]["n_layer"] == 1
+
+
+def test_resume_is_exact(straight):
+    """6 steps straight == 3 steps, a stop, and --resume for the rest: same losses, same parameters (bitwise)."""
+    directory = copy_of_straight("resumed")
+    shutil.rmtree(os.path.join(directory, "000006"))  # as if killed before step 6 was saved
+    resumed = base_train.main(TINY + ["--num_iterations=6", "--save_every=3", "--model_tag=resumed", "--resume=1"])
+    assert_continues_the_straight_run(straight, resumed, "resumed")
+    _, meta = params_of("straight", 6)
+    assert meta["device_batch_size"] == 4 and meta["max_seq_len"] == 32 and meta["model_config"]["n_layer"] == 1
     assert straight["losses"][5] < straight["losses"][0]  # it learns
 
 
@@ -140,22 +175,53 @@ def test_second_run_on_a_model_tag_is_refused(env):
     base_train.main(TINY + ["--num_iterations=1", "--model_tag=busy", "--overwrite=1"])  # free again
 
 
-def test_resume_skips_a_damaged_latest_checkpoint(env, capsys):
-    """Step 6's arrays truncated: --resume names it, continues from step 3, and ends where the straight run did."""
-    straight = base_train.main(TINY + ["--num_iterations=6", "--save_every=3", "--keep=5", "--model_tag=whole"])
-    root = os.path.join(get_base_dir(), "base_checkpoints")
-    shutil.copytree(os.path.join(root, "whole"), os.path.join(root, "damaged"))
-    files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(root, "damaged", "000006", "model")) for f in fs]
+def truncate(path):
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def overwrite_4kib(path):
+    """4 KiB of random bytes over the middle of the file, its size unchanged (what restored silently before
+    checksums: the file still decoded, to other numbers)."""
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2 - 2048)
+        f.write(np.random.default_rng(0).bytes(4096))
+
+
+@pytest.mark.parametrize("item,damage", [("model", truncate), ("model", overwrite_4kib), ("optim", overwrite_4kib)])
+def test_resume_skips_a_damaged_latest_checkpoint(straight, capsys, item, damage):
+    """Step 6's largest model or optimizer file (array data) truncated or overwritten in place: --resume names it in
+    one line, moves step 6 aside, continues from step 3, and ends exactly where the straight run did."""
+    tag = f"damaged_{item}_{damage.__name__}"
+    directory = copy_of_straight(tag)
+    step_dir = os.path.join(directory, "000006")
+    files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(step_dir, item)) for f in fs]
     biggest = max(files, key=os.path.getsize)
-    with open(biggest, "r+b") as f:
-        f.truncate(os.path.getsize(biggest) // 2)
-    resumed = base_train.main(TINY + ["--num_iterations=6", "--save_every=3", "--model_tag=damaged", "--resume=1"])
-    assert "step 6 is damaged" in capsys.readouterr().err
-    assert sorted(resumed["losses"]) == [3, 4, 5]
-    assert all(resumed["losses"][s] == straight["losses"][s] for s in (3, 4, 5))
-    a, _ = params_of("whole", 6)
-    b, _ = params_of("damaged", 6)
-    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    assert os.path.getsize(biggest) > 8192  # array data, not metadata
+    damage(biggest)
+    capsys.readouterr()
+    resumed = base_train.main(TINY + ["--num_iterations=6", "--save_every=3", f"--model_tag={tag}", "--resume=1"])
+    err = capsys.readouterr().err
+    assert f"step 6 is damaged ({os.path.relpath(biggest, step_dir)}: checksum mismatch): resuming from step 3" in err
+    assert os.path.isdir(step_dir + ".damaged")
+    assert_continues_the_straight_run(straight, resumed, tag)
+
+
+def test_resuming_a_finished_run_says_so_and_exits_0(straight):
+    """Its last step saved, a run resumed with --resume=1 has nothing to do: it says so, changes nothing, exits 0
+    (a pipeline resumed with --resume=1 goes on to its next stage)."""
+    directory = copy_of_straight("finished")
+    before = sorted(os.listdir(directory))
+    env_vars = dict(os.environ, JAXCHAT_BASE_DIR=get_base_dir(), JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-m", "jaxchat.base_train", *TINY, "--num_iterations=6", "--save_every=3",
+                        "--model_tag=finished", "--resume=1"], env=env_vars, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"{directory}: this run finished at step 6; nothing to resume" in r.stdout
+    assert "done:" not in r.stdout and "val bpb" not in r.stdout  # no step, no evaluation again
+    assert "error" not in r.stderr and "Traceback" not in r.stderr
+    assert sorted(os.listdir(directory)) == before
+    assert base_train.main(TINY + ["--num_iterations=6", "--save_every=3", "--model_tag=finished",
+                                   "--resume=1"]) is None  # in a process (the launcher): returns, for the next stage
 
 
 def test_final_save_comes_before_the_final_evaluation(env, monkeypatch):

@@ -49,7 +49,8 @@ def params(source, tag, step):
 
 
 def check_resume(stage, module, argv, total, cut, tag, source):
-    """`total` steps straight == `cut` steps, a stop, and --resume=1: same per-step numbers and parameters."""
+    """`total` steps straight == `cut` steps, a stop, and --resume=1: same per-step numbers and parameters; resumed
+    once more, the finished run does nothing."""
     straight = module.main(argv + [f"--model_tag={tag}", f"--source={source}"])
     root = os.path.join(get_base_dir(), os.path.dirname(checkpoint_dir(stage, "x")))
     shutil.copytree(os.path.join(root, tag), os.path.join(root, f"{tag}_resumed"))
@@ -57,6 +58,9 @@ def check_resume(stage, module, argv, total, cut, tag, source):
     resumed = module.main(argv + [f"--model_tag={tag}_resumed", f"--source={source}", "--resume=1"])
     a, b = params(stage, tag, total), params(stage, f"{tag}_resumed", total)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    # finished now: resumed again, it has nothing to do, and returns (a pipeline goes on to its next stage)
+    assert module.main(argv + [f"--model_tag={tag}_resumed", f"--source={source}", "--resume=1"]) is None
+    assert Checkpointer(os.path.join(root, f"{tag}_resumed")).all_steps() == [cut, total]
     return straight, resumed
 
 

@@ -16,6 +16,7 @@ from flax import nnx
 from jaxchat.chat_api import ReplyText
 from jaxchat.chat_web import create_app
 from jaxchat.engine import Engine
+from jaxchat.http_limits import limited_http
 from jaxchat.model import GPT, GPTConfig
 from jaxchat.serving import Request, SlotServer
 from jaxchat.tokenizer import RustBPETokenizer
@@ -35,14 +36,16 @@ def model_and_tokenizer():
 
 
 class Served:
-    """uvicorn in a thread on a free loopback port; stopped (and checked stopped) at the end."""
+    """uvicorn in a thread on a free loopback port, with the command's connection limits (`config`: more of
+    uvicorn.Config's arguments, other limits); stopped (and checked stopped) at the end."""
 
-    def __init__(self, app):
+    def __init__(self, app, **config):
+        config.setdefault("http", limited_http(100, 30.0))
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2, **config))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
 
@@ -314,9 +317,11 @@ def test_a_failing_tool_is_reported_to_the_model(model_and_tokenizer):
     assert tok.decode(forced[1:-1]) .startswith("Error: RuntimeError: tool exploded")
 
 
-def test_the_command_serves_and_ctrl_c_ends_streams_cleanly(model_and_tokenizer, tmp_path):
-    """python -m jaxchat.chat_web on a saved checkpoint; Ctrl-C with a stream open: the stream ends and the process
-    exits 0 within seconds (the tiny model may finish first; the error event is checked in-process below)."""
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_the_command_serves_and_ctrl_c_ends_streams_cleanly(model_and_tokenizer, tmp_path, stop):
+    """python -m jaxchat.chat_web on a saved checkpoint; Ctrl-C (or `kill`'s SIGTERM) with a stream open: the stream
+    ends and the process says it stopped and exits 0 within seconds (the tiny model may finish first; the error
+    event is checked in-process below)."""
     import dataclasses
     import os
     import signal
@@ -356,10 +361,11 @@ def test_the_command_serves_and_ctrl_c_ends_streams_cleanly(model_and_tokenizer,
                 "messages": [{"role": "user", "content": "hello"}], "temperature": 1.0, "max_tokens": 4096}) as r:
             lines = r.iter_lines()
             next(line for line in lines if line.startswith("data: "))
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(getattr(signal, stop))
             rest = [line for line in lines if line.startswith("data: ")]
         assert rest and ("shutting down" in rest[-1] or rest[-1] == 'data: {"done": true}')  # ended, either way
         assert proc.wait(15) == 0
+        assert "jaxchat: stopped" in proc.stdout.read()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -449,6 +455,7 @@ class SlowSlots(SlotServer):
 @pytest.fixture
 def slow(model_and_tokenizer):
     server = SlowSlots(*model_and_tokenizer, slots=2, chunk=1)
+    server.warm_up()  # compiled now: the tests time what requests do, on however busy a machine
     server.start()
     return server
 

@@ -1,7 +1,9 @@
-"""Checkpoints: one writer per run directory, damaged steps named in one line (resume falls back to the newest
-intact one), a checkpoint paired with its own tokenizer, weights landing on the ambient mesh."""
+"""Checkpoints: one writer per run directory, damaged steps (truncated, or bytes changed: checksums) named in one
+line (resume falls back to the newest intact one), a checkpoint paired with its own tokenizer, weights landing on
+the ambient mesh."""
 import asyncio
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -46,6 +48,10 @@ def abstract_model():
     return nnx.split(nnx.eval_shape(lambda: GPT(CONFIG, rngs=nnx.Rngs(0))))[1]
 
 
+def abstract_optim():
+    return nnx.State({"mu": nnx.Variable(jax.ShapeDtypeStruct((3,), jnp.float32))})
+
+
 def leaves(state):
     return [np.asarray(x) for x in jax.tree.leaves(nnx.to_pure_dict(state))]
 
@@ -63,6 +69,30 @@ def truncate_largest_array_file(step_dir):
     files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(step_dir, "model")) for f in fs]
     largest = max(files, key=os.path.getsize)
     os.truncate(largest, os.path.getsize(largest) // 2)
+
+
+def write_random_bytes(step_dir, item, n=4096):
+    """n random bytes (at most half the file) over the middle of the item's largest file, its size unchanged, as a
+    bad disk or copy would leave it; returns the file's path in the step directory."""
+    files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(step_dir, item)) for f in fs]
+    largest = max(files, key=os.path.getsize)
+    size = os.path.getsize(largest)
+    n = min(n, size // 2)
+    with open(largest, "r+b") as f:
+        f.seek((size - n) // 2)
+        f.write(np.random.default_rng(0).bytes(n))
+    return os.path.relpath(largest, step_dir)
+
+
+def as_saved_before_checksums(step_dir):
+    """What a checkpoint written before checksums looks like: no checksums.json, no `checksums` in its meta."""
+    os.remove(os.path.join(step_dir, "checksums.json"))
+    path = os.path.join(step_dir, "meta", "metadata")
+    with open(path) as f:
+        meta = json.load(f)
+    del meta["checksums"]
+    with open(path, "w") as f:
+        json.dump(meta, f)
 
 
 # ---- one writer per directory -------------------------------------------------------------------------------
@@ -99,13 +129,13 @@ def test_resume_falls_back_to_the_newest_intact_step(tokenizers, capsys):
     directory = write_run(tokenizers[0])
     truncate_largest_array_file(os.path.join(directory, "000002"))
     ckpt = Checkpointer(directory)
-    with pytest.raises(DamagedCheckpoint, match=r"t/000002 is damaged \(model: "):
+    with pytest.raises(DamagedCheckpoint, match=r"t/000002 is damaged \(model/.*: checksum mismatch\)"):
         ckpt.restore(2, abstract_model())
     state, _, meta = ckpt.restore_latest(abstract_model())
     assert meta["step"] == 1
     assert all(np.array_equal(a, b) for a, b in zip(leaves(state), leaves(model_state(1))))  # step 1's arrays
     err = capsys.readouterr().err
-    assert "step 2 is damaged (model: " in err and "resuming from step 1" in err and len(err.splitlines()) == 1
+    assert "step 2 is damaged (model/" in err and "resuming from step 1" in err and len(err.splitlines()) == 1
     # the damaged step is kept aside, and the resumed run can write step 2 again
     assert os.path.isdir(os.path.join(directory, "000002.damaged")) and ckpt.all_steps() == [1]
     ckpt.save(2, state, {"mu": jnp.zeros(3)}, {"model_config": dataclasses.asdict(CONFIG)}, tokenizers[0])
@@ -113,10 +143,101 @@ def test_resume_falls_back_to_the_newest_intact_step(tokenizers, capsys):
     assert Checkpointer(directory).all_steps() == [1, 2]
 
 
+@pytest.mark.parametrize("item", ["model", "optim"])
+def test_changed_bytes_are_damage(tokenizers, capsys, item):
+    """Bytes overwritten in place (the file's size and format intact) used to restore silently; the step's
+    checksums name the file, and resume falls back to the newest intact step as for a truncated file."""
+    directory = write_run(tokenizers[0])
+    changed = write_random_bytes(os.path.join(directory, "000002"), item)
+    ckpt = Checkpointer(directory)
+    with pytest.raises(DamagedCheckpoint, match=rf"t/000002 is damaged \({changed}: checksum mismatch\)"):
+        ckpt.restore(2, abstract_model(), abstract_optim())
+    state, optim, meta = ckpt.restore_latest(abstract_model(), abstract_optim())
+    assert meta["step"] == 1 and np.array_equal(optim["mu"][...], [1.0, 1.0, 1.0])
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(state), leaves(model_state(1))))
+    err = capsys.readouterr().err
+    assert f"step 2 is damaged ({changed}: checksum mismatch): resuming from step 1" in err
+    assert len(err.splitlines()) == 1
+    assert os.path.isdir(os.path.join(directory, "000002.damaged")) and ckpt.all_steps() == [1]
+    ckpt.close()
+
+
+def test_load_model_verifies_what_it_reads(tokenizers):
+    """Evals and serving read through load_model: a changed model file is one error line naming it (as a truncated
+    one is); a changed optimizer file does not matter to it (it reads no optimizer state)."""
+    directory = write_run(tokenizers[0])
+    write_random_bytes(os.path.join(directory, "000002"), "optim")
+    load_model("base", "t")
+    changed = write_random_bytes(os.path.join(directory, "000002"), "model")
+    with pytest.raises(UserError, match=rf"000002 is damaged \({changed}: checksum mismatch\)") as e:
+        load_model("base", "t")
+    assert "\n" not in str(e.value)
+    model, _, meta = load_model("base", "t", step=1)  # an intact step still loads
+    assert meta["step"] == 1
+
+
+def test_changed_meta_values_are_damage(tokenizers):
+    """A meta that still parses but says something else (a digit of the data position, say) is damage too."""
+    directory = write_run(tokenizers[0])
+    path = os.path.join(directory, "000002", "meta", "metadata")
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(text.replace('"n_layer": 1', '"n_layer": 7'))
+    with pytest.raises(DamagedCheckpoint, match=r"000002 is damaged \(meta/metadata: checksum mismatch\)"):
+        Checkpointer(directory).restore_meta(2)
+
+
+def test_lost_checksums_are_damage(tokenizers):
+    directory = write_run(tokenizers[0])
+    os.remove(os.path.join(directory, "000002", "checksums.json"))
+    with pytest.raises(DamagedCheckpoint, match=r"000002 is damaged \(checksums.json: missing\)"):
+        Checkpointer(directory).restore(2, abstract_model())
+    with open(os.path.join(directory, "000001", "checksums.json"), "w") as f:
+        f.write('{"model/manifest.ocdbt": "0')  # cut short
+    with pytest.raises(DamagedCheckpoint, match=r"000001 is damaged \(checksums.json: JSONDecodeError"):
+        Checkpointer(directory).restore(1, abstract_model())
+
+
+def test_a_checkpoint_saved_before_checksums_still_loads(tokenizers, capsys):
+    directory = write_run(tokenizers[0])
+    for step_dir in ("000001", "000002"):
+        as_saved_before_checksums(os.path.join(directory, step_dir))
+    model, _, meta = load_model("base", "t")
+    assert meta["step"] == 2 and all(np.array_equal(a, b) for a, b in zip(leaves(nnx.state(model)),
+                                                                          leaves(model_state(2))))
+    with Checkpointer(directory) as ckpt:
+        state, optim, meta = ckpt.restore_latest(abstract_model(), abstract_optim())
+        assert meta["step"] == 2 and np.array_equal(optim["mu"][...], [2.0, 2.0, 2.0])
+        assert capsys.readouterr().err == ""  # nothing to say: it restores as it always did
+        # and a resumed run's next save has checksums again
+        ckpt.save(3, state, {"mu": jnp.zeros(3)}, {"model_config": dataclasses.asdict(CONFIG)}, tokenizers[0])
+    assert os.path.exists(os.path.join(directory, "000003", "checksums.json"))
+
+
+def test_checksums_cover_every_file_of_the_items(tokenizers):
+    """Every file under model/, optim/ and meta/ is listed; orbax's step-level bookkeeping, which it rewrites when
+    it commits the step, is not."""
+    directory = write_run(tokenizers[0], steps=(1,))
+    step_dir = os.path.join(directory, "000001")
+    with open(os.path.join(step_dir, "checksums.json")) as f:
+        recorded = json.load(f)
+    on_disk = sorted(os.path.relpath(os.path.join(r, f), step_dir) for item in ("model", "optim", "meta")
+                     for r, _, fs in os.walk(os.path.join(step_dir, item)) for f in fs)
+    assert sorted(recorded) == on_disk and any(p.startswith("optim/") for p in on_disk)
+    assert not any(name.endswith(".orbax-checkpoint-tmp") for name in os.listdir(directory))
+
+
 def test_no_intact_step_is_one_error(tokenizers):
     directory = write_run(tokenizers[0])
     truncate_largest_array_file(os.path.join(directory, "000002"))
     os.remove(os.path.join(directory, "000001", "model", "manifest.ocdbt"))  # a missing file
+    with pytest.raises(UserError, match=r"no intact checkpoint to resume in .*: step 2 is damaged \(model/.*: "
+                                        r"checksum mismatch\), step 1 is damaged \(model/manifest.ocdbt: missing\)$"):
+        with Checkpointer(directory) as ckpt:  # (restore_latest takes the lock: let it go)
+            ckpt.restore_latest(abstract_model())
+    for step_dir in ("000001", "000002"):  # saved before checksums, orbax's own errors say the same
+        as_saved_before_checksums(os.path.join(directory, step_dir))
     with pytest.raises(UserError, match=r"no intact checkpoint to resume in .*: step 2 is damaged \(model: .*"
                                         r"step 1 is damaged \(model: NOT_FOUND"):
         Checkpointer(directory).restore_latest(abstract_model())
@@ -136,7 +257,7 @@ def test_damaged_meta_is_one_line(tokenizers):
 def test_a_damaged_checkpoint_at_the_cli_is_one_line(tmp_path):
     """Through run_main, as a user sees it: one 'error: ...' line on stderr, no traceback before or after exit
     (orbax's closed event loop used to print several, depending on timing: restore a few times to give it a
-    chance)."""
+    chance). A checkpoint saved before checksums, so that orbax's read is what fails."""
     script = textwrap.dedent('''
         import dataclasses, os, sys
         from jaxchat.common import run_main
@@ -146,6 +267,7 @@ def test_a_damaged_checkpoint_at_the_cli_is_one_line(tmp_path):
         import test_checkpoint as t
         tok = RustBPETokenizer.train_from_iterator([" ".join(f"apple {i} banana {i * 7}" for i in range(400))], 300)
         directory = t.write_run(tok)
+        t.as_saved_before_checksums(os.path.join(directory, "000002"))
         t.truncate_largest_array_file(os.path.join(directory, "000002"))
         for _ in range(5):
             try:

@@ -1,4 +1,5 @@
 """Text data (default shards, bring-your-own formats, errors) and the launcher's config/override handling."""
+import argparse
 import gzip
 import json
 import os
@@ -8,7 +9,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from jaxchat import dataset, launch
+from jaxchat import base_train, dataset, launch
 from jaxchat.common import UserError
 
 
@@ -61,7 +62,8 @@ def test_bad_data_is_a_clear_error(tmp_path):
 def test_launch_overrides_are_checked():
     config = launch.load_config("tiny")
     assert config["stages"][:3] == ["data", "tok_train", "tok_eval"]
-    assert launch.parse_overrides(["--vocab-size=512", "--tok_eval.compare="], config)["tok_train"] == {"vocab_size": "512"}
+    overrides = launch.parse_overrides(["--vocab-size=512", "--tok_eval.compare="], config)
+    assert overrides["tok_train"] == {"vocab_size": 512} and overrides["tok_eval"] == {"compare": ""}
     with pytest.raises(UserError, match="unknown key 'vocab_sise'; valid keys: .*vocab_size"):
         launch.parse_overrides(["--vocab_sise=512"], config)
     with pytest.raises(UserError, match="expected int"):
@@ -76,7 +78,10 @@ def test_launch_overrides_are_checked():
 
 def test_launch_checks_every_value_type_before_any_stage(tmp_path, capsys):
     # the converted value goes on to the stage, not the raw string or TOML value
-    assert launch.stage_argv("base_train", {"depth": " 6", "matrix_lr": 1, "embedding_lr": "2e-1", "model_tag": "d6"}) \
+    config = {"stages": ["base_train"]}
+    assert launch.parse_overrides(["--depth= 6", "--embedding_lr=2e-1"], config)["base_train"] == \
+        {"depth": 6, "embedding_lr": 0.2}
+    assert launch.stage_argv("base_train", {"depth": 6, "matrix_lr": 1, "embedding_lr": 0.2, "model_tag": "d6"}) \
         == ["--depth=6", "--matrix-lr=1.0", "--embedding-lr=0.2", "--model-tag=d6"]
     wrong = [("num_iterations", True, "base_train.num_iterations=true: expected int: write 1 or 0"),
              ("matrix_lr", False, "base_train.matrix_lr=false: expected float"),
@@ -100,6 +105,86 @@ def test_launch_checks_every_value_type_before_any_stage(tmp_path, capsys):
     bad.write_text('stages = ["data"]\ndata = 3\n')
     with pytest.raises(UserError, match=r"data must be a table of flags \(\[data\]\)"):
         launch.load_config(str(bad))
+
+
+def test_launch_refuses_quoted_numbers_and_values_out_of_range(tmp_path, capsys):
+    """Before: `num_iterations = -5` meant the default horizon (25,600 steps for tiny), `device_batch_size = 0` was
+    a ZeroDivisionError, `depth = "2"` was read as 2. Now each is one line, before any stage runs; -1 (nanochat's
+    "unset") is still the default horizon."""
+    cfg = tmp_path / "c.toml"
+    refused = {'num_iterations = -5': "base_train.num_iterations=-5: must be ≥ 1, or -1; got -5",
+               'device_batch_size = 0': "base_train.device_batch_size=0: must be ≥ 1; got 0",
+               'depth = "2"': "base_train.depth='2': expected int, a TOML number: write it without quotes",
+               'matrix_lr = "0.02"': "base_train.matrix_lr='0.02': expected float, a TOML number: write it without "
+                                     "quotes",
+               'matrix_lr = nan': "base_train.matrix_lr=nan: must be ≥ 0; got nan",
+               'warmdown_ratio = 1.5': "base_train.warmdown_ratio=1.5: must be ≥ 0 and ≤ 1; got 1.5",
+               'eval_every = 0': "base_train.eval_every=0: must be ≥ 1, or -1; got 0",
+               'resume = 2': "base_train.resume=2: expected one of 0, 1"}
+    for line, message in refused.items():
+        cfg.write_text(f'stages = ["data", "base_train"]\n[base_train]\n{line}\n')
+        with pytest.raises(UserError) as e:
+            launch.main([f"--config={cfg}"])
+        assert str(e.value) == message
+    assert "===" not in capsys.readouterr().out  # nothing ran
+    config = {"stages": ["base_train"]}
+    for arg, message in [("--num_iterations=-5", "must be ≥ 1, or -1; got -5"),
+                         ("--base_train.device_batch_size=0", "must be ≥ 1; got 0"),
+                         ("--seed=1099511627776", "must be ≥ 0 and ≤ 2147483647")]:  # 2**40: JAX would use seed 0
+        with pytest.raises(UserError, match=message):
+            launch.parse_overrides([arg], config)
+    assert launch.stage_argv("base_train", {"num_iterations": -1, "target_flops": -1}) == \
+        ["--num-iterations=-1", "--target-flops=-1.0"]
+
+
+def test_every_numeric_flag_of_every_stage_has_a_range(capsys):
+    """One rule for all stages (common.number): no numeric flag takes any int or float; each refuses a negative
+    other than nanochat's -1 (where -1 means "unset") and NaN, with argparse's one error line."""
+    from jaxchat import chat_cli
+    parsers = {stage: launch.stage_flags(stage) for stage in launch.STAGES}
+    parsers["chat_cli"] = {a.dest: a for a in chat_cli.build_parser()._actions if a.option_strings and a.dest != "help"}
+    checked = 0
+    for stage, flags in parsers.items():
+        for key, action in flags.items():
+            if action.type in (int, float):
+                assert action.choices == (0, 1), f"{stage}.{key} takes any {action.type.__name__}"
+                continue
+            if not hasattr(action.type, "kind"):
+                assert action.type is None, f"{stage}.{key}"  # a string
+                continue
+            for bad in ("-5", "nan") if action.type.kind is float else ("-5",):
+                with pytest.raises(argparse.ArgumentTypeError):
+                    action.type(bad)
+            checked += 1
+    assert checked >= 70, checked
+    for name in ("tiny", "d4", "d20", "d26", "d32"):  # the shipped configs keep to the ranges
+        config = launch.load_config(name)
+        for stage in config["stages"]:
+            launch.stage_argv(stage, config.get(stage, {}))  # raises on a value out of range
+    with pytest.raises(SystemExit) as e:
+        base_train.build_parser().parse_args(["--device_batch_size=0"])
+    assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(
+        "error: argument --device-batch-size/--device_batch_size: must be ≥ 1; got 0")
+
+
+def test_a_horizon_of_no_step_is_refused():
+    """-1 leaves the horizon to target_flops or target_param_data_ratio; one that rounds to 0 steps would end the
+    run before it began (after saving an untrained model), so it is refused."""
+    args = argparse.Namespace(num_iterations=-1, target_flops=-1, target_param_data_ratio=20, total_batch_size=4096)
+    assert base_train.horizon(args, num_params=10_000, flops_per_token=6e4) == 20 * 10_000 // 4096
+    with pytest.raises(UserError, match="target_param_data_ratio=20 is less than one step of 4,096 tokens"):
+        base_train.horizon(args, num_params=100, flops_per_token=600)
+    with pytest.raises(UserError, match="target_flops=1e\\+06 is less than one step"):
+        base_train.horizon(argparse.Namespace(**{**vars(args), "target_flops": 1e6}), 100, 600)
+    assert base_train.horizon(argparse.Namespace(**{**vars(args), "num_iterations": 3}), 100, 600) == 3
+
+
+def test_a_stage_refuses_a_bad_flag_without_a_traceback():
+    r = subprocess.run([sys.executable, "-m", "jaxchat.base_train", "--num_iterations=-5"], capture_output=True,
+                       text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.splitlines()[-1].endswith(
+        "error: argument --num-iterations/--num_iterations: must be ≥ 1, or -1; got -5")
 
 
 def test_launch_runs_only_chosen_stages(tmp_path, capsys):
@@ -139,7 +224,7 @@ def test_data_stage_uses_your_own_directory(tmp_path, capsys):
     (d / "a.txt").write_text("one\n\ntwo\n")
     (d / "b.txt").write_text("three\n")
     dataset.main([f"--data-dir={d}"])
-    assert "using your 2 data files" in capsys.readouterr().out
+    assert "using the 2 data files in" in capsys.readouterr().out
     assert sorted(os.listdir(d)) == ["a.txt", "b.txt"]  # nothing written into the user's directory
 
 

@@ -170,7 +170,7 @@ def test_cli_downloads_n_shards_plus_pinned_val(server, tmp_path, capsys):
     assert server.log[0][1] == "shard_01822.parquet"  # val first: it sorts last from the start
     assert dataset.split_files("val", d) == [str(d / "shard_01822.parquet")]
     assert next(dataset.iter_texts("val", d)).startswith("shard_01822.parquet doc 0")
-    assert launch.stage_argv("data", {"num_files": "2"}) == ["--num-files=2"]
+    assert launch.stage_argv("data", {"num_files": 2}) == ["--num-files=2"]
 
 
 def test_cli_partial_failure_exits_nonzero(server, tmp_path):
