@@ -11,26 +11,24 @@ import os
 import signal
 import sys
 
-from jaxchat.checkpoint_manager import SOURCE_DIRS, load_model
-from jaxchat.common import UserError, non_negative_float, non_negative_int, number, positive_int, random_seed, run_main
-from jaxchat.engine import Engine, use_calculator
-from jaxchat.execution import add_sandbox_flag, python_tool
+from jaxchat.checkpoint_manager import add_checkpoint_flags, load_model
+from jaxchat.common import (UserError, flag_adder, non_negative_float, number, positive_int,
+                            random_seed, run_main)
+from jaxchat.engine import Engine
+from jaxchat.execution import add_tool_flags, chosen_tool
 from jaxchat.sampling import MAX_TOP_K
 
 
 def build_parser():
     p = argparse.ArgumentParser(description="Chat with a jaxchat model.")
-    p.add_argument("-i", "--source", default="sft", choices=sorted(SOURCE_DIRS), help="which stage's checkpoint")
-    p.add_argument("-g", "--model-tag", "--model_tag", default=None, help="default: the largest d<N>")
-    p.add_argument("-s", "--step", type=non_negative_int, default=None, help="default: the last")
-    p.add_argument("-p", "--prompt", default=None, help="one message, one reply, then exit")
-    p.add_argument("-t", "--temperature", type=non_negative_float, default=0.6, help="0: greedy")
-    p.add_argument("-k", "--top-k", "--top_k", type=number(int, 0, MAX_TOP_K), default=50, help="0: off")
-    p.add_argument("-m", "--max-tokens", "--max_tokens", type=positive_int, default=256, help="reply length limit")
-    p.add_argument("--tool", default="calculator", choices=("calculator", "python"),
-                   help="what runs a <|python_start|> block: nanochat's calculator, or Python in the code sandbox")
-    add_sandbox_flag(p)
-    p.add_argument("--seed", type=random_seed, default=42)
+    add = flag_adder(p)
+    add_checkpoint_flags(p)
+    add("prompt", "-p", default=None, help="one message, one reply, then exit")
+    add("temperature", "-t", type=non_negative_float, default=0.6, help="0: greedy")
+    add("top_k", "-k", type=number(int, 0, MAX_TOP_K), default=50, help="0: off")
+    add("max_tokens", "-m", type=positive_int, default=256, help="reply length limit")
+    add_tool_flags(p)
+    add("seed", type=random_seed, default=42)
     return p
 
 
@@ -86,7 +84,7 @@ def main(argv=None, stdin=None, out=None):
         raise UserError("standard input is closed: give it your messages, or pass -p PROMPT for one reply")
     if args.prompt is not None and not args.prompt.strip():
         raise UserError("-p: the prompt is empty; leave out -p to chat interactively")
-    tool = python_tool(args.sandbox) if args.tool == "python" else use_calculator  # a missing sandbox says so now
+    tool = chosen_tool(args)
     model, tokenizer, meta = load_model(args.source, args.model_tag, args.step)
     chat = Chat(Engine(model, tokenizer, tool=tool), tokenizer)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed)

@@ -10,9 +10,9 @@ import argparse
 
 import jax
 
-from jaxchat.checkpoint_manager import SOURCE_DIRS, load_model
-from jaxchat.common import (UserError, non_negative_float, non_negative_int, number, positive_int, run_main,
-                            write_results)
+from jaxchat.checkpoint_manager import SOURCE_DIRS, add_checkpoint_flags, load_model
+from jaxchat.common import (UserError, flag_adder, non_negative_float, number, positive_int,
+                            run_main, write_results)
 from jaxchat.engine import Engine
 from jaxchat.execution import add_sandbox_flag
 from jaxchat.report import get_report
@@ -23,21 +23,17 @@ from jaxchat.task_eval import ALL_TASKS, EXTRA_TASKS, chatcore, run_chat_eval
 
 def build_parser():
     p = argparse.ArgumentParser(description="Evaluate a jaxchat chat model.")
-    p.add_argument("-i", "--source", default="sft", help=f"which stage's checkpoint ({', '.join(sorted(SOURCE_DIRS))}); "
-                                                         f"several split by | or , (mid,sft,rl) are evaluated in turn")
-    p.add_argument("-a", "--task-name", "--task_name", default="", help=f"tasks split by | or , (default: ChatCORE's "
-                                                                        f"{', '.join(ALL_TASKS)}; also Arithmetic)")
-    p.add_argument("-t", "--temperature", type=non_negative_float, default=0.0)
-    p.add_argument("-m", "--max-new-tokens", "--max_new_tokens", type=positive_int, default=512)
-    p.add_argument("-n", "--num-samples", "--num_samples", type=positive_int, default=1,
-                   help="pass@n for generative tasks")
-    p.add_argument("-k", "--top-k", "--top_k", type=number(int, 0, MAX_TOP_K), default=50, help="0: off")
-    p.add_argument("-b", "--batch-size", "--batch_size", type=positive_int, default=32,
-                   help="problems per forward / decode")
-    p.add_argument("-g", "--model-tag", "--model_tag", default=None)
-    p.add_argument("-s", "--step", type=non_negative_int, default=None, help="default: the last")
-    p.add_argument("-x", "--max-problems", "--max_problems", type=positive_int, default=None, help="default: all")
-    p.add_argument("--mesh-data", "--mesh_data", type=positive_int, default=1)
+    add = flag_adder(p)
+    add_checkpoint_flags(p, several_sources=True)
+    add("task_name", "-a", default="",
+        help=f"tasks split by | or , (default: ChatCORE's {', '.join(ALL_TASKS)}; also Arithmetic)")
+    add("temperature", "-t", type=non_negative_float, default=0.0)
+    add("max_new_tokens", "-m", type=positive_int, default=512)
+    add("num_samples", "-n", type=positive_int, default=1, help="pass@n for generative tasks")
+    add("top_k", "-k", type=number(int, 0, MAX_TOP_K), default=50, help="0: off")
+    add("batch_size", "-b", type=positive_int, default=32, help="problems per forward / decode")
+    add("max_problems", "-x", type=positive_int, default=None, help="default: all")
+    add("mesh_data", type=positive_int, default=1)
     add_sandbox_flag(p)  # HumanEval runs the model's programs
     return p
 

@@ -25,8 +25,9 @@ import uuid
 from contextlib import aclosing, asynccontextmanager
 
 from jaxchat.chat_api import MAX_BODY_BYTES, MAX_TOKENS, ApiError, ReplyText, parse_request, read_json
-from jaxchat.checkpoint_manager import SOURCE_DIRS
-from jaxchat.common import UserError, non_negative_int, number, positive_int, run_main
+from jaxchat.checkpoint_manager import add_checkpoint_flags
+from jaxchat.common import UserError, flag_adder, non_negative_int, number, positive_int, run_main
+from jaxchat.execution import add_tool_flags, chosen_tool
 from jaxchat.sampling import MAX_TOP_K
 
 PAGE = os.path.join(os.path.dirname(__file__), "ui.html")
@@ -35,33 +36,24 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # proxie
 
 def build_parser():
     p = argparse.ArgumentParser(description="Serve a jaxchat model: chat page and OpenAI-compatible API.")
-    p.add_argument("-i", "--source", default="sft", choices=sorted(SOURCE_DIRS), help="which stage's checkpoint")
-    p.add_argument("-g", "--model-tag", "--model_tag", default=None, help="default: the largest d<N>")
-    p.add_argument("-s", "--step", type=non_negative_int, default=None, help="default: the last")
-    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
-    p.add_argument("-p", "--port", type=number(int, 0, 65535), default=8000, help="0: any free port")
-    p.add_argument("-t", "--temperature", type=number(float, 0, 2), default=0.8,
-                   help="default when a request has none")
-    p.add_argument("-k", "--top-k", "--top_k", type=number(int, 0, MAX_TOP_K), default=50,
-                   help="default when a request has none")
-    p.add_argument("-m", "--max-tokens", "--max_tokens", type=number(int, 1, MAX_TOKENS), default=512,
-                   help="default reply length")
-    p.add_argument("--slots", type=positive_int, default=8, help="rows decoded together (concurrent requests)")
-    p.add_argument("--chunk", type=positive_int, default=16,
-                   help="decode steps per device call (tokens streamed together)")
-    p.add_argument("--max-waiting", "--max_waiting", type=non_negative_int, default=64,
-                   help="queued requests before 503")
-    p.add_argument("--max-connections", "--max_connections", type=positive_int, default=1000,
-                   help="open connections; one more is answered 503 and closed")
-    p.add_argument("--read-timeout", "--read_timeout", type=number(float, 0.1), default=30.0,
-                   help="seconds for a request to arrive whole (headers and body), else 408")
-    p.add_argument("--max-body-bytes", "--max_body_bytes", type=positive_int, default=MAX_BODY_BYTES,
-                   help="larger request bodies are refused (413) unread; the default fits the largest valid request")
-    p.add_argument("--tool", default="calculator", choices=("calculator", "python"),
-                   help="what runs a <|python_start|> block; python needs the kernel sandbox (see README)")
-    p.add_argument("--mesh-data", "--mesh_data", type=positive_int, default=1)
-    from jaxchat.execution import add_sandbox_flag
-    add_sandbox_flag(p)
+    add = flag_adder(p)
+    add_checkpoint_flags(p)
+    add("host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
+    add("port", "-p", type=number(int, 0, 65535), default=8000, help="0: any free port")
+    add("temperature", "-t", type=number(float, 0, 2), default=0.8, help="default when a request has none")
+    add("top_k", "-k", type=number(int, 0, MAX_TOP_K), default=50, help="default when a request has none")
+    add("max_tokens", "-m", type=number(int, 1, MAX_TOKENS), default=512, help="default reply length")
+    add("slots", type=positive_int, default=8, help="rows decoded together (concurrent requests)")
+    add("chunk", type=positive_int, default=16, help="decode steps per device call (tokens streamed together)")
+    add("max_waiting", type=non_negative_int, default=64, help="queued requests before 503")
+    add("max_connections", type=positive_int, default=1000,
+        help="open connections; one more is answered 503 and closed")
+    add("read_timeout", type=number(float, 0.1), default=30.0,
+        help="seconds for a request to arrive whole (headers and body), else 408")
+    add("max_body_bytes", type=positive_int, default=MAX_BODY_BYTES,
+        help="larger request bodies are refused (413) unread; the default fits the largest valid request")
+    add("mesh_data", type=positive_int, default=1)
+    add_tool_flags(p)
     return p
 
 
@@ -357,13 +349,11 @@ def main(argv=None):
     import uvicorn
 
     from jaxchat.checkpoint_manager import load_model
-    from jaxchat.engine import use_calculator
-    from jaxchat.execution import python_tool
     from jaxchat.http_limits import limited_http, raise_fd_limit
     from jaxchat.run import make_mesh
     from jaxchat.serving import STOPPED, SlotServer
 
-    tool = python_tool(args.sandbox) if args.tool == "python" else use_calculator  # refused now, not per request
+    tool = chosen_tool(args)  # a missing sandbox is refused now, not per request
     mesh = make_mesh(args)
     model_id = f"jaxchat-{args.source}-{args.model_tag or 'largest'}"
 

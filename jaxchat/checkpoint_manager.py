@@ -48,7 +48,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxchat import distributed, sharding
-from jaxchat.common import UserError, get_base_dir
+from jaxchat.common import UserError, flag_adder, get_base_dir, non_negative_int
 from jaxchat.model import EXECUTION_FIELDS, GPT, GPTConfig
 from jaxchat.tokenizer import get_tokenizer
 
@@ -66,6 +66,25 @@ def checkpoint_dir(source, model_tag):
     if source not in SOURCE_DIRS:
         raise UserError(f"unknown checkpoint source {source!r}; sources: {', '.join(SOURCE_DIRS)}")
     return os.path.join(get_base_dir(), SOURCE_DIRS[source], model_tag)
+
+
+def add_checkpoint_flags(parser, several_sources=False):
+    """nanochat's -i/-g/-s: which stage's checkpoint, which model tag (the largest d<N>) and step (the last)."""
+    add = flag_adder(parser)
+    if several_sources:
+        add("source", "-i", default="sft", help=f"which stages' checkpoints ({', '.join(sorted(SOURCE_DIRS))}), split by "
+                                                f"| or , (mid,sft,rl): evaluated in turn")
+    else:
+        add("source", "-i", default="sft", choices=sorted(SOURCE_DIRS), help="which stage's checkpoint")
+    add("model_tag", "-g", default=None, help="default: the largest d<N>")
+    add("step", "-s", type=non_negative_int, default=None, help="default: the last")
+
+
+def run_dir(source, model_tag=None):
+    """The directory of a stage's run, and its tag: `model_tag`, or nanochat's default, the largest d<N>."""
+    root = os.path.dirname(checkpoint_dir(source, "x"))
+    model_tag = model_tag or find_largest_model(root)
+    return os.path.join(root, model_tag), model_tag
 
 
 def find_largest_model(checkpoints_dir):
@@ -444,9 +463,8 @@ def load_model(source, model_tag=None, step=None, **execution):
     with (the checkpoint's copy; $JAXCHAT_BASE_DIR/tokenizer for checkpoints older than copies), checked against
     it, and the meta. Returns (model, tokenizer, meta); the weights land on the mesh set by `jax.set_mesh`.
     `execution`: GPTConfig execution fields (compute_dtype=..., remat=...) to use instead of the saved ones."""
-    root = os.path.dirname(checkpoint_dir(source, "x"))
-    model_tag = model_tag or find_largest_model(root)
-    with Checkpointer(os.path.join(root, model_tag), max_to_keep=None, create=False) as ckpt:
+    directory, model_tag = run_dir(source, model_tag)
+    with Checkpointer(directory, max_to_keep=None, create=False) as ckpt:
         meta = ckpt.restore_meta(step)
         tokenizer = ckpt.load_tokenizer(meta, f"{source}/{model_tag} step {meta['step']}")
         config = GPTConfig(**meta["model_config"]).with_execution(**execution)

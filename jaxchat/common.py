@@ -36,8 +36,12 @@ def pad_bucket(n, cap=None, minimum=16):
 
 
 def flag_adder(parser):
-    """add(name, ...) registers --name-with-dashes and --name_with_underscores (nanochat's scripts take both)."""
-    return lambda name, **kw: parser.add_argument(f"--{name.replace('_', '-')}", f"--{name}", **kw)
+    """add(name, *short, ...) registers --name-with-dashes and --name_with_underscores (nanochat's scripts take
+    both), and any short forms: add("model_tag", "-g", default=None)."""
+    def add(name, *short, **kw):
+        long = dict.fromkeys((f"--{name.replace('_', '-')}", f"--{name}"))  # one of each for a name with no "_"
+        return parser.add_argument(*short, *long, **kw)
+    return add
 
 
 def number(kind, low, high=None, unset=None):
@@ -71,9 +75,10 @@ SWITCH = {"type": int, "choices": (0, 1)}  # an on/off flag, as nanochat writes 
 
 
 def write_atomic(path, data):
-    """Write bytes to `path` whole, then rename: a reader never sees half a file."""
+    """Write `path` whole, then rename: a reader never sees half a file. `data`: bytes, or a function that writes
+    into the open binary file (`lambda f: np.save(f, array)`)."""
     with open(path + ".tmp", "wb") as f:
-        f.write(data)
+        f.write(data) if isinstance(data, bytes) else data(f)
     os.replace(path + ".tmp", path)
 
 

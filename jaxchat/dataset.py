@@ -34,7 +34,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jaxchat import distributed
-from jaxchat.common import UserError, count_or_unset, file_lock, get_base_dir, positive_int, run_main, write_atomic
+from jaxchat.common import (UserError, count_or_unset, file_lock, flag_adder, get_base_dir, positive_int, run_main,
+                            write_atomic)
 from jaxchat.download import RETRY_DELAY, BadFile, DownloadError, Progress, download_one
 
 DEFAULT_CORPUS = os.path.join(os.path.dirname(__file__), "data", "default_corpus.jsonl.gz")
@@ -208,11 +209,9 @@ def iter_texts(split, data_dir=None, max_chars=None, doc_cap=None):
 
 def write_shard(path, texts):
     """Write one shard in nanochat's format (text column, zstd, 1,024-doc row groups) atomically."""
-    tmp = path + ".tmp"
     table = pa.table({"text": pa.array(texts, type=pa.string())})
-    pq.write_table(table, tmp, row_group_size=ROW_GROUP_SIZE, compression="zstd", compression_level=3,
-                   use_dictionary=False, write_statistics=False)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: pq.write_table(table, f, row_group_size=ROW_GROUP_SIZE, compression="zstd",
+                                                compression_level=3, use_dictionary=False, write_statistics=False))
 
 
 def _default_shards(num_val_docs=96, docs_per_shard=600):
@@ -354,12 +353,13 @@ def build_parser():
     import argparse
     p = argparse.ArgumentParser(description="Prepare pretraining shards: download FineWeb-EDU shards (-n N), "
                                             "or build the embedded default corpus offline (no -n).")
-    p.add_argument("--num-files", "--num_files", "-n", type=count_or_unset, default=None,
-                   help=f"download train shards 0..N-1 plus the val shard {shard_name(MAX_SHARD)}; -1 = all "
-                        f"{MAX_SHARD + 1} (default: build the embedded default instead)")
-    p.add_argument("--num-workers", "--num_workers", "-w", type=positive_int, default=4, help="parallel downloads")
-    p.add_argument("--base-url", "--base_url", default=BASE_URL, help="where the shards are (a mirror, a test server)")
-    p.add_argument("--data-dir", "--data_dir", default=None, help="where to write them (default: $JAXCHAT_BASE_DIR/base_data)")
+    add = flag_adder(p)
+    add("num_files", "-n", type=count_or_unset, default=None,
+        help=f"download train shards 0..N-1 plus the val shard {shard_name(MAX_SHARD)}; -1 = all "
+        f"{MAX_SHARD + 1} (default: build the embedded default instead)")
+    add("num_workers", "-w", type=positive_int, default=4, help="parallel downloads")
+    add("base_url", default=BASE_URL, help="where the shards are (a mirror, a test server)")
+    add("data_dir", default=None, help="where to write them (default: $JAXCHAT_BASE_DIR/base_data)")
     return p
 
 

@@ -146,6 +146,22 @@ class ExecutionResult:
         return f"ExecutionResult({', '.join(fields)})"
 
 
+def add_tool_flags(parser):
+    """--tool (the calculator or Python in the sandbox) and the sandbox flag, of a command that chats."""
+    parser.add_argument("--tool", default="calculator", choices=("calculator", "python"),
+                        help="what runs a <|python_start|> block in a reply: nanochat's calculator, or Python in "
+                             "the code sandbox")
+    add_sandbox_flag(parser)
+
+
+def chosen_tool(args):
+    """The engine's tool that --tool names; a missing sandbox is refused now, before any model loads."""
+    if args.tool == "python":
+        return python_tool(args.sandbox)
+    from jaxchat.engine import use_calculator  # lazily: the sandbox's own runs never import jax
+    return use_calculator
+
+
 def add_sandbox_flag(parser):
     """--unsafe-weak-sandbox: the explicit opt-out of the kernel boundary (sets args.sandbox)."""
     parser.add_argument("--unsafe-weak-sandbox", "--unsafe_weak_sandbox", dest="sandbox", action="store_const",

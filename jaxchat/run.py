@@ -25,8 +25,8 @@ from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from jaxchat import distributed, sharding
-from jaxchat.checkpoint_manager import (Checkpointer, check_model_config, check_tokenizer, checkpoint_dir,
-                                        find_largest_model, load_model)
+from jaxchat.checkpoint_manager import (Checkpointer, check_model_config, check_tokenizer, checkpoint_dir, load_model,
+                                        run_dir)
 from jaxchat.common import (SWITCH, UserError, count_or_unset, flag_adder, get_base_dir, non_negative_float,
                             positive_int, random_seed, step_or_last)
 from jaxchat.memory import peak_memory
@@ -80,9 +80,7 @@ def add_chat_flags(p, source, **defaults):
 
 def source_config(args):
     """The model config (a dict) of the checkpoint a chat stage starts from, read from its metadata only."""
-    root = os.path.dirname(checkpoint_dir(args.source, "x"))
-    tag = args.model_tag or find_largest_model(root)
-    with Checkpointer(os.path.join(root, tag), create=False) as ckpt:
+    with Checkpointer(run_dir(args.source, args.model_tag)[0], create=False) as ckpt:
         return ckpt.restore_meta()["model_config"]
 
 
@@ -139,7 +137,7 @@ def chat_run(stage, args, settings, loop_state, resume_keys=()):
     """The TrainingRun of a chat stage. Fresh, it starts from the source stage's checkpoint (its weights and its
     tokenizer, a fresh optimizer); `run.meta["source_step"]` names the step it started from. `resume_keys`: the
     stage's own flags a resumed run must share (beside CHAT_RESUME_KEYS)."""
-    model_tag = args.model_tag or find_largest_model(os.path.dirname(checkpoint_dir(args.source, "x")))
+    model_tag = run_dir(args.source, args.model_tag)[1]
     optim = optim_config(args)
 
     def fresh():

@@ -6,7 +6,7 @@ first time; offline, those comparisons are skipped with the reason, and ours is 
 import argparse
 
 from jaxchat import distributed
-from jaxchat.common import UserError, run_main
+from jaxchat.common import UserError, flag_adder, run_main
 from jaxchat.dataset import parquets_iter_batched
 from jaxchat.report import get_report
 from jaxchat.tokenizer import RustBPETokenizer, get_tokenizer
@@ -52,9 +52,10 @@ BASELINES = {"gpt2": "r50k_base", "gpt4": "cl100k_base"}
 
 def build_parser():
     p = argparse.ArgumentParser(description="Compare the trained tokenizer's compression with GPT-2 and GPT-4.")
-    p.add_argument("--tokenizer-dir", "--tokenizer_dir", default=None, help="default: $JAXCHAT_BASE_DIR/tokenizer")
-    p.add_argument("--data-dir", "--data_dir", default=None, help="default: $JAXCHAT_BASE_DIR/base_data")
-    p.add_argument("--compare", default="gpt2,gpt4", help="baselines to compare with (gpt2, gpt4; '' for none)")
+    add = flag_adder(p)
+    add("tokenizer_dir", default=None, help="default: $JAXCHAT_BASE_DIR/tokenizer")
+    add("data_dir", default=None, help="default: $JAXCHAT_BASE_DIR/base_data")
+    add("compare", default="gpt2,gpt4", help="baselines to compare with (gpt2, gpt4; '' for none)")
     return p
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxchat import distributed
-from jaxchat.common import get_base_dir, number, positive_int, run_main
+from jaxchat.common import flag_adder, get_base_dir, number, positive_int, run_main
 from jaxchat.dataset import iter_texts
 from jaxchat.report import get_report
 from jaxchat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer
@@ -20,14 +20,13 @@ from jaxchat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer
 def build_parser():
     # nanochat spelled these with underscores (OCT) and dashes (HEAD); both work here
     p = argparse.ArgumentParser(description="Train the jaxchat BPE tokenizer.")
-    p.add_argument("--vocab-size", "--vocab_size", type=number(int, 256 + len(SPECIAL_TOKENS)), default=65536,
-                   help="vocabulary incl. 9 specials (65536)")
-    p.add_argument("--max-chars", "--max_chars", type=positive_int, default=10_000_000_000,
-                   help="stop after this many characters")
-    p.add_argument("--doc-cap", "--doc_cap", type=positive_int, default=10_000,
-                   help="crop each document to this many characters")
-    p.add_argument("--data-dir", "--data_dir", default=None, help="pretraining shards (default: $JAXCHAT_BASE_DIR/base_data)")
-    p.add_argument("--out-dir", "--out_dir", default=None, help="where to save (default: $JAXCHAT_BASE_DIR/tokenizer)")
+    add = flag_adder(p)
+    add("vocab_size", type=number(int, 256 + len(SPECIAL_TOKENS)), default=65536,
+        help="vocabulary incl. 9 specials (65536)")
+    add("max_chars", type=positive_int, default=10_000_000_000, help="stop after this many characters")
+    add("doc_cap", type=positive_int, default=10_000, help="crop each document to this many characters")
+    add("data_dir", default=None, help="pretraining shards (default: $JAXCHAT_BASE_DIR/base_data)")
+    add("out_dir", default=None, help="where to save (default: $JAXCHAT_BASE_DIR/tokenizer)")
     return p
 
 

@@ -109,9 +109,7 @@ class RustBPETokenizer:
                 "special_tokens": {name: self.encode_special(name) for name in SPECIAL_TOKENS}}
         write_atomic(os.path.join(tokenizer_dir, RANKS_FILE), "".join(lines).encode())
         write_atomic(os.path.join(tokenizer_dir, META_FILE), (json.dumps(meta, indent=2) + "\n").encode())
-        token_bytes_path = os.path.join(tokenizer_dir, TOKEN_BYTES_FILE)
-        np.save(token_bytes_path + ".tmp.npy", self.token_bytes())
-        os.replace(token_bytes_path + ".tmp.npy", token_bytes_path)
+        write_atomic(os.path.join(tokenizer_dir, TOKEN_BYTES_FILE), lambda f: np.save(f, self.token_bytes()))
 
     # ---- basics -----------------------------------------------------------------------------------------------
     def get_vocab_size(self):
