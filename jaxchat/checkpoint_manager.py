@@ -212,8 +212,9 @@ class Checkpointer:
     def load_tokenizer(self, meta, where):
         """The tokenizer this run trained with (see `load_model`), checked against the step's `meta`."""
         tokenizer_dir = os.path.join(self.directory, TOKENIZER_DIR)
-        if not os.path.isdir(tokenizer_dir):
-            tokenizer_dir = os.path.join(get_base_dir(), "tokenizer")
+        if not os.path.isdir(tokenizer_dir):  # every save writes it: this run's files were moved or pruned by hand
+            raise UserError(f"{where} has no copy of the tokenizer it was trained with ({tokenizer_dir} is missing): "
+                            f"put that tokenizer's files there")
         tokenizer = get_tokenizer(tokenizer_dir)
         check_tokenizer(meta, tokenizer, where, tokenizer_dir)
         return tokenizer
@@ -443,16 +444,16 @@ def check_model_config(meta, config, where):
 
 def check_tokenizer(meta, tokenizer, where, tokenizer_dir=None):
     """Refuse a tokenizer that the checkpoint `where` was not trained with: a fingerprint other than the one its
-    meta records (checkpoints older than fingerprints record none), or a vocabulary size other than its model's.
+    meta records, or a vocabulary size other than its model's.
     `tokenizer_dir`: where the tokenizer came from, for the message (default: $JAXCHAT_BASE_DIR/tokenizer)."""
     tokenizer_dir = tokenizer_dir or os.path.join(get_base_dir(), "tokenizer")
     saved, actual = meta.get("tokenizer_fingerprint"), tokenizer.fingerprint()
-    if saved is not None and saved != actual:
+    if saved != actual:
         raise UserError(f"the tokenizer at {tokenizer_dir} is not the one {where} was trained with (fingerprint "
                         f"{actual} vs {saved}): was it retrained or replaced? Use the tokenizer the model was "
                         f"trained with, or train the model again")
-    vocab_size = meta.get("model_config", {}).get("vocab_size")
-    if vocab_size is not None and vocab_size != tokenizer.get_vocab_size():
+    vocab_size = meta["model_config"]["vocab_size"]
+    if vocab_size != tokenizer.get_vocab_size():
         raise UserError(f"the tokenizer at {tokenizer_dir} has {tokenizer.get_vocab_size()} tokens but the model of "
                         f"{where} has a vocabulary of {vocab_size}: use the tokenizer the model was trained with")
     # the BOS token needs no check: a tokenizer cannot be built without one (RustBPETokenizer.__init__)
@@ -460,8 +461,8 @@ def check_tokenizer(meta, tokenizer, where, tokenizer_dir=None):
 
 def load_model(source, model_tag=None, step=None, **execution):
     """nanochat's load_model: a stage's model (tag: the largest d<N>; step: the last), the tokenizer it was trained
-    with (the checkpoint's copy; $JAXCHAT_BASE_DIR/tokenizer for checkpoints older than copies), checked against
-    it, and the meta. Returns (model, tokenizer, meta); the weights land on the mesh set by `jax.set_mesh`.
+    with (the checkpoint's copy), checked against it, and the meta. Returns (model, tokenizer, meta); the weights
+    land on the mesh set by `jax.set_mesh`.
     `execution`: GPTConfig execution fields (compute_dtype=..., remat=...) to use instead of the saved ones."""
     directory, model_tag = run_dir(source, model_tag)
     with Checkpointer(directory, max_to_keep=None, create=False) as ckpt:

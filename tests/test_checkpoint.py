@@ -352,10 +352,21 @@ def test_check_tokenizer_refuses_another_tokenizer(tokenizers):
     check_tokenizer(meta, a, "base/t step 1")
     with pytest.raises(UserError, match=r"tokenizer/? is not the one base/t step 1 was trained with"):
         check_tokenizer(meta, b, "base/t step 1")
-    old = {"model_config": {**dataclasses.asdict(CONFIG), "vocab_size": 512}}  # older meta: no fingerprint
-    check_tokenizer({"model_config": dataclasses.asdict(CONFIG)}, b, "old")
-    with pytest.raises(UserError, match="has 300 tokens but the model of old has a vocabulary of 512"):
-        check_tokenizer(old, b, "old")
+    other = {"tokenizer_fingerprint": b.fingerprint(), "model_config": {**dataclasses.asdict(CONFIG), "vocab_size": 512}}
+    with pytest.raises(UserError, match="has 300 tokens but the model of other has a vocabulary of 512"):
+        check_tokenizer(other, b, "other")
+    with pytest.raises(UserError, match=r"is not the one unrecorded was trained with \(fingerprint \w+ vs None\)"):
+        check_tokenizer({"model_config": dataclasses.asdict(CONFIG)}, a, "unrecorded")
+
+
+def test_a_run_without_its_tokenizer_copy_is_refused(tokenizers):
+    """Every save writes the tokenizer beside the steps; a run whose copy is gone names what is missing."""
+    directory = write_run(tokenizers[0], steps=(1,))
+    shutil.rmtree(os.path.join(directory, "tokenizer"))
+    with Checkpointer(directory, create=False) as ckpt, \
+            pytest.raises(UserError, match=r"^base/t has no copy of the tokenizer it was trained with \(.*tokenizer is "
+                                           r"missing\): put that tokenizer's files there$"):
+        ckpt.load_tokenizer(ckpt.restore_meta(), "base/t")
 
 
 def test_vocab_mismatch_is_refused(tokenizers):
