@@ -55,10 +55,9 @@ from jaxchat.tokenizer import get_tokenizer
 SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
                "rl": "chatrl_checkpoints"}
 LOCK_FILE, TOKENIZER_DIR, CHECKSUMS_FILE = ".lock", "tokenizer", "checksums.json"
-# Damage detection, not tamper-proofing: any hash that misses random damage with negligible odds would do. On the
-# project's CPU (with SHA extensions, as most x86 since ~2019 and ARMv8) sha256 reads a file at 1.2 GB/s a core,
-# zlib's crc32 at 1.6 GB/s (32 bits: one damaged file in 4 billion passes), blake2b at 0.3 GB/s: sha256 costs
-# about a second more per d20 resume than crc32 and is never the weak link. Its name goes in each step's meta.
+# Damage detection, not tamper-proofing: any hash that misses random damage with negligible odds would do. sha256
+# runs near disk speed on CPUs with SHA extensions (most x86 and ARMv8), and unlike a 32-bit CRC its odds of
+# missing damage are nil. Its name goes in each step's meta, so another hash could come later.
 CHECKSUM = "sha256"
 
 
