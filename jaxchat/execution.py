@@ -40,7 +40,7 @@ import tempfile
 import time
 
 from jaxchat import seccomp
-from jaxchat.common import UserError
+from jaxchat.common import UserError, flag_adder
 
 SANDBOXES = ("boundary", "weak")
 SANDBOX_UID = 65534  # "nobody" on Debian-like systems: owns nothing
@@ -164,10 +164,9 @@ def chosen_tool(args):
 
 def add_sandbox_flag(parser):
     """--unsafe-weak-sandbox: the explicit opt-out of the kernel boundary (sets args.sandbox)."""
-    parser.add_argument("--unsafe-weak-sandbox", "--unsafe_weak_sandbox", dest="sandbox", action="store_const",
-                        const="weak", default="boundary",
-                        help="run model-written code without the kernel boundary (Python-level guards only): "
-                             "that code can then read and write your files and reach the network")
+    flag_adder(parser)("unsafe_weak_sandbox", dest="sandbox", action="store_const", const="weak", default="boundary",
+                       help="run model-written code without the kernel boundary (Python-level guards only): that "
+                            "code can then read and write your files and reach the network")
 
 
 def _interpreter():
