@@ -320,6 +320,27 @@ def test_safetensors_round_trip_and_damage(tmp_path):
         safetensors.load_file(path)
 
 
+def test_safetensors_agrees_with_the_reference_implementation(tmp_path):
+    """Files jaxchat writes (a transposed view, a cast on the way) read the same through the `safetensors` package,
+    and the package's files read the same through jaxchat."""
+    reference = pytest.importorskip("safetensors.numpy")
+    kernel = np.arange(12, dtype=np.float32).reshape(3, 4) / 7
+    arrays = {"t": kernel.T, "b": np.array([1.5, -2, 3e38], np.float32), "i": np.array([[1, 2]], np.int64)}
+    for dtype in (None, ml_dtypes.bfloat16):
+        ours, theirs = str(tmp_path / "ours.safetensors"), str(tmp_path / "theirs.safetensors")
+        safetensors.save_file(arrays, ours, {"format": "pt"}, dtype)
+        expected = {n: np.asarray(a, dtype or a.dtype) for n, a in arrays.items()}
+        for name, back in reference.load_file(ours).items():
+            assert back.dtype == expected[name].dtype
+            np.testing.assert_array_equal(back, expected[name])
+        reference.save_file({n: np.ascontiguousarray(a) for n, a in expected.items()}, theirs, {"format": "pt"})
+        back, metadata = safetensors.load_file(theirs)
+        assert metadata == {"format": "pt"} and set(back) == set(expected)
+        for name, a in expected.items():
+            assert back[name].dtype == a.dtype
+            np.testing.assert_array_equal(back[name], a)
+
+
 # ---- the Hub, served locally --------------------------------------------------------------------------------------
 REPO = "someone/nanochat-small"
 
