@@ -103,18 +103,18 @@ class Hub:
 def hub_environment(**env):
     """Set (or, with None, unset) environment variables for huggingface_hub, which reads them once, at import: its
     constants are read again on the way in and out."""
-    with pytest.MonkeyPatch.context() as mp:
+    mp = pytest.MonkeyPatch()
+    try:
         for key, value in env.items():
             if value is None:
                 mp.delenv(key, raising=False)
             else:
                 mp.setenv(key, value)
         importlib.reload(constants)
-        try:
-            yield
-        finally:
-            mp.undo()
-            importlib.reload(constants)
+        yield
+    finally:
+        mp.undo()
+        importlib.reload(constants)
 
 
 @pytest.fixture

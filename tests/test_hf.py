@@ -187,7 +187,7 @@ def test_export_refuses_what_config_json_cannot_say(trained, tmp_path, monkeypat
     """A model field config.json does not carry (here: one that reads back otherwise) stops the export, nothing
     written."""
     read_back = convert.config_from_hf
-    monkeypatch.setattr(hf, "config_from_hf", lambda h, where: (dataclasses.replace(read_back(h, where)[0], n_kv_head=4), []))
+    monkeypatch.setattr(convert, "config_from_hf", lambda h, where: (dataclasses.replace(read_back(h, where)[0], n_kv_head=4), []))
     with pytest.raises(UserError, match=r"cannot be expressed as a transformers NanoChat model: \{'n_kv_head': 2\}"):
         exported(tmp_path)
     assert not (tmp_path / "out").exists()
