@@ -62,7 +62,7 @@ def jaxchat_side(directory, new_tokens, chat):
     from flax import nnx
     jax.config.update("jax_default_matmul_precision", "highest")
     from jaxchat.checkpoint_manager import load_model
-    from jaxchat.hf import import_model
+    from jaxchat.hf.convert import import_model
     from jaxchat.model import KVCache
     import_model(directory, "parity", "sft")
     model, tokenizer, _ = load_model("sft", "parity")
@@ -94,7 +94,7 @@ def write_random(directory, depth, kv_heads, scale):
     import jax
     from flax import nnx
     from jaxchat.checkpoint_manager import Checkpointer, checkpoint_dir
-    from jaxchat.hf import export
+    from jaxchat.hf.convert import export
     from jaxchat.model import GPT, config_for_depth
     from jaxchat.tokenizer import get_tokenizer
     tokenizer = get_tokenizer()

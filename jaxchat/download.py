@@ -1,7 +1,7 @@
 """Downloading one file properly: resumable (Range requests into NAME.part, across runs too), retried with
 exponential backoff, verified (announced size, sha256 given or vouched for by the server, a content check), renamed
 into place only when whole, and locked so parallel processes fetch it once. Used for pretraining shards, the CORE
-eval bundle and task data.
+eval bundle and the word list; the Hub's models and task data come through huggingface_hub (jaxchat.hf.hub).
 """
 import contextlib
 import hashlib
@@ -71,13 +71,10 @@ class Progress:
             self.bar.update(n)
 
 
-def _fetch(url, part, timeout, progress, headers):
-    """One HTTP attempt into `part`, resuming it with a Range request; returns the sha256 the server vouches for.
-    `headers` (e.g. Authorization) go to `url`'s host only, not to where it redirects (a CDN)."""
+def _fetch(url, part, timeout, progress):
+    """One HTTP attempt into `part`, resuming it with a Range request; returns the sha256 the server vouches for."""
     have = os.path.getsize(part) if os.path.exists(part) else 0
     req = urllib.request.Request(url, headers={"User-Agent": "jaxchat"})
-    for key, value in (headers or {}).items():
-        req.add_unredirected_header(key, value)
     if have:
         req.add_header("Range", f"bytes={have}-")
     redirects = _KeepRedirectHeaders()
@@ -102,8 +99,7 @@ def _fetch(url, part, timeout, progress, headers):
     return sha
 
 
-def download_one(url, path, check=None, attempts=5, timeout=30, backoff=RETRY_DELAY, progress=None, sha256=None,
-                 headers=None):
+def download_one(url, path, check=None, attempts=5, timeout=30, backoff=RETRY_DELAY, progress=None, sha256=None):
     """Fetch one file via path.part, verify it, rename it into place; returns None or why it failed.
 
     `check(path)` is the content check (raises BadFile; e.g. "is it a parquet file"). A complete, valid file is not
@@ -117,7 +113,7 @@ def download_one(url, path, check=None, attempts=5, timeout=30, backoff=RETRY_DE
             return None  # already complete
         for attempt in range(1, attempts + 1):
             try:
-                sha = _fetch(url, part, timeout, progress, headers)
+                sha = _fetch(url, part, timeout, progress)
                 if sha and not sha256:
                     _verify(part, None, sha, "the server says")
                 _verify(part, check, sha256)
@@ -139,11 +135,10 @@ def download_one(url, path, check=None, attempts=5, timeout=30, backoff=RETRY_DE
         return f"{why} (after {attempts} attempts)"
 
 
-def download_file(url, path, check=None, sha256=None, attempts=5, timeout=30, backoff=RETRY_DELAY, what="file",
-                  headers=None):
+def download_file(url, path, check=None, sha256=None, attempts=5, timeout=30, backoff=RETRY_DELAY, what="file"):
     """download_one for a single file, with a tqdm bar; raises DownloadError with what to do when it fails."""
     with Progress(os.path.basename(path)) as progress:
-        why = download_one(url, path, check, attempts, timeout, backoff, progress, sha256, headers)
+        why = download_one(url, path, check, attempts, timeout, backoff, progress, sha256)
     if why:
         raise DownloadError(f"could not download the {what} from {url} into {path}: {why}\nwhat to do: check the "
                             f"network and rerun (a partial download resumes), or put the file there yourself",

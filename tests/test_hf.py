@@ -1,14 +1,11 @@
 """Hugging Face transformers import/export (no torch): round trips, the files' names and layouts as transformers'
 NanoChat expects them, tokenizer.json and the chat template against jaxchat's ids, bad directories, the Hub path."""
 import dataclasses
-import hashlib
-import http.server
 import json
 import os
 import random
 import re
 import shutil
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -17,12 +14,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxchat import hf, safetensors
+from jaxchat.hf import convert, safetensors
+from jaxchat.hf.__main__ import main as hf_main
 from jaxchat.checkpoint_manager import Checkpointer, checkpoint_dir, load_model
 from jaxchat.common import UserError, get_base_dir, run_main
-from jaxchat.hf_tokenizer import CHAT_TEMPLATE
+from jaxchat.hf.tokenizer import CHAT_TEMPLATE
 from jaxchat.model import GPT, GPTConfig
 from jaxchat.tokenizer import RustBPETokenizer, get_tokenizer
+from _hub import hub, hub_environment  # noqa: F401 (a fixture)
 from test_model import randomize
 
 TEXTS = ["Hello world! 12345 + 678 = 13023", "  leading spaces\n\n\ttabs and   runs   \r\n", "東京は晴れ。😀🚀 café",
@@ -57,13 +56,13 @@ def trained():
 
 
 def exported(tmp_path, **kw):
-    return hf.export("sft", "small", None, str(tmp_path / "out"), **kw)
+    return convert.export("sft", "small", None, str(tmp_path / "out"), **kw)
 
 
 def test_export_import_round_trip(trained, tmp_path):
     model, tok = trained
     out = exported(tmp_path)
-    hf.import_model(out, "back", "mid")
+    convert.import_model(out, "back", "mid")
     back, back_tok, meta = load_model("mid", "back")
     assert meta["step"] == 0 and meta["imported_from"] == os.path.abspath(out)
     assert back.config == model.config
@@ -83,7 +82,7 @@ def test_bfloat16_export_rounds_the_weights(trained, tmp_path):
     out = exported(tmp_path, dtype="bfloat16")
     tensors = safetensors.load_dir(out)
     assert {t.dtype for t in tensors.values()} == {np.dtype(ml_dtypes.bfloat16)}
-    hf.import_model(out, "bf16", "sft")
+    convert.import_model(out, "bf16", "sft")
     back, _, _ = load_model("sft", "bf16")
     want = np.asarray(model.h[0].attn.c_q.kernel[...]).astype(ml_dtypes.bfloat16).astype(np.float32)
     np.testing.assert_array_equal(np.asarray(back.h[0].attn.c_q.kernel[...]), want)
@@ -187,8 +186,8 @@ def test_export_refuses_a_non_empty_directory(trained, tmp_path):
 def test_export_refuses_what_config_json_cannot_say(trained, tmp_path, monkeypatch):
     """A model field config.json does not carry (here: one that reads back otherwise) stops the export, nothing
     written."""
-    read_back = hf.config_from_hf
-    monkeypatch.setattr(hf, "config_from_hf", lambda h, where: (dataclasses.replace(read_back(h, where)[0], n_kv_head=4), []))
+    read_back = convert.config_from_hf
+    monkeypatch.setattr(convert, "config_from_hf", lambda h, where: (dataclasses.replace(read_back(h, where)[0], n_kv_head=4), []))
     with pytest.raises(UserError, match=r"cannot be expressed as a transformers NanoChat model: \{'n_kv_head': 2\}"):
         exported(tmp_path)
     assert not (tmp_path / "out").exists()
@@ -246,7 +245,7 @@ def test_bad_directories_are_one_clear_error(trained, tmp_path, damage, message)
     out = exported(tmp_path)
     damage(out)
     with pytest.raises(SystemExit) as e:
-        run_main(lambda argv: hf.main(["import", out, "-g", "bad"]))
+        run_main(lambda argv: hf_main(["import", out, "-g", "bad"]))
     err = str(e.value.code)
     assert err.startswith("error: ") and len(err.splitlines()) == 1, err
     assert re.search(message, err), err
@@ -256,8 +255,8 @@ def test_bad_directories_are_one_clear_error(trained, tmp_path, damage, message)
 def test_import_keeps_existing_checkpoints_unless_overwrite(trained, tmp_path):
     out = exported(tmp_path)
     with pytest.raises(UserError, match=r"already holds checkpoints \(steps \[3\]\)"):
-        hf.import_model(out, "small", "sft")
-    hf.import_model(out, "small", "sft", overwrite=True)
+        convert.import_model(out, "small", "sft")
+    convert.import_model(out, "small", "sft", overwrite=True)
     assert Checkpointer(checkpoint_dir("sft", "small"), create=False).all_steps() == [0]
 
 
@@ -273,7 +272,7 @@ def test_tied_head_and_other_eps_import(trained, tmp_path, capsys, keep_head):
     json.dump(config, open(os.path.join(out, "config.json"), "w"))
     if not keep_head:
         edit_tensors(out, lambda t: t.pop("lm_head.weight"))
-    hf.import_model(out, "tied", "sft")
+    convert.import_model(out, "tied", "sft")
     assert "rms_norm_eps 1e-06 computed as jaxchat's" in capsys.readouterr().out
     back, _, _ = load_model("sft", "tied")
     np.testing.assert_array_equal(np.asarray(back.lm_head.kernel[...]), np.asarray(model.wte[...]).T)
@@ -282,7 +281,7 @@ def test_tied_head_and_other_eps_import(trained, tmp_path, capsys, keep_head):
 def test_an_imported_checkpoint_is_not_resumed(trained, tmp_path):
     import argparse
     from jaxchat.run import TrainingRun
-    hf.import_model(exported(tmp_path), "imported", "mid")
+    convert.import_model(exported(tmp_path), "imported", "mid")
     with pytest.raises(UserError, match="holds weights only, no run to resume; start a run from it with --source"):
         TrainingRun("mid", "imported", argparse.Namespace(resume=1, keep=2), {}, {}, optim=None, resume_keys=(),
                     fresh=None)
@@ -299,7 +298,7 @@ def test_sharded_weights_import(trained, tmp_path):
         safetensors.save_file({n: tensors[n] for n in chunk}, os.path.join(out, file), {"format": "pt"})
         weight_map |= {n: file for n in chunk}
     json.dump({"metadata": {}, "weight_map": weight_map}, open(os.path.join(out, safetensors.INDEX), "w"))
-    hf.import_model(out, "sharded", "sft")
+    convert.import_model(out, "sharded", "sft")
     back, _, _ = load_model("sft", "sharded")
     np.testing.assert_array_equal(np.asarray(back.h[1].attn.c_v.kernel[...]), np.asarray(model.h[1].attn.c_v.kernel[...]))
 
@@ -321,88 +320,96 @@ def test_safetensors_round_trip_and_damage(tmp_path):
         safetensors.load_file(path)
 
 
+def test_safetensors_agrees_with_the_reference_implementation(tmp_path):
+    """Files jaxchat writes (a transposed view, a cast on the way) read the same through the `safetensors` package,
+    and the package's files read the same through jaxchat."""
+    reference = pytest.importorskip("safetensors.numpy")
+    kernel = np.arange(12, dtype=np.float32).reshape(3, 4) / 7
+    arrays = {"t": kernel.T, "b": np.array([1.5, -2, 3e38], np.float32), "i": np.array([[1, 2]], np.int64)}
+    for dtype in (None, ml_dtypes.bfloat16):
+        ours, theirs = str(tmp_path / "ours.safetensors"), str(tmp_path / "theirs.safetensors")
+        safetensors.save_file(arrays, ours, {"format": "pt"}, dtype)
+        expected = {n: np.asarray(a, dtype or a.dtype) for n, a in arrays.items()}
+        for name, back in reference.load_file(ours).items():
+            assert back.dtype == expected[name].dtype
+            np.testing.assert_array_equal(back, expected[name])
+        reference.save_file({n: np.ascontiguousarray(a) for n, a in expected.items()}, theirs, {"format": "pt"})
+        back, metadata = safetensors.load_file(theirs)
+        assert metadata == {"format": "pt"} and set(back) == set(expected)
+        for name, a in expected.items():
+            assert back[name].dtype == a.dtype
+            np.testing.assert_array_equal(back[name], a)
+
+
 # ---- the Hub, served locally --------------------------------------------------------------------------------------
-class Hub:
-    """/api/models/<repo>/revision/<rev> and /<repo>/resolve/<commit>/<file> of one repository, as the Hub answers."""
-
-    def __init__(self, repo, files, commit="c0ffee" * 6 + "c0ff"):
-        self.repo, self.files, self.commit, self.log, self.corrupt = repo, files, commit, [], set()
-        hub = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                hub.log.append((self.path, self.headers.get("Authorization")))
-                api = f"/api/models/{hub.repo}/revision/"
-                if self.path.startswith(api):
-                    siblings = [{"rfilename": n, "size": len(d)} | ({"lfs": {"sha256": hashlib.sha256(d).hexdigest(),
-                                                                             "size": len(d)}}
-                                                                    if n.endswith(".safetensors") else {})
-                                for n, d in hub.files.items()]
-                    body = json.dumps({"id": hub.repo, "sha": hub.commit, "siblings": siblings}).encode()
-                elif self.path.startswith(f"/{hub.repo}/resolve/{hub.commit}/"):
-                    name = self.path.rsplit("/", 1)[1]
-                    if name not in hub.files:
-                        return self.send_error(404)
-                    body = hub.files[name][:-1] + b"\0" if name in hub.corrupt else hub.files[name]
-                else:
-                    return self.send_error(404)
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+REPO = "someone/nanochat-small"
 
 
 @pytest.fixture
-def hub(trained, tmp_path, monkeypatch):
+def published(trained, tmp_path, hub):
+    """The exported small model on the local Hub as REPO's main and refs/pr/1: (its files, the commit)."""
     out = exported(tmp_path)
     files = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
     files["pytorch_model.bin"] = b"not fetched"
-    h = Hub("someone/nanochat-small", files)
-    monkeypatch.setenv("HF_ENDPOINT", h.url)
-    monkeypatch.setenv("HF_TOKEN", "secret")
-    monkeypatch.setattr("jaxchat.download.time.sleep", lambda s: None)
-    yield h
-    h.httpd.shutdown()
+    commit = hub.add(REPO, files)
+    hub.add(REPO, files, revision="refs/pr/1", commit=commit)
+    return files, commit
 
 
-def test_import_from_the_hub(hub, trained):
+def test_import_from_the_hub(hub, published, trained, capsys):
     model, _ = trained
-    hf.main(["import", "--repo", hub.repo, "--revision", "refs/pr/1", "-g", "hub"])
+    files, commit = published
+    with hub_environment(HF_TOKEN="secret"):
+        hf_main(["import", "--repo", REPO, "--revision", "refs/pr/1", "-g", "hub"])
     back, _, meta = load_model("sft", "hub")
-    assert meta["imported_from"] == f"{hub.repo}@{hub.commit}"
+    assert meta["imported_from"] == f"{REPO}@{commit}"
     np.testing.assert_array_equal(np.asarray(back.wte[...]), np.asarray(model.wte[...]))
-    paths = [p for p, _ in hub.log]
-    assert paths[0] == f"/api/models/{hub.repo}/revision/refs%2Fpr%2F1?blobs=true"
-    assert not any(p.endswith(("pytorch_model.bin", "README.md")) for p in paths)
-    assert all(auth == "Bearer secret" for _, auth in hub.log)
-    local = os.path.join(get_base_dir(), "hf_models", "someone--nanochat-small", hub.commit)
-    assert sorted(f for f in os.listdir(local) if not f.startswith(".")) == ["config.json", "generation_config.json", "model.safetensors",
-                                         "tokenizer.json", "tokenizer_config.json"]
+    assert hub.requests("revision")[0] == f"/api/models/{REPO}/revision/refs/pr/1"
+    fetched = sorted({p.rsplit("/", 1)[1] for p in hub.requests("resolve")})
+    assert fetched == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                       "tokenizer_config.json"]  # not pytorch_model.bin, not README.md
+    assert all(auth == "Bearer secret" for _, path, auth in hub.log if REPO in path)
+    assert f"downloading model.safetensors of {REPO}@{commit}" in capsys.readouterr().out
+    snapshot = os.path.join(os.environ["HF_HOME"], "hub", "models--someone--nanochat-small", "snapshots", commit)
+    assert os.path.realpath(os.path.join(snapshot, "model.safetensors")).startswith(os.environ["HF_HOME"])
+
+    hub.log.clear()  # again: the cache has every file, only the branch is asked for, with no token when none is set
+    hf_main(["import", "--repo", REPO, "-g", "again"])
+    assert [(method, path) for method, path, _ in hub.log if REPO in path] == \
+        [("GET", f"/api/models/{REPO}/revision/main")]
+    assert all(auth is None for _, _, auth in hub.log)
+    hub.log.clear()
+    with hub_environment(HF_HUB_OFFLINE="1"):  # offline: the cache alone, no request
+        hf_main(["import", "--repo", REPO, "-g", "offline"])
+        np.testing.assert_array_equal(np.asarray(load_model("sft", "offline")[0].wte[...]), np.asarray(model.wte[...]))
+        with pytest.raises(SystemExit) as e:
+            run_main(lambda argv: hf_main(["import", "--repo", "someone/elsewhere", "-g", "x"]))
+    err = str(e.value.code)
+    assert len(err.splitlines()) == 1 and "someone/elsewhere" in err and "HF_HUB_OFFLINE" in err, err
+    assert hub.log == []
 
 
-def test_hub_download_checks_sha256(hub):
-    hub.corrupt.add("model.safetensors")
-    with pytest.raises(UserError, match="sha256 mismatch"):
-        hf.main(["import", "--repo", hub.repo, "-g", "hub"])
+def test_import_uses_what_the_cache_already_has(hub, published, trained):
+    """A model another Hub tool downloaded (its files in the shared cache) is not downloaded again."""
+    from huggingface_hub import snapshot_download
+    files, commit = published
+    snapshot_download(REPO)  # what transformers' from_pretrained would have fetched, and more
+    hub.log.clear()
+    hf_main(["import", "--repo", REPO, "-g", "hub"])
+    assert hub.requests("resolve") == [] and load_model("sft", "hub")[2]["imported_from"] == f"{REPO}@{commit}"
 
 
-def test_hub_bad_names_and_unknown_repos(hub):
+def test_hub_bad_names_and_unknown_repos(hub, published):
     with pytest.raises(UserError, match="expected owner/name"):
-        hf.main(["import", "--repo", "../../etc", "-g", "hub"])
-    with pytest.raises(UserError, match="cannot list someone/other at revision 'main'.*HTTP 404.*HF_TOKEN"):
-        hf.main(["import", "--repo", "someone/other", "-g", "hub"])
+        hf_main(["import", "--repo", "../../etc", "-g", "hub"])
+    with pytest.raises(UserError, match="someone/other at 'main': not found on http.*hf auth login.*HF_TOKEN"):
+        hf_main(["import", "--repo", "someone/other", "-g", "hub"])
+    with pytest.raises(UserError, match="no such revision"):
+        hf_main(["import", "--repo", REPO, "--revision", "v9", "-g", "hub"])
 
 
-def test_hub_repo_without_safetensors(hub):
-    for name in [n for n in hub.files if n.endswith(".safetensors")]:
-        del hub.files[name]
+def test_hub_repo_without_safetensors(hub, published):
+    files, _ = published
+    hub.add(REPO, {n: d for n, d in files.items() if not n.endswith(".safetensors")}, revision="nosafetensors")
     with pytest.raises(UserError, match="holds neither safetensors weights nor nanochat's model_<step>.pt.*pytorch_model.bin"):
-        hf.main(["import", "--repo", hub.repo, "-g", "hub"])
+        hf_main(["import", "--repo", REPO, "--revision", "nosafetensors", "-g", "hub"])

@@ -14,11 +14,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jaxchat import hf, nanochat_checkpoint
+from jaxchat.hf import convert, nanochat_checkpoint
+from jaxchat.hf.__main__ import main as hf_main
 from jaxchat.checkpoint_manager import load_model
 from jaxchat.common import UserError, get_base_dir, run_main
 from jaxchat.tokenizer import RustBPETokenizer
-from test_hf import Hub, training_text
+from _hub import hub  # noqa: F401 (a fixture)
+from test_hf import training_text
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "nanochat_d1")
 IDS = [321, 5, 17, 100, 250, 300, 42, 7, 99, 1]  # as tests/fixtures/make_nanochat_fixture.py
@@ -41,7 +43,7 @@ def nanochat_dir(path, tokenizer, tokenizer_dir=None):
 
 def test_import_matches_transformers_logits(tokenizer, tmp_path):
     directory = nanochat_dir(tmp_path / "d1", tokenizer)
-    hf.main(["import", directory, "-g", "d1", "-i", "sft"])
+    hf_main(["import", directory, "-g", "d1", "-i", "sft"])
     model, tok, meta = load_model("sft", "d1")
     assert tok.fingerprint() == tokenizer.fingerprint() and tok.get_bos_token_id() == IDS[0]
     assert (model.config.n_layer, model.config.n_head, model.config.n_kv_head, model.config.n_embd) == (1, 2, 1, 32)
@@ -107,29 +109,24 @@ def test_bad_nanochat_files_are_one_clear_error(tokenizer, tmp_path, monkeypatch
     elif damage == "no_tokenizer":
         os.remove(os.path.join(directory, "tokenizer.pkl"))
     with pytest.raises(SystemExit) as e:
-        run_main(lambda argv: hf.main(["import", directory, "-g", "bad"]))
+        run_main(lambda argv: hf_main(["import", directory, "-g", "bad"]))
     err = str(e.value.code)
     assert err.startswith("error: ") and len(err.splitlines()) == 1 and re.search(message, err), err
     assert not os.path.exists("exploited")
 
 
-def test_import_from_the_hub_as_nanochat_files(tokenizer, tmp_path, monkeypatch):
+def test_import_from_the_hub_as_nanochat_files(tokenizer, tmp_path, hub):
     directory = nanochat_dir(tmp_path / "d1", tokenizer)
     files = {name: open(os.path.join(directory, name), "rb").read() for name in os.listdir(directory)}
     files |= {"token_bytes.pt": b"not fetched", "README.md": b"# d1"}
-    hub = Hub("karpathy/nanochat-d1", files)
-    monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    try:
-        hf.main(["import", "--repo", hub.repo, "-g", "d1"])
-    finally:
-        hub.httpd.shutdown()
+    commit = hub.add("karpathy/nanochat-d1", files)
+    hf_main(["import", "--repo", "karpathy/nanochat-d1", "-g", "d1"])
     model, _, meta = load_model("sft", "d1")
-    assert meta["imported_from"] == f"{hub.repo}@{hub.commit}"
-    fetched = sorted(p.rsplit("/", 1)[1] for p, _ in hub.log if "/resolve/" in p)
-    assert fetched == ["meta_000005.json", "model_000005.pt", "tokenizer.pkl"]
+    assert meta["imported_from"] == f"karpathy/nanochat-d1@{commit}"
+    fetched = sorted(p.rsplit("/", 1)[1] for p in hub.requests("resolve") if p.startswith("/karpathy"))
+    assert sorted(set(fetched)) == ["meta_000005.json", "model_000005.pt", "tokenizer.pkl"]  # not token_bytes.pt
     reference = np.load(os.path.join(FIXTURE, "transformers_logits.npy"))
     np.testing.assert_allclose(np.asarray(model(jnp.array([IDS]))[0]), reference, atol=2e-5, rtol=0)
-    assert os.path.isdir(os.path.join(get_base_dir(), "hf_models", "karpathy--nanochat-d1", hub.commit))
 
 
 def write_pt(path, records, monkeypatch):

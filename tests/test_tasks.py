@@ -1,12 +1,9 @@
 """Chat tasks: views, mixtures, the hub loader (against a local HTTP server), and each dataset on small files."""
 import gzip
-import http.server
 import importlib.resources
 import json
-import logging
 import os
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from _hub import hub, hub_environment  # noqa: F401 (a fixture)
 from conftest import boundary_or_skip
 from jaxchat.common import UserError
 from jaxchat.download import DownloadError
@@ -86,75 +84,50 @@ def test_render_mc():
 
 
 # ------------------------------------------------------------------------------------------------ the hub loader
-class Hub:
-    """A stand-in for the hub's parquet export API: `files` maps a URL path to bytes; `requests` logs every GET."""
-
-    def __init__(self):
-        self.files, self.requests = {}, []
-        hub = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                hub.requests.append(self.path)
-                body = hub.files.get(self.path)
-                self.send_response(200 if body is not None else 404)
-                self.send_header("Content-Length", str(len(body or b"")))
-                self.end_headers()
-                self.wfile.write(body or b"")
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    def add_dataset(self, repo, subset, split, tables):
-        names = [f"/files/{repo}/{subset}/{split}/{i}.parquet" for i in range(len(tables))]
-        for name, table in zip(names, tables):
-            sink = pa.BufferOutputStream()
-            pq.write_table(table, sink)
-            self.files[name] = sink.getvalue().to_pybytes()
-        listing = json.dumps([self.url + n for n in names]).encode()
-        self.files[f"/api/datasets/{repo}/parquet/{subset}/{split}"] = listing
-        return names
+def publish(hub, repo, subset, split, tables, revision="refs/convert/parquet"):
+    """`tables` as the parquet export of `repo`'s subset/split on the local Hub; returns the files' paths."""
+    files = {}
+    for i, table in enumerate(tables):
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        files[f"{subset}/{split}/{i:04d}.parquet"] = sink.getvalue().to_pybytes()
+    hub.add(repo, files | {"other/train/0000.parquet": b"not fetched"}, "dataset", revision)
+    return list(files)
 
 
-@pytest.fixture
-def hub(monkeypatch):
-    server = Hub()
-    monkeypatch.setenv("JAXCHAT_HF_ENDPOINT", server.url)
-    monkeypatch.delenv("JAXCHAT_TASK_DATA", raising=False)
-    yield server
-    server.server.shutdown()
-
-
-def test_hub_download_cache_and_shuffle(hub):
+def test_hub_download_cache_and_shuffle(hub, capsys):
     tables = [pa.table({"x": list(range(0, 60))}), pa.table({"x": list(range(60, 100))})]
-    hub.add_dataset("org/data", "default", "train", tables)
-    rows = load_hub_dataset("org/data", "default", "train")
+    publish(hub, "org/data", "default", "train", tables)
+    with hub_environment(HF_TOKEN="secret"):
+        rows = load_hub_dataset("org/data", "default", "train")
     assert [r["x"] for r in rows] == np.random.default_rng(42).permutation(100).tolist()  # datasets' shuffle(42)
-    assert len(hub.requests) == 3  # the listing and two shards
-    shards = os.path.join(os.environ["JAXCHAT_BASE_DIR"], "task_data", "org--data", "default", "train")
-    assert sorted(f for f in os.listdir(shards) if not f.startswith(".")) == ["00000.parquet", "00001.parquet",
-                                                                            "manifest.json"]
+    assert hub.requests("revision") == ["/api/datasets/org/data/revision/refs/convert/parquet"]
+    assert sorted({p.rsplit("/resolve/", 1)[1].split("/", 1)[1] for p in hub.requests("resolve")}) == \
+        ["default/train/0000.parquet", "default/train/0001.parquet"]
+    assert all(auth == "Bearer secret" for _, path, auth in hub.log if "org/data" in path)  # the token, when set
+    assert "downloading org/data (default/train)" in capsys.readouterr().out
+    hub.log.clear()
     again = load_hub_dataset("org/data", "default", "train")
-    assert len(hub.requests) == 3 and list(again) == list(rows)  # the cache answers, no request
+    assert hub.log == [] and list(again) == list(rows)  # the cache answers, no request
     assert [r["x"] for r in load_hub_dataset("org/data", "default", "train", seed=None)] == list(range(100))
-    os.remove(os.path.join(shards, "00001.parquet"))  # a damaged cache: only the missing shard is fetched again
-    assert len(load_hub_dataset("org/data", "default", "train")) == 100
-    assert hub.requests[3:] == [hub.requests[0], hub.requests[2]]
+    with hub_environment(HF_HUB_OFFLINE="1"):
+        assert list(load_hub_dataset("org/data", "default", "train")) == list(rows)
+        with pytest.raises(TaskDataUnavailable) as e:
+            load_hub_dataset("org/data", "other", "train")  # on the Hub, not in the cache
+        with pytest.raises(TaskDataUnavailable, match="has no parquet files for default/test"):
+            load_hub_dataset("org/data", "default", "test")  # the cached file list says there is none
+    assert "HF_HUB_OFFLINE" in str(e.value) and "JAXCHAT_TASK_DATA" in str(e.value)
+    assert hub.log == []
 
 
-def test_hub_manifest_written_last(hub):
-    names = hub.add_dataset("org/data", "default", "test", [pa.table({"x": [1, 2]}), pa.table({"x": [3]})])
-    body = hub.files.pop(names[1])  # the second shard is missing: the download fails halfway
-    with pytest.raises(TaskDataUnavailable, match="404"):
+def test_hub_interrupted_download_is_not_complete(hub):
+    names = publish(hub, "org/data", "default", "test", [pa.table({"x": [1, 2]}), pa.table({"x": [3]})])
+    hub.unserved.add(names[1])  # listed but not served: the download fails halfway
+    with pytest.raises(TaskDataUnavailable, match="default/test"):
         load_hub_dataset("org/data", "default", "test")
-    shards = os.path.join(os.environ["JAXCHAT_BASE_DIR"], "task_data", "org--data", "default", "test")
-    assert os.path.exists(os.path.join(shards, "00000.parquet"))
-    assert not os.path.exists(os.path.join(shards, "manifest.json"))  # so it is not taken as complete
-    hub.files[names[1]] = body
+    with hub_environment(HF_HUB_OFFLINE="1"), pytest.raises(TaskDataUnavailable, match="HF_HUB_OFFLINE"):
+        load_hub_dataset("org/data", "default", "test")  # half a split in the cache is not taken as the split
+    hub.unserved.clear()
     assert sorted(r["x"] for r in load_hub_dataset("org/data", "default", "test")) == [1, 2, 3]
 
 
@@ -169,23 +142,23 @@ def test_hub_override_dirs(hub, tmp_path, monkeypatch):
     pq.write_table(pa.table({"x": [7, 8]}), str(env / "a.parquet"))
     monkeypatch.setenv("JAXCHAT_TASK_DATA", str(tmp_path / "env"))
     assert sorted(r["x"] for r in load_hub_dataset("org/data", "sub", "validation")) == [7, 8]
-    assert hub.requests == []  # neither touched the network
+    assert hub.log == []  # neither touched the network
 
 
-def test_hub_offline_error(monkeypatch):
+def test_hub_offline_error(monkeypatch, tmp_path):
     with socket.socket() as s:  # a port that nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    monkeypatch.setenv("JAXCHAT_HF_ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.delenv("JAXCHAT_TASK_DATA", raising=False)
-    with pytest.raises(TaskDataUnavailable) as e:
-        ARC("ARC-Easy", "test")
+    with hub_environment(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE=None):
+        with pytest.raises(TaskDataUnavailable) as e:
+            ARC("ARC-Easy", "test")
+        with pytest.raises(TaskDataUnavailable, match="no \\*.parquet or \\*.jsonl files in .*nowhere"):
+            ARC("ARC-Easy", "test", data_dir="/nowhere")  # and where it looked
     msg = str(e.value)
     assert isinstance(e.value, UserError)
-    assert f"127.0.0.1:{port}/api/datasets/allenai/ai2_arc/parquet/ARC-Easy/test" in msg  # what was tried
+    assert f"allenai/ai2_arc (ARC-Easy/test)" in msg and f"127.0.0.1:{port} cannot be reached" in msg  # what was tried
     assert "JAXCHAT_TASK_DATA" in msg and "allenai--ai2_arc/ARC-Easy/test/" in msg  # how to supply the files
-    with pytest.raises(TaskDataUnavailable, match="no \\*.parquet or \\*.jsonl files in .*nowhere"):
-        ARC("ARC-Easy", "test", data_dir="/nowhere")  # and where it looked
 
 
 # ------------------------------------------------------------------------------------------ multiple choice
@@ -339,7 +312,7 @@ def test_simplespelling(words):
         SimpleSpelling(20, word_list=words + ".missing")
 
 
-def test_word_list_download_and_fallback(monkeypatch, caplog):
+def test_word_list_download_and_fallback(monkeypatch, capsys):
     def offline(url, path, **kwargs):
         raise DownloadError(f"could not download {url}", {})
 
@@ -355,11 +328,10 @@ def test_word_list_download_and_fallback(monkeypatch, caplog):
     spellingbee._load_words.cache_clear()
     os.remove(os.path.join(os.environ["JAXCHAT_BASE_DIR"], "words_alpha.txt"))
     monkeypatch.setattr(spellingbee, "download_file", offline)
-    with caplog.at_level(logging.WARNING):
-        fallback = spellingbee.load_words()
+    fallback = spellingbee.load_words()
     spellingbee._load_words.cache_clear()
     assert len(fallback) > 200_000 and all(w.isalpha() and w.islower() and w.isascii() for w in fallback[::1000])
-    assert "english-words" in caplog.text
+    assert "english-words" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------------------- CustomJSON, SmolTalk

@@ -3,8 +3,8 @@ from jaxchat.tasks.arc import ARC
 from jaxchat.tasks.common import (FinalAnswerTask, MultipleChoiceTask, Task, TaskMixture, TaskSequence,
                                   extract_answer, render_mc)
 from jaxchat.tasks.customjson import CustomJSON
+from jaxchat.tasks.data import TaskDataUnavailable, load_hub_dataset
 from jaxchat.tasks.gsm8k import GSM8K
-from jaxchat.tasks.hub import TaskDataUnavailable, load_hub_dataset
 from jaxchat.tasks.humaneval import HumanEval
 from jaxchat.tasks.mmlu import MMLU
 from jaxchat.tasks.smoltalk import SmolTalk

@@ -2,7 +2,7 @@
 Hub: allenai/ai2_arc, subsets ARC-Easy / ARC-Challenge."""
 from jaxchat.common import UserError
 from jaxchat.tasks.common import MultipleChoiceTask
-from jaxchat.tasks.hub import load_hub_dataset
+from jaxchat.tasks.data import load_hub_dataset
 
 
 class ARC(MultipleChoiceTask):

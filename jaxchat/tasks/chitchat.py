@@ -11,7 +11,7 @@ import os
 import random
 
 from jaxchat.tasks.common import Task
-from jaxchat.tasks.hub import TaskDataUnavailable
+from jaxchat.tasks.data import TaskDataUnavailable
 
 TEST_FRACTION = 0.05
 

@@ -6,7 +6,7 @@ import os
 
 from jaxchat.common import UserError
 from jaxchat.tasks.common import Task, check_messages
-from jaxchat.tasks.hub import TaskDataUnavailable
+from jaxchat.tasks.data import TaskDataUnavailable
 
 
 class CustomJSON(Task):

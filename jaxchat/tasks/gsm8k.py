@@ -9,7 +9,7 @@ import re
 
 from jaxchat.common import UserError
 from jaxchat.tasks.common import FinalAnswerTask
-from jaxchat.tasks.hub import TaskDataUnavailable, load_hub_dataset, read_rows, shuffled
+from jaxchat.tasks.data import TaskDataUnavailable, load_hub_dataset, read_rows, shuffled
 
 
 def solution_parts(answer):

@@ -9,7 +9,7 @@ import re
 
 from jaxchat.execution import execute_code, require
 from jaxchat.tasks.common import Task
-from jaxchat.tasks.hub import TaskDataUnavailable, load_hub_dataset, shuffled
+from jaxchat.tasks.data import TaskDataUnavailable, load_hub_dataset, shuffled
 
 
 def extract_imports(prompt):

@@ -4,7 +4,7 @@ nanochat HEAD asks for subset "all" with splits auxiliary_train|validation|dev|t
 subset "auxiliary_train", split "train", whose rows wrap the real row in a "train" field. Both are accepted."""
 from jaxchat.common import UserError
 from jaxchat.tasks.common import MultipleChoiceTask
-from jaxchat.tasks.hub import load_hub_dataset
+from jaxchat.tasks.data import load_hub_dataset
 
 
 class MMLU(MultipleChoiceTask):

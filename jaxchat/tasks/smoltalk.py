@@ -2,7 +2,7 @@
 Hub: HuggingFaceTB/smol-smoltalk; train 460K conversations, test 24K. Some start with a system message."""
 from jaxchat.common import UserError
 from jaxchat.tasks.common import Task, check_messages
-from jaxchat.tasks.hub import load_hub_dataset
+from jaxchat.tasks.data import load_hub_dataset
 
 
 class SmolTalk(Task):

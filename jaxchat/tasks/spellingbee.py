@@ -7,16 +7,14 @@ SimpleSpelling: "Spell the word: cat" -> "cat:c,a,t", the hard part of the above
 Each example comes from its own seed (SyntheticTask); nanochat's October seed -(i+1) made test item i train item i+1.
 """
 import functools
-import logging
 import os
 import random
 
 from jaxchat.common import UserError, get_base_dir
 from jaxchat.download import BadFile, download_file
 from jaxchat.tasks.common import FinalAnswerTask, SyntheticTask
-from jaxchat.tasks.hub import TaskDataUnavailable
+from jaxchat.tasks.data import TaskDataUnavailable
 
-log = logging.getLogger(__name__)
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/master/words_alpha.txt"  # ~370K words
 
@@ -102,14 +100,14 @@ def _load_words(path, given):
                 raise TaskDataUnavailable(f"{e}\nor: pip install english-words==2.0.2, or give a word list "
                                           f"with JAXCHAT_WORD_LIST=FILE") from None
             words = tuple(sorted(w for w in get_english_words_set(["web2"], alpha=True, lower=True) if w.isascii()))
-            log.warning("word list: %s is unavailable, using the english-words package's web2 list (%d words); "
-                        "spelling examples differ from nanochat's", WORD_LIST_URL, len(words))
+            print(f"word list: {WORD_LIST_URL} is unavailable, using the english-words package's web2 list "
+                  f"({len(words)} words); spelling examples differ from nanochat's")
             return words
     with open(path, encoding="utf-8") as f:
         words = tuple(w for w in (line.strip() for line in f) if w)
     if not words:
         raise UserError(f"word list {path} is empty")
-    log.info("word list: %s (%d words)", path, len(words))
+    print(f"word list: {path} ({len(words)} words)")
     return words
 
 

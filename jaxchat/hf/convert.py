@@ -1,8 +1,4 @@
-"""Models to and from Hugging Face transformers: the `nanochat` model type (NanoChatForCausalLM).
-
-    python -m jaxchat.hf export -i sft -g d20 [-s STEP] --out DIR     # a jaxchat checkpoint -> DIR
-    python -m jaxchat.hf import DIR -g d20 [--source sft]              # DIR -> a jaxchat checkpoint
-    python -m jaxchat.hf import --repo karpathy/nanochat-d32 -g d32    # from the Hub
+"""jaxchat checkpoints to and from Hugging Face transformers' `nanochat` model type (NanoChatForCausalLM).
 
 transformers' NanoChat computes jaxchat's function: embedding, parameter-free RMSNorm, pre-norm blocks with
 rotate-half RoPE (the sign nanochat uses) then QK-norm, GQA, relu² MLP 4·d wide, a final norm, an untied head and a
@@ -15,16 +11,12 @@ makes import refuse with one line; export checks that its config.json reads back
 Import also reads nanochat's own checkpoint files (model_<step>.pt, meta_<step>.json, tokenizer.pkl: how nanochat
 saves and its authors publish; `nanochat_checkpoint`, no torch, no code run from the pickles). It writes a
 checkpoint (step 0) with its tokenizer, like any stage's, so chat_cli, chat_eval, base_eval, chat_web and the
-training stages (`--source`) use it unchanged. `--repo` downloads either kind through the Hub's HTTP API
-(HF_ENDPOINT or JAXCHAT_HF_ENDPOINT for a mirror, HF_TOKEN for a gated or private repository) with jaxchat's
-resumable, verified downloads, into $JAXCHAT_BASE_DIR/hf_models/<owner>--<name>/<commit>/.
+training stages (`--source`) use it unchanged. `download_model` gets either kind from the Hub into the Hugging Face
+cache (`hub`).
 """
-import argparse
 import dataclasses
 import json
 import os
-import re
-import urllib.parse
 
 import jax
 import jax.numpy as jnp
@@ -32,13 +24,11 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from jaxchat import nanochat_checkpoint, safetensors
-from jaxchat.checkpoint_manager import SOURCE_DIRS, Checkpointer, checkpoint_dir, load_model
-from jaxchat.common import UserError, get_base_dir, run_main, write_atomic
-from jaxchat.download import DownloadError, download_file
-from jaxchat.hf_tokenizer import TOKENIZER_CONFIG, TOKENIZER_JSON, from_hf, save_hf_tokenizer
+from jaxchat.checkpoint_manager import Checkpointer, checkpoint_dir, load_model
+from jaxchat.common import UserError, get_base_dir, write_atomic
+from jaxchat.hf import hub, nanochat_checkpoint, safetensors
+from jaxchat.hf.tokenizer import TOKENIZER_CONFIG, TOKENIZER_JSON, from_hf, save_hf_tokenizer
 from jaxchat.model import EXECUTION_FIELDS, GPT, NORM_EPS, ROPE_BASE, SOFTCAP, GPTConfig
-from jaxchat.tasks.hub import hub_endpoint, slug
 
 LAYER_TENSORS = {("attn", "c_q"): "self_attn.q_proj", ("attn", "c_k"): "self_attn.k_proj",
                  ("attn", "c_v"): "self_attn.v_proj", ("attn", "c_proj"): "self_attn.o_proj",
@@ -266,83 +256,25 @@ def _set(tree, path, value):
 
 
 # ---- the Hub ----------------------------------------------------------------------------------------------------
-def download_repo(repo, revision="main", step=None):
-    """A model repository at `revision`: its transformers files (config, tokenizer, safetensors), or else its
-    nanochat checkpoint files (`step`: default the last), into $JAXCHAT_BASE_DIR/hf_models/<owner>--<name>/<commit>/
-    (LFS files checked against their sha256). Returns (that directory, "repo@commit")."""
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo) or ".." in repo:
-        raise UserError(f"--repo {repo!r}: expected owner/name")
-    endpoint, token = hub_endpoint(), os.environ.get("HF_TOKEN")
-    headers = {"Authorization": f"Bearer {token}"} if token else None
-    root = os.path.join(get_base_dir(), "hf_models", slug(repo))
-    listing = os.path.join(root, f"revision-{urllib.parse.quote(revision, safe='')}.json")
-    if os.path.exists(listing):
-        os.remove(listing)  # a branch moves: ask again
-    try:
-        download_file(f"{endpoint}/api/models/{repo}/revision/{urllib.parse.quote(revision, safe='')}?blobs=true",
-                      listing, what=f"file list of {repo}", headers=headers)
-    except DownloadError as e:
-        why = next(iter(e.failed.values()))
-        raise UserError(f"cannot list {repo} at revision {revision!r} on {endpoint}: {why} (is the name right? a "
-                        f"gated or private repository needs HF_TOKEN)") from None
-    try:
-        with open(listing, encoding="utf-8") as f:
-            info = json.load(f)
-        commit, files = info["sha"], {s["rfilename"]: s for s in info["siblings"] if isinstance(s, dict)}
-        assert isinstance(commit, str) and re.fullmatch(r"[0-9a-f]{40}", commit), f"commit {commit!r}"
-    except (ValueError, KeyError, TypeError, AssertionError) as e:
-        raise UserError(f"unexpected answer from {endpoint} for {repo}: {type(e).__name__}: {e}") from None
-    top = [name for name in files if isinstance(name, str) and "/" not in name]
+HUB_SMALL_FILES = [CONFIG, GENERATION_CONFIG, TOKENIZER_JSON, TOKENIZER_CONFIG, safetensors.INDEX, "tokenizer.pkl",
+                   "meta_*.json"]
+
+
+def download_model(repo, revision="main", step=None):
+    """A model repository at `revision` in the Hugging Face cache: its transformers files (config, tokenizer,
+    safetensors), or else its nanochat checkpoint files (`step`: default the last). Returns (the snapshot
+    directory, "repo@commit"). The small files come first; they and the cached file list say which weights to get."""
+    hub.check_repo_name(repo)
+    directory = hub.snapshot(repo, revision, HUB_SMALL_FILES)
+    commit = os.path.basename(directory)
+    top = [name for name in hub.repo_files(repo, commit, directory) if "/" not in name]
     weights = [safetensors.SINGLE] if safetensors.SINGLE in top else \
         [name for name in top if name == safetensors.INDEX or name.endswith(".safetensors")]  # the index and shards
-    if weights:
-        wanted = weights + [name for name in top if name in (CONFIG, GENERATION_CONFIG, TOKENIZER_JSON, TOKENIZER_CONFIG)]
-    else:
-        wanted = nanochat_checkpoint.files_to_fetch(top, step)
+    wanted = weights or nanochat_checkpoint.files_to_fetch(top, step)
     if not wanted:
         raise UserError(f"{repo} at {revision} holds neither safetensors weights nor nanochat's model_<step>.pt, "
                         f"meta_<step>.json and tokenizer.pkl{f' at step {step}' if step is not None else ''} "
                         f"(files: {', '.join(sorted(top)[:12])})")
-    directory = os.path.join(root, commit)
-    for name in wanted:
-        lfs = files[name].get("lfs")
-        sha256 = lfs.get("sha256") if isinstance(lfs, dict) else None
-        if sha256 is not None and not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-f]{64}", sha256)):
-            raise UserError(f"unexpected answer from {endpoint} for {repo}: sha256 {sha256!r} of {name}")
-        download_file(f"{endpoint}/{repo}/resolve/{commit}/{urllib.parse.quote(name)}", os.path.join(directory, name),
-                      sha256=sha256, what=f"{repo} file", headers=headers)
+    if not all(os.path.exists(os.path.join(directory, name)) for name in wanted):  # else cached: no request
+        hub.download(repo, commit, wanted, f"{', '.join(wanted)} of {repo}@{commit}")
     return directory, f"{repo}@{commit}"
-
-
-# ---- CLI ----------------------------------------------------------------------------------------------------------
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m jaxchat.hf", description="models to and from Hugging Face transformers")
-    commands = p.add_subparsers(dest="command", required=True)
-    e = commands.add_parser("export", help="a jaxchat checkpoint as a transformers model directory")
-    e.add_argument("-i", "--source", default="sft", choices=sorted(SOURCE_DIRS), help="which stage's checkpoint")
-    e.add_argument("-g", "--model-tag", "--model_tag", default=None, help="default: the largest d<N>")
-    e.add_argument("-s", "--step", type=int, default=None, help="default: the last")
-    e.add_argument("--out", required=True, help="the directory to write")
-    e.add_argument("--dtype", default="float32", choices=sorted(EXPORT_DTYPES), help="of the saved weights")
-    e.add_argument("--overwrite", type=int, default=0, help="1: write over a non-empty --out")
-    i = commands.add_parser("import", help="a transformers NanoChat model as a jaxchat checkpoint")
-    i.add_argument("directory", nargs="?", help="a local model directory: transformers', or nanochat's checkpoint files")
-    i.add_argument("--repo", default=None, help="download owner/name from the Hugging Face Hub")
-    i.add_argument("--revision", default="main", help="with --repo: a branch, tag, commit or refs/pr/N")
-    i.add_argument("-g", "--model-tag", "--model_tag", default=None, help="default: d<number of layers>")
-    i.add_argument("-i", "--source", default="sft", choices=sorted(SOURCE_DIRS), help="which stage to import as")
-    i.add_argument("-s", "--step", type=int, default=None, help="of nanochat's own checkpoint files: default the last")
-    i.add_argument("--overwrite", type=int, default=0, help="1: replace checkpoints already under the tag")
-    args = p.parse_args(argv)
-    if args.command == "export":
-        export(args.source, args.model_tag, args.step, args.out, args.dtype, bool(args.overwrite))
-        return
-    if (args.directory is None) == (args.repo is None):
-        raise UserError("import takes a model directory or --repo owner/name (one of them)")
-    directory, origin = (args.directory, None) if args.repo is None else \
-        download_repo(args.repo, args.revision, args.step)
-    import_model(directory, args.model_tag, args.source, bool(args.overwrite), origin, args.step)
-
-
-if __name__ == "__main__":
-    run_main(main)

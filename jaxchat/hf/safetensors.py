@@ -5,6 +5,11 @@ the data that follows; "__metadata__": string pairs), then the tensors' bytes ba
 endian. Reading memory-maps the file, so a multi-GB model costs no memory until a tensor is used. bfloat16 (how
 published checkpoints are usually stored) comes through ml_dtypes, which JAX already needs.
 
+Why not the `safetensors` package (the reference implementation, which the tests check this against): its numpy API
+writes only contiguous arrays already in their stored dtype, all at once, so an export would first copy every
+transposed kernel (a second model's worth of memory), where this writer copies one tensor at a time; and reading
+gains nothing over a memory map.
+
 A model too big for one file is split into shards with an index, `model.safetensors.index.json`
 ({"weight_map": {tensor name: file name}}); `load_dir` reads either layout.
 """
