@@ -6,8 +6,8 @@
 """
 import argparse
 
-from jaxchat.checkpoint_manager import SOURCE_DIRS
-from jaxchat.common import UserError, run_main
+from jaxchat.checkpoint_manager import SOURCE_DIRS, add_checkpoint_flags
+from jaxchat.common import SWITCH, UserError, flag_adder, non_negative_int, run_main
 from jaxchat.hf.convert import EXPORT_DTYPES, download_model, export, import_model
 
 
@@ -15,20 +15,19 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m jaxchat.hf", description="models to and from Hugging Face transformers")
     commands = p.add_subparsers(dest="command", required=True)
     e = commands.add_parser("export", help="a jaxchat checkpoint as a transformers model directory")
-    e.add_argument("-i", "--source", default="sft", choices=sorted(SOURCE_DIRS), help="which stage's checkpoint")
-    e.add_argument("-g", "--model-tag", "--model_tag", default=None, help="default: the largest d<N>")
-    e.add_argument("-s", "--step", type=int, default=None, help="default: the last")
+    add_checkpoint_flags(e)
     e.add_argument("--out", required=True, help="the directory to write")
     e.add_argument("--dtype", default="float32", choices=sorted(EXPORT_DTYPES), help="of the saved weights")
-    e.add_argument("--overwrite", type=int, default=0, help="1: write over a non-empty --out")
+    flag_adder(e)("overwrite", **SWITCH, default=0, help="1: write over a non-empty --out")
     i = commands.add_parser("import", help="a transformers NanoChat model as a jaxchat checkpoint")
+    add = flag_adder(i)
     i.add_argument("directory", nargs="?", help="a local model directory: transformers', or nanochat's checkpoint files")
-    i.add_argument("--repo", default=None, help="download owner/name from the Hugging Face Hub")
-    i.add_argument("--revision", default="main", help="with --repo: a branch, tag, commit or refs/pr/N")
-    i.add_argument("-g", "--model-tag", "--model_tag", default=None, help="default: d<number of layers>")
-    i.add_argument("-i", "--source", default="sft", choices=sorted(SOURCE_DIRS), help="which stage to import as")
-    i.add_argument("-s", "--step", type=int, default=None, help="of nanochat's own checkpoint files: default the last")
-    i.add_argument("--overwrite", type=int, default=0, help="1: replace checkpoints already under the tag")
+    add("repo", default=None, help="download owner/name from the Hugging Face Hub")
+    add("revision", default="main", help="with --repo: a branch, tag, commit or refs/pr/N")
+    add("model_tag", "-g", default=None, help="default: d<number of layers>")
+    add("source", "-i", default="sft", choices=sorted(SOURCE_DIRS), help="which stage to import as")
+    add("step", "-s", type=non_negative_int, default=None, help="of nanochat's own checkpoint files: default the last")
+    add("overwrite", **SWITCH, default=0, help="1: replace checkpoints already under the tag")
     args = p.parse_args(argv)
     if args.command == "export":
         export(args.source, args.model_tag, args.step, args.out, args.dtype, bool(args.overwrite))
