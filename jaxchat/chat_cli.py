@@ -12,7 +12,8 @@ import signal
 import sys
 
 from jaxchat.checkpoint_manager import SOURCE_DIRS, load_model
-from jaxchat.common import UserError, non_negative_float, non_negative_int, number, positive_int, random_seed, run_main
+from jaxchat.common import UserError, non_negative_float, non_negative_int, number, positive_int, random_seed
+from jaxchat.distributed import run_main
 from jaxchat.engine import Engine, use_calculator
 from jaxchat.execution import add_sandbox_flag, python_tool
 from jaxchat.sampling import MAX_TOP_K

@@ -34,7 +34,8 @@ from flax import nnx
 
 from jaxchat import nanochat_checkpoint, safetensors
 from jaxchat.checkpoint_manager import SOURCE_DIRS, Checkpointer, checkpoint_dir, load_model
-from jaxchat.common import UserError, get_base_dir, run_main, write_atomic
+from jaxchat.common import UserError, get_base_dir, write_atomic
+from jaxchat.distributed import run_main
 from jaxchat.download import DownloadError, download_file
 from jaxchat.hf_tokenizer import TOKENIZER_CONFIG, TOKENIZER_JSON, from_hf, save_hf_tokenizer
 from jaxchat.model import EXECUTION_FIELDS, GPT, NORM_EPS, ROPE_BASE, SOFTCAP, GPTConfig

@@ -19,7 +19,8 @@ from flax import nnx
 
 from jaxchat import hf, safetensors
 from jaxchat.checkpoint_manager import Checkpointer, checkpoint_dir, load_model
-from jaxchat.common import UserError, get_base_dir, run_main
+from jaxchat.common import UserError, get_base_dir
+from jaxchat.distributed import run_main
 from jaxchat.hf_tokenizer import CHAT_TEMPLATE
 from jaxchat.model import GPT, GPTConfig
 from jaxchat.tokenizer import RustBPETokenizer, get_tokenizer

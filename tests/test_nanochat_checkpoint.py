@@ -16,7 +16,8 @@ import pytest
 
 from jaxchat import hf, nanochat_checkpoint
 from jaxchat.checkpoint_manager import load_model
-from jaxchat.common import UserError, get_base_dir, run_main
+from jaxchat.common import UserError, get_base_dir
+from jaxchat.distributed import run_main
 from jaxchat.tokenizer import RustBPETokenizer
 from test_hf import Hub, training_text
 

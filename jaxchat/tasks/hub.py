@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jaxchat.common import UserError, file_lock, get_base_dir
-from jaxchat.dataset import check_parquet
+from jaxchat.corpus import check_parquet
 from jaxchat.download import download_file
 
 log = logging.getLogger(__name__)
