@@ -56,17 +56,18 @@ def split_documents(text, max_chars=MAX_DOC_CHARS):
     return docs
 
 
-def data_files(data_dir):
+def found_data_files(data_dir):
+    """The data files of a directory, sorted (none: an empty list)."""
     return sorted(p for p in glob.glob(os.path.join(data_dir, "*")) if p.endswith(DATA_EXTENSIONS))
 
 
-def listdata_files(data_dir=None):
+def list_data_files(data_dir=None):
     """The data files of a directory, sorted; a clear error when there are none."""
     data_dir = data_dir or default_data_dir()
     if not os.path.isdir(data_dir):
         raise UserError(f"data directory {data_dir} does not exist (build the default with `python -m jaxchat.dataset`"
                         f" or pass a directory of .parquet/.jsonl/.txt files)")
-    files = data_files(data_dir)
+    files = found_data_files(data_dir)
     if not files:
         raise UserError(f"no data files ({', '.join(DATA_EXTENSIONS)}) in {data_dir}")
     return files
@@ -78,7 +79,7 @@ def split_files(split, data_dir=None):
     serves as both)."""
     assert split in ("train", "val"), split
     data_dir = str(data_dir or default_data_dir())
-    files = listdata_files(data_dir)
+    files = list_data_files(data_dir)
     if record := recorded_split(data_dir, files):
         train, val = record
         return [os.path.join(data_dir, n) for n in (train if split == "train" else [val])]

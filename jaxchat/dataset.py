@@ -16,9 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from jaxchat import distributed
 from jaxchat.common import UserError, count_or_unset, file_lock, positive_int
-from jaxchat.corpus import (DEFAULT_CORPUS, DEFAULT_MARKER, MANIFEST, MAX_SHARD, SHARD_RE, check_parquet, data_files,
-                            default_data_dir, default_shards, read_manifest, shard_name, split_files, write_manifest,
-                            write_shard)
+from jaxchat.corpus import (DEFAULT_CORPUS, DEFAULT_MARKER, MANIFEST, MAX_SHARD, SHARD_RE, check_parquet,
+                            default_data_dir, default_shards, found_data_files, read_manifest, shard_name, split_files,
+                            write_manifest, write_shard)
 from jaxchat.distributed import run_main
 from jaxchat.download import RETRY_DELAY, DownloadError, Progress, download_one
 
@@ -30,7 +30,7 @@ def build_default_shards(data_dir=None):
     done = os.path.join(data_dir, DEFAULT_MARKER)
     with file_lock(os.path.join(data_dir, ".lock")):
         if not os.path.exists(done):
-            if present := data_files(data_dir):  # downloaded shards or the user's own: never overwrite or mix
+            if present := found_data_files(data_dir):  # downloaded shards or the user's own: never overwrite or mix
                 raise UserError(f"{data_dir} already holds {len(present)} data files that are not the embedded "
                                 f"default (downloaded shards or your own); build the default elsewhere with "
                                 f"--data-dir=DIR (the launcher passes it to every stage), or move those files away")
@@ -60,7 +60,7 @@ def _prepare_download_dir(data_dir):
     """Downloads own their directory: an embedded default there is replaced, other files are refused (no mixing)."""
     os.makedirs(data_dir, exist_ok=True)
     with file_lock(os.path.join(data_dir, ".lock")):
-        files = data_files(data_dir)
+        files = found_data_files(data_dir)
         if foreign := [os.path.basename(f) for f in files if not SHARD_RE.fullmatch(os.path.basename(f))]:
             raise UserError(f"{data_dir} holds {len(foreign)} other data files ({', '.join(foreign[:3])}); "
                             f"download into a directory of its own: --data-dir=DIR")
@@ -140,7 +140,8 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.num_files is None:
-        if args.data_dir and data_files(args.data_dir) and not os.path.exists(os.path.join(args.data_dir, DEFAULT_MARKER)):
+        if args.data_dir and found_data_files(args.data_dir) and \
+                not os.path.exists(os.path.join(args.data_dir, DEFAULT_MARKER)):
             train, val = split_files("train", args.data_dir), split_files("val", args.data_dir)  # used as it is
             print(f"using the {len(set(train + val))} data files in {args.data_dir}: {len(train)} to train on, "
                   f"{os.path.basename(val[0])} for validation")
