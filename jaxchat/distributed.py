@@ -1,5 +1,7 @@
-"""How every command starts (`run_main`), and many processes running one program: `jax.distributed` start-up, the
-one writer, barriers, failing fast.
+"""How every command starts, and many processes running one program: the one writer, barriers, failing fast.
+
+`run_main(main)` starts every command: the GPU settings (GPU_ENV, GPU_XLA_FLAGS) before JAX starts its backend,
+`jax.distributed` from the flags below, XLA's compilation cache, then main(argv); bad input is one error line.
 
 One process per host drives all of that host's devices; together the processes run one SPMD program over the
 global mesh (every stage's `make_mesh` covers `jax.devices()`, all hosts' devices). Every stage and the launcher
@@ -18,8 +20,8 @@ timeout, instead of waiting in a collective that will never complete.
 """
 import argparse
 import functools
-import itertools
 import importlib.util
+import itertools
 import json
 import os
 import sys
