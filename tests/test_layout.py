@@ -1,6 +1,6 @@
-"""The package's layout, read from its source with `ast` (nothing imported but `jaxchat.COMMANDS`): a module is a
-command exactly when it is listed in COMMANDS, the library never imports a command, no imports go in a circle, and
-the README's layout section lists the commands and the library as they are."""
+"""The package's layout, read from its source with `ast` (the import graph imports nothing): a module is a command
+exactly when it is listed in `jaxchat.COMMANDS`, the library never imports a command nor a command another, no
+imports go in a circle, and the README's layout section lists the commands and the library as they are."""
 import ast
 import os
 import re
@@ -72,6 +72,11 @@ GRAPH = {m: imports(m, tree, MODULES) for m, tree in MODULES.items()}
 def test_a_module_is_a_command_exactly_when_listed():
     assert sorted(COMMANDS.values()) == sorted(jaxchat.COMMANDS)
     assert len(set(jaxchat.COMMANDS)) == len(jaxchat.COMMANDS)
+
+
+def test_the_launchers_stages_are_commands():
+    from jaxchat.pipeline import STAGES  # the one place the library loads commands: by these names
+    assert {m.removeprefix("jaxchat.") for m in STAGES.values()} <= set(jaxchat.COMMANDS)
 
 
 def test_the_library_never_imports_a_command():
