@@ -137,5 +137,4 @@ def test_the_readme_lists_the_commands_and_the_library():
     # the library: every top-level module, and each subpackage as `name/`
     library = {m.split(".")[1] + ("/" if m.count(".") > 1 or m in PACKAGES else "")
                for m in MODULES if m != "jaxchat" and m not in COMMANDS}
-    library -= {name.split(".")[0] + "/" for name in jaxchat.COMMANDS if "." in name}  # jaxchat/data: commands only
     assert readme_names("Library") == library
