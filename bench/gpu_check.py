@@ -79,7 +79,7 @@ def part_train(size, batch, attn_impl="auto"):
     import jax
     import numpy as np
 
-    from jaxchat import memory, sharding
+    from jaxchat import hardware, memory, sharding
     from jaxchat.model import config_for_depth
     from jaxchat.optim import OptimConfig, hyperparams
     from jaxchat.train import init_train_state, train_step
@@ -106,7 +106,7 @@ def part_train(size, batch, attn_impl="auto"):
             times.append(time.perf_counter() - t0)
     step_s = sorted(times[1:])[len(times[1:]) // 2]
     tok_s = size["tokens"] / step_s
-    peak = memory.peak_flops(device.device_kind)
+    peak = hardware.peak_flops(device.device_kind)
     arguments = analysis.argument_size_in_bytes
     xla_peak = arguments + analysis.temp_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
     params = sum(x.nbytes for x in jax.tree.leaves(state.params))
@@ -177,7 +177,7 @@ def main():
     args = p.parse_args()
     size = TOY if args.toy else FULL
     if args.part:  # inside a part's process
-        from jaxchat.common import configure_accelerator
+        from jaxchat.distributed import configure_accelerator
         configure_accelerator()
         fn = {"attention": part_attention, "train": part_train, "decode": part_decode,
               "train_xla": lambda s, b: part_train(s, b, "xla")}[args.part]

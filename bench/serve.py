@@ -50,7 +50,7 @@ def load(args):
 
         from jaxchat.model import GPT, config_for_depth
         from jaxchat.tokenizer import RustBPETokenizer
-        from jaxchat.dataset import DEFAULT_CORPUS
+        from jaxchat.corpus import DEFAULT_CORPUS
         with gzip.open(DEFAULT_CORPUS, "rt", encoding="utf-8") as f:
             tok = RustBPETokenizer.train_from_iterator([json.loads(line)["text"] for line in f], 8192)
         config = config_for_depth(4, tok.get_vocab_size(), 512, head_dim=64)

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from jaxchat import sharding
-from jaxchat.memory import peak_flops, peak_memory
+from jaxchat.hardware import peak_flops, peak_memory
 from jaxchat.model import config_for_depth
 from jaxchat.optim import OptimConfig, hyperparams
 from jaxchat.train import init_train_state, train_step

@@ -14,11 +14,12 @@ import jax
 from jaxchat import core_eval, distributed
 from jaxchat.checkpoint_manager import load_model
 from jaxchat.common import (SWITCH, UserError, count_or_unset, flag_adder, get_base_dir, non_negative_int, positive_int,
-                            run_main, step_or_last, write_results)
+                            step_or_last)
 from jaxchat.dataloader import DistributedDataLoader
+from jaxchat.distributed import run_main
 from jaxchat.engine import SAMPLE_PROMPTS, sample_greedy
 from jaxchat.loss_eval import evaluate_bpb
-from jaxchat.report import get_report
+from jaxchat.report_card import get_report, write_results
 from jaxchat.run import make_mesh
 
 EVALS = ("core", "bpb", "sample")

@@ -13,11 +13,12 @@ from tqdm import tqdm
 
 from jaxchat import core_eval, sharding
 from jaxchat.common import (SWITCH, UserError, count_or_unset, fraction, non_negative_float, non_negative_int, number,
-                            positive_int, run_main)
+                            positive_int)
 from jaxchat.dataloader import DistributedDataLoader
+from jaxchat.distributed import run_main
 from jaxchat.engine import SAMPLE_PROMPTS, sample_greedy
+from jaxchat.hardware import peak_flops
 from jaxchat.loss_eval import evaluate_bpb
-from jaxchat.memory import peak_flops
 from jaxchat.model import config_for_depth
 from jaxchat.optim import get_lr_multiplier, get_muon_momentum, hyperparams
 from jaxchat.run import (NANOCHAT_EVAL_TOKENS, TrainingRun, add_training_flags, batch_rows, devices_line, eval_tokens,

@@ -12,8 +12,8 @@ import signal
 import sys
 
 from jaxchat.checkpoint_manager import add_checkpoint_flags, load_model
-from jaxchat.common import (UserError, flag_adder, non_negative_float, number, positive_int,
-                            random_seed, run_main)
+from jaxchat.common import UserError, flag_adder, non_negative_float, number, positive_int, random_seed
+from jaxchat.distributed import run_main
 from jaxchat.engine import Engine
 from jaxchat.execution import add_tool_flags, chosen_tool
 from jaxchat.sampling import MAX_TOP_K

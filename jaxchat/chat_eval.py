@@ -11,11 +11,11 @@ import argparse
 import jax
 
 from jaxchat.checkpoint_manager import SOURCE_DIRS, add_checkpoint_flags, load_model
-from jaxchat.common import (UserError, flag_adder, non_negative_float, number, positive_int,
-                            run_main, write_results)
+from jaxchat.common import UserError, flag_adder, non_negative_float, number, positive_int
+from jaxchat.distributed import run_main
 from jaxchat.engine import Engine
 from jaxchat.execution import add_sandbox_flag
-from jaxchat.report import get_report
+from jaxchat.report_card import get_report, write_results
 from jaxchat.run import make_mesh
 from jaxchat.sampling import MAX_TOP_K
 from jaxchat.task_eval import ALL_TASKS, EXTRA_TASKS, chatcore, run_chat_eval

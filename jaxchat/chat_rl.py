@@ -18,7 +18,8 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxchat import distributed, sharding
-from jaxchat.common import UserError, non_negative_float, number, pad_bucket, positive_int, run_main
+from jaxchat.common import UserError, non_negative_float, number, pad_bucket, positive_int
+from jaxchat.distributed import run_main
 from jaxchat.engine import Engine
 from jaxchat.optim import hyperparams
 from jaxchat.sampling import MAX_TOP_K

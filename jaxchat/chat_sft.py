@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from jaxchat import sharding
 from jaxchat.chat_data import PaddedLoader
-from jaxchat.common import UserError, count_or_unset, non_negative_int, positive_int, run_main
+from jaxchat.common import UserError, count_or_unset, non_negative_int, positive_int
+from jaxchat.distributed import run_main
 from jaxchat.mixtures import MIXTURE_KEYS, build_mixture, describe
 from jaxchat.optim import hyperparams
 from jaxchat.run import add_chat_flags, batch_rows, chat_run, devices_line, make_mesh

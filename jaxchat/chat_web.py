@@ -26,7 +26,8 @@ from contextlib import aclosing, asynccontextmanager
 
 from jaxchat.chat_api import MAX_BODY_BYTES, MAX_TOKENS, ApiError, ReplyText, parse_request, read_json
 from jaxchat.checkpoint_manager import add_checkpoint_flags
-from jaxchat.common import UserError, flag_adder, non_negative_int, number, positive_int, run_main
+from jaxchat.common import UserError, flag_adder, non_negative_int, number, positive_int
+from jaxchat.distributed import run_main
 from jaxchat.execution import add_tool_flags, chosen_tool
 from jaxchat.sampling import MAX_TOP_K
 

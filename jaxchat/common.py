@@ -1,14 +1,9 @@
-"""Small helpers every stage uses: the base directory, a file lock, padding buckets, flag types, the entry point."""
+"""Small helpers every stage uses: the base directory, a file lock, padding buckets, flag types, atomic writes."""
 import argparse
 import contextlib
 import fcntl
-import json
 import math
 import os
-import sys
-import traceback
-
-from jaxchat import distributed
 
 
 def get_base_dir(create=True):
@@ -82,70 +77,5 @@ def write_atomic(path, data):
     os.replace(path + ".tmp", path)
 
 
-def write_results(subdir, name, results):
-    """An evaluation's results as JSON in $JAXCHAT_BASE_DIR/<subdir>/<name>.json; says where and returns the path."""
-    path = os.path.join(get_base_dir(), subdir, name + ".json")
-    if distributed.is_writer():  # every process has the same results; one writes them
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_atomic(path, json.dumps(results, indent=2).encode())
-        print(f"results written to {path}")
-    return path
-
-
 class UserError(Exception):
     """Bad input from the user (missing file, bad flag, damaged data): the CLI prints the message, not a traceback."""
-
-
-def use_compilation_cache():
-    """Keep XLA's compiled programs in $JAXCHAT_BASE_DIR/xla_cache, so a stage run again loads them instead of
-    compiling. A cache set by JAX_COMPILATION_CACHE_DIR wins; JAXCHAT_XLA_CACHE=0 turns it off. Stages that never
-    import jax (data, tokenizer) are left alone: importing it would only slow their start."""
-    jax = sys.modules.get("jax")
-    if jax is None or os.environ.get("JAXCHAT_XLA_CACHE", "1") == "0" or jax.config.jax_compilation_cache_dir:
-        return
-    jax.config.update("jax_compilation_cache_dir", os.path.join(get_base_dir(create=False), "xla_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
-# Set on GPU machines before JAX starts its backend (each can be overridden from the environment). XLA takes
-# MEM_FRACTION of the card up front (JAX's default, 0.75, would leave 20 GB of an H100 unused; the rest is for
-# cuDNN and NCCL workspaces); the latency-hiding scheduler overlaps FSDP's all-gathers and reduce-scatters with
-# the matmuls, and combine thresholds above one layer's weights let it gather a layer in one collective.
-GPU_ENV = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
-GPU_XLA_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true",
-                 "--xla_gpu_all_gather_combine_threshold_bytes=134217728",
-                 "--xla_gpu_reduce_scatter_combine_threshold_bytes=67108864",
-                 "--xla_gpu_all_reduce_combine_threshold_bytes=134217728")
-
-
-def configure_accelerator():
-    """GPU_ENV and GPU_XLA_FLAGS when JAX's CUDA plugin is installed; a flag the user already set in XLA_FLAGS
-    wins. Nothing on CPU or TPU machines."""
-    import importlib.util
-    if not any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin")):
-        return
-    for key, value in GPU_ENV.items():
-        os.environ.setdefault(key, value)
-    flags = os.environ.get("XLA_FLAGS", "")
-    extra = [f for f in GPU_XLA_FLAGS if f.split("=")[0] not in flags]
-    os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
-
-
-def run_main(main):
-    """Entry point of a stage: start jax.distributed when asked (`jaxchat.distributed`), run main(argv); bad user
-    input ends with one 'error: ...' line, not a traceback. With several processes any failure ends this process
-    at once, so that its peers stop within the distributed timeout instead of waiting for it."""
-    configure_accelerator()
-    try:
-        argv = distributed.initialize(sys.argv[1:])
-        use_compilation_cache()
-        main(argv)
-    except UserError as e:
-        distributed.exit_now(f"error: {e}")
-    except BaseException as e:
-        if distributed.process_count() == 1 or isinstance(e, SystemExit) and not e.code:
-            raise
-        if not isinstance(e, SystemExit):  # argparse has printed its own message
-            traceback.print_exc()
-        distributed.exit_now(f"error: process {distributed.process_index()} of {distributed.process_count()} "
-                             f"failed; stopping")

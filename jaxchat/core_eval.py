@@ -141,7 +141,7 @@ def plan_batches(lengths, max_len, shards=1, batch_tokens=BATCH_TOKENS):
         full = shards * max(1, batch_tokens // bucket)
         same = [j for j in order[i:i + full] if bucket_len(lengths[j], max_len) == bucket]
         rows = min(full, max(pad_bucket(len(same), minimum=1), full // 8))
-        batches.append((-(-rows // shards) * shards, bucket, same))
+        batches.append((sharding.round_up_to_shards(rows, shards), bucket, same))
         i += len(same)
     return batches
 

@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 
 from jaxchat import distributed
 from jaxchat.common import UserError
-from jaxchat.dataset import iter_file_batches, split_files
+from jaxchat.corpus import iter_file_batches, split_files
 
 STATE_VERSION = 2  # 2: one state per stream (1: per process)
 _SEQ = 1 << 32  # document identity (k, i) as the single int k * _SEQ + i (stream order = int order)

@@ -1,4 +1,7 @@
-"""Many processes, one program: `jax.distributed` start-up, the one writer, barriers, failing fast.
+"""How every command starts, and many processes running one program: the one writer, barriers, failing fast.
+
+`run_main(main)` starts every command: the GPU settings (GPU_ENV, GPU_XLA_FLAGS) before JAX starts its backend,
+`jax.distributed` from the flags below, XLA's compilation cache, then main(argv); bad input is one error line.
 
 One process per host drives all of that host's devices; together the processes run one SPMD program over the
 global mesh (every stage's `make_mesh` covers `jax.devices()`, all hosts' devices). Every stage and the launcher
@@ -17,10 +20,15 @@ timeout, instead of waiting in a collective that will never complete.
 """
 import argparse
 import functools
+import importlib.util
 import itertools
 import json
 import os
 import sys
+import traceback
+
+from jaxchat.common import UserError, get_base_dir
+from jaxchat.hardware import GPU_MEM_FRACTION
 
 DEFAULT_TIMEOUT = 60  # seconds: long enough for a slow step's silence, short enough to stop a broken job promptly
 START_TIMEOUT = 300  # seconds for every process to join: nodes of a cluster job start at different moments
@@ -52,7 +60,6 @@ def _cluster_started_several():
 def initialize(argv):
     """Start jax.distributed from the start-up flags in `argv` (and the environment) before anything starts a JAX
     backend; returns the other arguments. One process: nothing is started."""
-    from jaxchat.common import UserError
     parser = argparse.ArgumentParser(add_help=False)
     add_flags(parser)
     args, rest = parser.parse_known_args(argv)
@@ -163,3 +170,55 @@ def exit_now(message, code=1):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def use_compilation_cache():
+    """Keep XLA's compiled programs in $JAXCHAT_BASE_DIR/xla_cache, so a stage run again loads them instead of
+    compiling. A cache set by JAX_COMPILATION_CACHE_DIR wins; JAXCHAT_XLA_CACHE=0 turns it off. Stages that never
+    import jax (data, tokenizer) are left alone: importing it would only slow their start."""
+    jax = sys.modules.get("jax")
+    if jax is None or os.environ.get("JAXCHAT_XLA_CACHE", "1") == "0" or jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", os.path.join(get_base_dir(create=False), "xla_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+# Set on GPU machines before JAX starts its backend (each can be overridden from the environment). XLA takes
+# GPU_MEM_FRACTION of the card up front; the latency-hiding scheduler overlaps FSDP's all-gathers and reduce-scatters
+# with the matmuls, and combine thresholds above one layer's weights let it gather a layer in one collective.
+GPU_ENV = {"XLA_PYTHON_CLIENT_MEM_FRACTION": str(GPU_MEM_FRACTION), "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+GPU_XLA_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true",
+                 "--xla_gpu_all_gather_combine_threshold_bytes=134217728",
+                 "--xla_gpu_reduce_scatter_combine_threshold_bytes=67108864",
+                 "--xla_gpu_all_reduce_combine_threshold_bytes=134217728")
+
+
+def configure_accelerator():
+    """GPU_ENV and GPU_XLA_FLAGS when JAX's CUDA plugin is installed; a flag the user already set in XLA_FLAGS
+    wins. Nothing on CPU or TPU machines."""
+    if not any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin")):
+        return
+    for key, value in GPU_ENV.items():
+        os.environ.setdefault(key, value)
+    flags = os.environ.get("XLA_FLAGS", "")
+    extra = [f for f in GPU_XLA_FLAGS if f.split("=")[0] not in flags]
+    os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
+
+
+def run_main(main):
+    """Entry point of a command: set up the accelerator, start jax.distributed when asked, run main(argv); bad
+    user input ends with one 'error: ...' line, not a traceback. With several processes any failure ends this
+    process at once, so that its peers stop within the distributed timeout instead of waiting for it."""
+    configure_accelerator()
+    try:
+        argv = initialize(sys.argv[1:])
+        use_compilation_cache()
+        main(argv)
+    except UserError as e:
+        exit_now(f"error: {e}")
+    except BaseException as e:
+        if process_count() == 1 or isinstance(e, SystemExit) and not e.code:
+            raise
+        if not isinstance(e, SystemExit):  # argparse has printed its own message
+            traceback.print_exc()
+        exit_now(f"error: process {process_index()} of {process_count()} failed; stopping")

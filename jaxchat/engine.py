@@ -182,9 +182,8 @@ class Engine:
             tokens[:, :len(tail)] = tail  # row 0 is the chat; the others are padding rows, already done
             logits, cache = _extend(self.graphdef, self.state, cache, jnp.asarray(tokens), len(tail))
         else:
-            shards = sharding.batch_shards()  # rows pad up to the caller's mesh
-            P, T = -(-len(prompts) // shards) * shards, pad_bucket(longest, minimum=MIN_BUCKET)
-            rows = max(P * num_samples, -(-MIN_ROWS // shards) * shards)
+            P, T = sharding.round_up_to_shards(len(prompts)), pad_bucket(longest, minimum=MIN_BUCKET)
+            rows = max(P * num_samples, sharding.round_up_to_shards(MIN_ROWS))
             rows += -rows % (P * (MIN_ROWS if P == 1 else 1))  # whole groups of rows per prefix copy
             tokens = np.full((P, T), self.bos, np.int32)
             for i, p in enumerate(prompts):

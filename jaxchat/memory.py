@@ -17,41 +17,13 @@ The GPU check prints measured peaks beside both. Flags after --config are base_t
 import argparse
 import math
 import os
-import resource
 import sys
 import time
 
-from jaxchat.common import UserError, run_main
-
-GIB = 2**30
-# Memory an application can use, per device (nvidia-smi's total for GPUs), and the share the launcher lets XLA
-# take on GPUs (XLA_PYTHON_CLIENT_MEM_FRACTION; the rest is for cuDNN/NCCL workspaces and the CUDA context).
-DEVICES = {
-    "h100": ("H100 80GB", 81559 * 2**20),
-    "h200": ("H200 141GB", 143771 * 2**20),
-    "a100-80": ("A100 80GB", 81920 * 2**20),
-    "a100-40": ("A100 40GB", 40960 * 2**20),
-    "tpu-v5e": ("TPU v5e", 16 * GIB),
-    "tpu-v5p": ("TPU v5p", 95 * GIB),
-    "tpu-v6e": ("TPU v6e", 32 * GIB),
-}
-GPU_MEM_FRACTION = 0.9
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 per device, nanochat's MFU basis
-
-
-def peak_flops(device_kind):
-    """Dense bf16 FLOP/s of one device of this kind (jax's device_kind), or None where unknown (CPUs)."""
-    return next((v for k, v in PEAK_FLOPS.items() if k in device_kind), None)
-
-
-def peak_memory():
-    """(what, GiB): the most memory this process has held so far: on its devices where JAX tracks it (GPU, TPU),
-    else the host's resident set (CPU)."""
-    import jax  # not at the top: `python -m jaxchat.memory` fakes its devices before JAX starts
-    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
-    if all(peaks):
-        return "peak device memory", max(peaks) / 2**30
-    return "peak host memory, RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+from jaxchat import pipeline
+from jaxchat.common import UserError
+from jaxchat.distributed import run_main
+from jaxchat.hardware import DEVICES, GIB, GPU_MEM_FRACTION
 
 
 def build_parser():
@@ -65,21 +37,11 @@ def build_parser():
 
 def base_train_args(config_name, overrides, vocab_size):
     """base_train's flags as the launcher would pass them for `config_name` and the `--key=value` overrides."""
-    from jaxchat import base_train, launch
-    config = launch.load_config(config_name) if config_name else {"stages": ["base_train"]}
-    flags = launch.stage_flags("base_train")
-    given = {k: launch.check_value("base_train", k, v, flags, command_line=True) for k, v in map(_split, overrides)}
-    settings = {**config.get("base_train", {}), **given}  # a config's values are TOML-typed, the command line's text
-    argv = [f"--{k}={launch.check_value('base_train', k, v, flags)}" for k, v in settings.items()]
-    args = base_train.build_parser().parse_args(argv)
+    config = pipeline.load_config(config_name) if config_name else {}
+    config["stages"] = ["base_train"]  # the overrides are base_train's alone
+    [(_, argv)] = pipeline.plan(config, overrides)
+    args = pipeline.stage_parser("base_train").parse_args(argv)
     return args, vocab_size or config.get("tok_train", {}).get("vocab_size", 65536)
-
-
-def _split(override):
-    if not override.startswith("--") or "=" not in override:
-        raise UserError(f"{override!r}: base_train flags are written --key=value")
-    key, value = override[2:].split("=", 1)
-    return key.replace("-", "_"), value
 
 
 def train_step_memory(model_config, optim_config, device_batch_size, accum, mesh):
@@ -159,9 +121,8 @@ def main(argv=None):
                                    f"=false --xla_force_host_platform_device_count={args.devices}").strip()
     import jax
 
-    from jaxchat import sharding
     from jaxchat.model import config_for_depth
-    from jaxchat.run import execution, optim_config
+    from jaxchat.run import batch_rows, execution, make_mesh, optim_config
 
     if jax.device_count() < args.devices:
         raise UserError(f"--devices={args.devices} but JAX already started with {jax.device_count()} devices")
@@ -169,15 +130,8 @@ def main(argv=None):
     config = config_for_depth(train_args.depth, vocab_size, train_args.max_seq_len,
                               n_kv_head=train_args.n_kv_head or None, head_dim=train_args.head_dim,
                               **execution(train_args))
-    try:
-        mesh = sharding.make_mesh((train_args.mesh_data, -1), devices=jax.devices()[:args.devices])
-    except ValueError as e:
-        raise UserError(f"--mesh_data={train_args.mesh_data}: {e}") from None
-    tokens = train_args.device_batch_size * args.devices * train_args.max_seq_len
-    accum, rem = divmod(train_args.total_batch_size, tokens)
-    if accum < 1 or rem:
-        raise UserError(f"total_batch_size {train_args.total_batch_size:,} is not a multiple of device batch × "
-                        f"sequence × devices = {tokens:,}")
+    mesh = make_mesh(train_args, devices=jax.devices()[:args.devices])
+    _, accum = batch_rows(train_args, train_args.total_batch_size, train_args.max_seq_len, device_count=args.devices)
     print(f"d{train_args.depth}: {config}")
     print(f"mesh {dict(mesh.shape)} | device batch {train_args.device_batch_size} × {train_args.max_seq_len} tokens "
           f"× {accum} micro-batches | compiling on {args.devices} fake CPU devices ...", flush=True)

@@ -15,7 +15,8 @@ from tqdm import tqdm
 
 from jaxchat import sharding
 from jaxchat.chat_data import PackedLoader
-from jaxchat.common import count_or_unset, non_negative_int, positive_int, run_main
+from jaxchat.common import count_or_unset, non_negative_int, positive_int
+from jaxchat.distributed import run_main
 from jaxchat.loss_eval import evaluate_bpb
 from jaxchat.mixtures import MIXTURE_KEYS, build_mixture, describe
 from jaxchat.optim import get_muon_momentum, hyperparams

@@ -29,10 +29,10 @@ from jaxchat.checkpoint_manager import (Checkpointer, check_model_config, check_
                                         run_dir)
 from jaxchat.common import (SWITCH, UserError, count_or_unset, flag_adder, get_base_dir, non_negative_float,
                             positive_int, random_seed, step_or_last)
-from jaxchat.memory import peak_memory
+from jaxchat.hardware import peak_memory
 from jaxchat.model import REMAT, GPTConfig
 from jaxchat.optim import OptimConfig
-from jaxchat.report import get_report
+from jaxchat.report_card import get_report
 from jaxchat.train import abstract_train_state, init_train_state
 
 EMA_BETA = 0.9  # smoothing of the logged training loss (nanochat's)
@@ -104,18 +104,19 @@ def optim_config(args, **extra):
                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay, **extra)
 
 
-def make_mesh(args):
-    """The ("data", "fsdp") mesh of all devices from --mesh_data; a shape that does not fit is one error line."""
+def make_mesh(args, devices=None):
+    """The ("data", "fsdp") mesh of `devices` (default: all) from --mesh_data; a shape that does not fit is one
+    error line."""
     try:
-        return sharding.make_mesh((args.mesh_data, -1))
+        return sharding.make_mesh((args.mesh_data, -1), devices=devices)
     except ValueError as e:
         raise UserError(f"--mesh_data={args.mesh_data}: {e}") from None
 
 
-def batch_rows(args, per_step, row_len=1):
-    """(rows per micro-batch over all devices, micro-batches per step) for a step of `per_step` rows, or of
-    `per_step` tokens in rows of `row_len`."""
-    n = jax.device_count()
+def batch_rows(args, per_step, row_len=1, device_count=None):
+    """(rows per micro-batch over `device_count` devices (default: all), micro-batches per step) for a step of
+    `per_step` rows, or of `per_step` tokens in rows of `row_len`."""
+    n = device_count or jax.device_count()
     rows = args.device_batch_size * n
     accum, rem = divmod(per_step, rows * row_len)
     if accum < 1 or rem:

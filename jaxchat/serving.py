@@ -192,7 +192,7 @@ class SlotServer:
         self.output_ids = (special("<|output_start|>"), special("<|output_end|>"))
         # Rows held: at least MIN_ROWS (XLA:CPU copies a one-row cache every step) and whole rows per device.
         shards = sharding.batch_shards()
-        self.held = -(-max(slots, MIN_ROWS) // shards) * shards
+        self.held = sharding.round_up_to_shards(max(slots, MIN_ROWS), shards)
         powers = [1 << i for i in range(self.held.bit_length()) if MIN_ROWS <= 1 << i < self.held]
         self.buckets = (powers if shards == 1 else []) + [self.held]  # rows decoded: the first bucket > the last live
         self.room = max(chunk, self.context // 4)  # slots past the context: a shift every `room` steps at most

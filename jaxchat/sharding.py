@@ -69,6 +69,12 @@ def batch_shards():
     return 1 if mesh.empty else math.prod(mesh.shape[a] for a in dict(RULES)["batch"])
 
 
+def round_up_to_shards(rows, shards=None):
+    """`rows` rounded up to a multiple of `shards` (default: `batch_shards()`), so every device gets as many rows."""
+    shards = batch_shards() if shards is None else shards
+    return -(-rows // shards) * shards
+
+
 def constrain_state(tree):
     """Pin every Variable in an NNX state to the spec Flax resolves from its metadata (e.g. the new state inside a
     jitted step); one without logical names (a step count) replicated."""

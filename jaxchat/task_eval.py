@@ -69,7 +69,7 @@ def run_categorical_eval(task, tokenizer, model, batch_size=32, max_problems=Non
     for i0 in bar:
         conversations = [task[i] for i in range(i0, min(i0 + batch_size, n))]
         prompts = [tokenizer.render_for_completion(c, context) for c in conversations]
-        rows = -(-batch_size // sharding.batch_shards()) * sharding.batch_shards()  # one shape for every batch
+        rows = sharding.round_up_to_shards(batch_size)  # one shape for every batch
         width = pad_bucket(max(map(len, prompts)), context, minimum=1)  # one compile per bucket
         tokens = np.full((rows, width), bos, np.int32)
         for r, p in enumerate(prompts):

@@ -6,9 +6,10 @@ first time; offline, those comparisons are skipped with the reason, and ours is 
 import argparse
 
 from jaxchat import distributed
-from jaxchat.common import UserError, flag_adder, run_main
-from jaxchat.dataset import parquets_iter_batched
-from jaxchat.report import get_report
+from jaxchat.common import UserError, flag_adder
+from jaxchat.corpus import parquets_iter_batched
+from jaxchat.distributed import run_main
+from jaxchat.report_card import get_report
 from jaxchat.tokenizer import RustBPETokenizer, get_tokenizer
 
 # Fixed texts, written for jaxchat, one per kind of text a tokenizer meets.

@@ -11,9 +11,10 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxchat import distributed
-from jaxchat.common import flag_adder, get_base_dir, number, positive_int, run_main
-from jaxchat.dataset import iter_texts
-from jaxchat.report import get_report
+from jaxchat.common import flag_adder, get_base_dir, number, positive_int
+from jaxchat.corpus import iter_texts
+from jaxchat.distributed import run_main
+from jaxchat.report_card import get_report
 from jaxchat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer
 
 

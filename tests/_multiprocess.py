@@ -2,7 +2,7 @@
 
     run_group(spec, base_dir, processes=2, devices=4)  ->  [what each stage's main returned], on process 0
 
-`spec` = [[stage, [flags...]], ...] (stage: a name of jaxchat.launch.STAGES): every process runs the stages in
+`spec` = [[stage, [flags...]], ...] (stage: a name of jaxchat.pipeline.STAGES): every process runs the stages in
 order, in one Python process, as `run_main` runs one; process 0 writes what each stage's main returned to a JSON
 file. One process: `python tests/_multiprocess.py OUT SPEC` with `devices` fake CPU devices; several:
 `launch/local.sh N` around the same command (the launcher under test). Every group has an outer timeout: a group
@@ -53,7 +53,7 @@ def run_group(spec, base_dir, processes, devices, timeout=420, extra_env=None):
 
 def _main(argv):
     from jaxchat import distributed
-    from jaxchat.launch import STAGES
+    from jaxchat.pipeline import STAGES
     out, spec = argv
     results = [importlib.import_module(STAGES[stage]).main(flags) for stage, flags in json.loads(spec)]
     if distributed.is_writer():
@@ -63,5 +63,5 @@ def _main(argv):
 
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
-    from jaxchat.common import run_main
+    from jaxchat.distributed import run_main
     run_main(_main)

@@ -14,7 +14,7 @@ from jaxchat.checkpoint_manager import Checkpointer, load_model
 from jaxchat.common import UserError, get_base_dir
 from jaxchat.download import DownloadError
 from jaxchat.loss_eval import evaluate_bpb
-from jaxchat.report import get_report, read_scalars
+from jaxchat.report_card import get_report, read_scalars
 from test_core_eval import make_bundle
 
 TINY = ["--depth=1", "--head_dim=32", "--max_seq_len=32", "--device_batch_size=4", "--total_batch_size=256",
@@ -250,7 +250,7 @@ def test_resume_refuses_a_retrained_tokenizer(env):
     tok_dir = os.path.join(get_base_dir(), "tokenizer")
     shutil.copytree(tok_dir, tok_dir + ".orig")
     try:
-        from jaxchat.dataset import iter_texts
+        from jaxchat.corpus import iter_texts
         texts = [t[::-1] for t in iter_texts("train", max_chars=400_000)]  # the corpus backwards: other merges
         RustBPETokenizer.train_from_iterator(texts, 512).save(tok_dir)
         with pytest.raises(UserError, match="is not the one .*tok_a.* was trained with"):

@@ -14,7 +14,7 @@ from jaxchat.checkpoint_manager import Checkpointer, checkpoint_dir
 from jaxchat.common import UserError, get_base_dir
 from jaxchat.engine import Engine
 from jaxchat.model import GPT, GPTConfig
-from jaxchat.report import get_report
+from jaxchat.report_card import get_report
 from jaxchat.tokenizer import RustBPETokenizer
 
 from test_model import randomize

@@ -260,7 +260,7 @@ def test_a_damaged_checkpoint_at_the_cli_is_one_line(tmp_path):
     chance). A checkpoint saved before checksums, so that orbax's read is what fails."""
     script = textwrap.dedent('''
         import dataclasses, os, sys
-        from jaxchat.common import run_main
+        from jaxchat.distributed import run_main
         from jaxchat.checkpoint_manager import Checkpointer, DamagedCheckpoint, load_model
         from jaxchat.tokenizer import RustBPETokenizer
         sys.path.insert(0, "tests")

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from jaxchat import dataset
+from jaxchat import corpus, dataset
 from jaxchat.common import UserError
 from jaxchat.dataloader import DistributedDataLoader
 from test_download import download, server  # noqa: F401 (the local shard server and its fixture)
@@ -23,12 +23,12 @@ def names(paths):
 
 
 def record(d):
-    with open(os.path.join(d, dataset.MANIFEST)) as f:
+    with open(os.path.join(d, corpus.MANIFEST)) as f:
         return json.load(f)
 
 
 def split_names(d):
-    return names(dataset.split_files("train", d)), names(dataset.split_files("val", d))
+    return names(corpus.split_files("train", d)), names(corpus.split_files("val", d))
 
 
 def test_default_corpus_records_its_split_and_refuses_a_lost_shard(tmp_path):
@@ -42,9 +42,9 @@ def test_default_corpus_records_its_split_and_refuses_a_lost_shard(tmp_path):
         os.rename(d / lost, tmp_path / lost)
         for split in ("train", "val"):
             with pytest.raises(UserError, match=f"missing 1 of its 4 shards \\({lost}\\).*rebuild it"):
-                dataset.split_files(split, d)
+                corpus.split_files(split, d)
         with pytest.raises(UserError, match=lost):  # what tok_train reads, and the data stage's own check
-            next(dataset.iter_texts("train", d))
+            next(corpus.iter_texts("train", d))
         with pytest.raises(UserError, match=lost):
             dataset.build_default_shards(d)
         os.rename(tmp_path / lost, d / lost)
@@ -56,30 +56,30 @@ def test_a_directory_from_before_the_record(tmp_path):
     with train shards 0..K-1) is recorded at its first use; a gap is refused, never recorded."""
     d = tmp_path / "default"
     dataset.build_default_shards(d)
-    os.remove(d / dataset.MANIFEST)
+    os.remove(d / corpus.MANIFEST)
     os.remove(d / "shard_00003.parquet")  # the default's shard count is fixed by the build: the loss is seen
     with pytest.raises(UserError, match="shard_00003.parquet"):
-        dataset.split_files("val", d)
-    assert not os.path.exists(d / dataset.MANIFEST)
+        corpus.split_files("val", d)
+    assert not os.path.exists(d / corpus.MANIFEST)
 
     old = tmp_path / "old_download"
     old.mkdir()
-    for i in (0, 1, 2, dataset.MAX_SHARD):
-        dataset.write_shard(str(old / dataset.shard_name(i)), [f"doc of shard {i}"])
+    for i in (0, 1, 2, corpus.MAX_SHARD):
+        corpus.write_shard(str(old / corpus.shard_name(i)), [f"doc of shard {i}"])
     assert split_names(old) == (["shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet"],
                                 ["shard_01822.parquet"])
     assert record(old)["val"] == "shard_01822.parquet" and len(record(old)["train"]) == 3  # recorded at first use
     os.remove(old / "shard_01822.parquet")  # from now on its loss is seen, not read as "shard_00002 is val"
     with pytest.raises(UserError, match=r"missing 1 of its 4 shards \(shard_01822.parquet\).*-n 3"):
-        dataset.split_files("val", old)
+        corpus.split_files("val", old)
 
     gap = tmp_path / "gap"
     gap.mkdir()
-    for i in (0, 2, dataset.MAX_SHARD):
-        dataset.write_shard(str(gap / dataset.shard_name(i)), [f"doc of shard {i}"])
+    for i in (0, 2, corpus.MAX_SHARD):
+        corpus.write_shard(str(gap / corpus.shard_name(i)), [f"doc of shard {i}"])
     with pytest.raises(UserError, match=r"missing 1 of its 4 shards \(shard_00001.parquet\)"):
-        dataset.split_files("train", gap)
-    assert not os.path.exists(gap / dataset.MANIFEST)
+        corpus.split_files("train", gap)
+    assert not os.path.exists(gap / corpus.MANIFEST)
 
 
 def test_shards_of_your_own(tmp_path):
@@ -88,28 +88,28 @@ def test_shards_of_your_own(tmp_path):
     own = tmp_path / "own"
     own.mkdir()
     for i in range(3):
-        dataset.write_shard(str(own / dataset.shard_name(i)), [f"doc {i}"])
+        corpus.write_shard(str(own / corpus.shard_name(i)), [f"doc {i}"])
     assert split_names(own) == (["shard_00000.parquet", "shard_00001.parquet"], ["shard_00002.parquet"])
     os.remove(own / "shard_00001.parquet")
     with pytest.raises(UserError, match=r"missing 1 of its 3 shards \(shard_00001.parquet\)"):
-        dataset.split_files("train", own)
+        corpus.split_files("train", own)
     assert sorted(os.listdir(own)) == ["shard_00000.parquet", "shard_00002.parquet"]
 
 
 def test_downloads_keep_the_record(server, tmp_path):  # noqa: F811
     d = tmp_path / "d"
-    val = dataset.shard_name(dataset.MAX_SHARD)
+    val = corpus.shard_name(corpus.MAX_SHARD)
     dataset.main(["-n", "2", "--base-url", f"{server.root}/plain", "--data-dir", str(d)])
     assert record(d) == {"val": val, "train": ["shard_00000.parquet", "shard_00001.parquet"]}
     dataset.main(["-n", "4", "--base-url", f"{server.root}/plain", "--data-dir", str(d)])  # more shards later
-    four = [dataset.shard_name(i) for i in range(4)]
+    four = [corpus.shard_name(i) for i in range(4)]
     assert record(d) == {"val": val, "train": four}
     dataset.main(["-n", "1", "--base-url", f"{server.root}/plain", "--data-dir", str(d)])  # fewer: none forgotten
     assert record(d) == {"val": val, "train": four} and split_names(d) == (four, [val])
     for lost in ("shard_00002.parquet", val):
         os.remove(d / lost)
         with pytest.raises(UserError, match=f"missing 1 of its 5 shards \\({lost}\\).*-n 4 --data-dir="):
-            dataset.split_files("train", d)
+            corpus.split_files("train", d)
         dataset.main(["-n", "4", "--base-url", f"{server.root}/plain", "--data-dir", str(d)])  # the fix it names
         assert split_names(d) == (four, [val])
 
@@ -118,15 +118,15 @@ def test_downloads_keep_the_record(server, tmp_path):  # noqa: F811
     server.modes["shard_00001.parquet"] = "404"
     with pytest.raises(dataset.DownloadError):
         download(server, failed, dataset.shard_indices(3))
-    assert not os.path.exists(failed / dataset.MANIFEST)
+    assert not os.path.exists(failed / corpus.MANIFEST)
     with pytest.raises(UserError, match=r"shard_00001.parquet\).*-n 3"):
-        dataset.split_files("train", failed)
+        corpus.split_files("train", failed)
     del server.modes["shard_00001.parquet"]
     download(server, failed, dataset.shard_indices(3))
     assert record(failed)["train"] == ["shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet"]
     # shards downloaded but not (yet) in the record, as while a larger download runs, are not used
     shutil.copy(d / "shard_00003.parquet", failed / "shard_00003.parquet")
-    assert names(dataset.split_files("train", failed)) == record(failed)["train"]
+    assert names(corpus.split_files("train", failed)) == record(failed)["train"]
 
 
 def test_the_loader_refuses_a_lost_shard(tmp_path):
@@ -139,7 +139,7 @@ def test_the_loader_refuses_a_lost_shard(tmp_path):
 
 AGREE = """
 import os, sys
-from jaxchat.common import run_main
+from jaxchat.distributed import run_main
 from jaxchat.dataloader import agree_on_split
 def main(argv):
     agree_on_split("train", argv[int(os.environ["JAXCHAT_PROCESS_ID"])])

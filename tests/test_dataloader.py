@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from jaxchat import dataset
+import jaxchat.corpus
 from jaxchat.common import UserError
 from jaxchat.dataloader import DataLoader, DistributedDataLoader
 from jaxchat.tokenizer import RustBPETokenizer
@@ -38,9 +38,9 @@ class CharTokenizer:
 def write_files(d, files, row_group=RG):
     os.makedirs(d, exist_ok=True)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dataset, "ROW_GROUP_SIZE", row_group)
+        mp.setattr(jaxchat.corpus, "ROW_GROUP_SIZE", row_group)
         for i, texts in enumerate(files):
-            dataset.write_shard(os.path.join(d, f"shard_{i:05d}.parquet"), texts)
+            jaxchat.corpus.write_shard(os.path.join(d, f"shard_{i:05d}.parquet"), texts)
     return str(d)
 
 

@@ -9,7 +9,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from jaxchat import base_train, dataset, launch
+from jaxchat import base_train, corpus, dataset, launch, pipeline
 from jaxchat.common import UserError
 
 
@@ -22,10 +22,10 @@ def test_default_shards_deterministic(tmp_path):
         assert pq.read_table(f).column("text").to_pylist() == pq.read_table(g).column("text").to_pylist()
     meta = pq.ParquetFile(files[0]).metadata
     assert meta.row_group(0).num_rows == 600 and pq.ParquetFile(files[0]).schema_arrow.names == ["text"]
-    val = list(dataset.iter_texts("val", tmp_path / "a"))
-    train = list(dataset.iter_texts("train", tmp_path / "a"))
+    val = list(corpus.iter_texts("val", tmp_path / "a"))
+    train = list(corpus.iter_texts("train", tmp_path / "a"))
     assert len(val) == 96 and len(train) == 1713 - 96 and not set(val) & set(train)
-    with gzip.open(dataset.DEFAULT_CORPUS, "rt") as f:
+    with gzip.open(corpus.DEFAULT_CORPUS, "rt") as f:
         shipped = {json.loads(line)["text"] for line in f}
     assert set(val) | set(train) == shipped
 
@@ -33,55 +33,55 @@ def test_default_shards_deterministic(tmp_path):
 def test_bring_your_own_formats(tmp_path):
     d = tmp_path / "byo"
     d.mkdir()
-    dataset.write_shard(str(d / "a.parquet"), ["doc one", "doc two"])
+    corpus.write_shard(str(d / "a.parquet"), ["doc one", "doc two"])
     (d / "b.jsonl").write_text(json.dumps({"text": "doc three"}) + "\n\n" + json.dumps({"text": "doc four"}) + "\n")
     (d / "c.txt").write_text("para one\n\n\npara two\n")
     (d / "ignored.csv").write_text("x")
-    assert list(dataset.iter_texts("train", d)) == ["doc one", "doc two", "doc three", "doc four"]
-    assert list(dataset.iter_texts("val", d)) == ["para one\n\npara two"]
-    assert list(dataset.iter_texts("train", d, max_chars=10, doc_cap=3)) == ["doc", "doc", "doc", "doc"]
+    assert list(corpus.iter_texts("train", d)) == ["doc one", "doc two", "doc three", "doc four"]
+    assert list(corpus.iter_texts("val", d)) == ["para one\n\npara two"]
+    assert list(corpus.iter_texts("train", d, max_chars=10, doc_cap=3)) == ["doc", "doc", "doc", "doc"]
 
 
 def test_bad_data_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        dataset.list_data_files(tmp_path / "missing")
+        corpus.list_data_files(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no data files"):
-        dataset.list_data_files(tmp_path / "empty")
+        corpus.list_data_files(tmp_path / "empty")
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "shard_00000.parquet").write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(UserError, match="shard_00000.parquet"):
-        list(dataset.iter_texts("train", bad))
+        list(corpus.iter_texts("train", bad))
     (bad / "shard_00000.parquet").unlink()
     (bad / "x.jsonl").write_text('{"text": "ok"}\n{"txt": "no"}\n')
     with pytest.raises(UserError, match="x.jsonl:2"):
-        list(dataset.iter_texts("train", bad))
+        list(corpus.iter_texts("train", bad))
 
 
 def test_launch_overrides_are_checked():
-    config = launch.load_config("tiny")
+    config = pipeline.load_config("tiny")
     assert config["stages"][:3] == ["data", "tok_train", "tok_eval"]
-    overrides = launch.parse_overrides(["--vocab-size=512", "--tok_eval.compare="], config)
+    overrides = pipeline.parse_overrides(["--vocab-size=512", "--tok_eval.compare="], config)
     assert overrides["tok_train"] == {"vocab_size": 512} and overrides["tok_eval"] == {"compare": ""}
     with pytest.raises(UserError, match="unknown key 'vocab_sise'; valid keys: .*vocab_size"):
-        launch.parse_overrides(["--vocab_sise=512"], config)
+        pipeline.parse_overrides(["--vocab_sise=512"], config)
     with pytest.raises(UserError, match="expected int"):
-        launch.stage_argv("tok_train", {"vocab_size": "lots"})
+        pipeline.stage_argv("tok_train", {"vocab_size": "lots"})
     with pytest.raises(UserError, match="expected one of float32, bfloat16"):
-        launch.stage_argv("base_train", {"dtype": "bf16"})
+        pipeline.stage_argv("base_train", {"dtype": "bf16"})
     with pytest.raises(UserError, match="expected int"):
-        launch.stage_argv("base_train", {"depth": 20.5})
+        pipeline.stage_argv("base_train", {"depth": 20.5})
     with pytest.raises(UserError, match="known configs: .*tiny"):
-        launch.load_config("no_such_config")
+        pipeline.load_config("no_such_config")
 
 
 def test_launch_checks_every_value_type_before_any_stage(tmp_path, capsys):
     # the converted value goes on to the stage, not the raw string or TOML value
     config = {"stages": ["base_train"]}
-    assert launch.parse_overrides(["--depth= 6", "--embedding_lr=2e-1"], config)["base_train"] == \
+    assert pipeline.parse_overrides(["--depth= 6", "--embedding_lr=2e-1"], config)["base_train"] == \
         {"depth": 6, "embedding_lr": 0.2}
-    assert launch.stage_argv("base_train", {"depth": 6, "matrix_lr": 1, "embedding_lr": 0.2, "model_tag": "d6"}) \
+    assert pipeline.stage_argv("base_train", {"depth": 6, "matrix_lr": 1, "embedding_lr": 0.2, "model_tag": "d6"}) \
         == ["--depth=6", "--matrix-lr=1.0", "--embedding-lr=0.2", "--model-tag=d6"]
     wrong = [("num_iterations", True, "base_train.num_iterations=true: expected int: write 1 or 0"),
              ("matrix_lr", False, "base_train.matrix_lr=false: expected float"),
@@ -93,7 +93,7 @@ def test_launch_checks_every_value_type_before_any_stage(tmp_path, capsys):
              ("matrix_lr", "fast", "base_train.matrix_lr='fast': expected float")]
     for key, value, message in wrong:
         with pytest.raises(UserError, match=message):
-            launch.stage_argv("base_train", {key: value})
+            pipeline.stage_argv("base_train", {key: value})
     # in a config or on the command line: refused before the first stage runs
     bad = tmp_path / "bad.toml"
     bad.write_text('stages = ["data", "tok_train"]\n[tok_train]\nvocab_size = true\n')
@@ -104,7 +104,7 @@ def test_launch_checks_every_value_type_before_any_stage(tmp_path, capsys):
     assert "===" not in capsys.readouterr().out
     bad.write_text('stages = ["data"]\ndata = 3\n')
     with pytest.raises(UserError, match=r"data must be a table of flags \(\[data\]\)"):
-        launch.load_config(str(bad))
+        pipeline.load_config(str(bad))
 
 
 def test_launch_refuses_quoted_numbers_and_values_out_of_range(tmp_path, capsys):
@@ -132,8 +132,8 @@ def test_launch_refuses_quoted_numbers_and_values_out_of_range(tmp_path, capsys)
                          ("--base_train.device_batch_size=0", "must be ≥ 1; got 0"),
                          ("--seed=1099511627776", "must be ≥ 0 and ≤ 2147483647")]:  # 2**40: JAX would use seed 0
         with pytest.raises(UserError, match=message):
-            launch.parse_overrides([arg], config)
-    assert launch.stage_argv("base_train", {"num_iterations": -1, "target_flops": -1}) == \
+            pipeline.parse_overrides([arg], config)
+    assert pipeline.stage_argv("base_train", {"num_iterations": -1, "target_flops": -1}) == \
         ["--num-iterations=-1", "--target-flops=-1.0"]
 
 
@@ -141,7 +141,7 @@ def test_every_numeric_flag_of_every_stage_has_a_range(capsys):
     """One rule for all stages (common.number): no numeric flag takes any int or float; each refuses a negative
     other than nanochat's -1 (where -1 means "unset") and NaN, with argparse's one error line."""
     from jaxchat import chat_cli
-    parsers = {stage: launch.stage_flags(stage) for stage in launch.STAGES}
+    parsers = {stage: pipeline.stage_flags(stage) for stage in pipeline.STAGES}
     parsers["chat_cli"] = {a.dest: a for a in chat_cli.build_parser()._actions if a.option_strings and a.dest != "help"}
     checked = 0
     for stage, flags in parsers.items():
@@ -158,9 +158,9 @@ def test_every_numeric_flag_of_every_stage_has_a_range(capsys):
             checked += 1
     assert checked >= 70, checked
     for name in ("tiny", "d4", "d20", "d26", "d32"):  # the shipped configs keep to the ranges
-        config = launch.load_config(name)
+        config = pipeline.load_config(name)
         for stage in config["stages"]:
-            launch.stage_argv(stage, config.get(stage, {}))  # raises on a value out of range
+            pipeline.stage_argv(stage, config.get(stage, {}))  # raises on a value out of range
     with pytest.raises(SystemExit) as e:
         base_train.build_parser().parse_args(["--device_batch_size=0"])
     assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(
@@ -230,7 +230,7 @@ def test_data_stage_uses_your_own_directory(tmp_path, capsys):
 
 CACHE_PROBE = """
 import os, jax, jax.numpy as jnp
-from jaxchat.common import run_main
+from jaxchat.distributed import run_main
 def main(argv):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # cache even this small program
     print(jax.jit(lambda x: jnp.sin(x) * 3)(jnp.arange(8.0)).sum())

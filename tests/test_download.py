@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from jaxchat import dataset, launch
-from jaxchat.common import UserError, run_main
+from jaxchat import corpus, dataset, pipeline
+from jaxchat.common import UserError
+from jaxchat.distributed import run_main
 
 
 class Server:
@@ -78,10 +79,10 @@ def server(tmp_path):
     s = Server()
     rng = random.Random(0)
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
-    for i in [0, 1, 2, 3, dataset.MAX_SHARD]:
-        name = dataset.shard_name(i)
+    for i in [0, 1, 2, 3, corpus.MAX_SHARD]:
+        name = corpus.shard_name(i)
         texts = [f"{name} doc {j}: " + " ".join(rng.choices(words, k=200)) for j in range(300)]
-        dataset.write_shard(str(tmp_path / name), texts)
+        corpus.write_shard(str(tmp_path / name), texts)
         s.files[name] = (tmp_path / name).read_bytes()
         (tmp_path / name).unlink()
     yield s
@@ -160,7 +161,7 @@ def test_concurrent_downloads_fetch_each_file_once(server, tmp_path):
         t.start()
     for t in threads:
         t.join()
-    assert len(results) == 2 and all(len(server.requests(dataset.shard_name(i))) == 1 for i in range(4))
+    assert len(results) == 2 and all(len(server.requests(corpus.shard_name(i))) == 1 for i in range(4))
 
 
 def test_cli_downloads_n_shards_plus_pinned_val(server, tmp_path, capsys):
@@ -168,9 +169,9 @@ def test_cli_downloads_n_shards_plus_pinned_val(server, tmp_path, capsys):
     dataset.main(["-n", "2", "--base-url", f"{server.root}/hf", "--data-dir", str(d)])
     assert parquets(d) == ["shard_00000.parquet", "shard_00001.parquet", "shard_01822.parquet"]
     assert server.log[0][1] == "shard_01822.parquet"  # val first: it sorts last from the start
-    assert dataset.split_files("val", d) == [str(d / "shard_01822.parquet")]
-    assert next(dataset.iter_texts("val", d)).startswith("shard_01822.parquet doc 0")
-    assert launch.stage_argv("data", {"num_files": 2}) == ["--num-files=2"]
+    assert corpus.split_files("val", d) == [str(d / "shard_01822.parquet")]
+    assert next(corpus.iter_texts("val", d)).startswith("shard_01822.parquet doc 0")
+    assert pipeline.stage_argv("data", {"num_files": 2}) == ["--num-files=2"]
 
 
 def test_cli_partial_failure_exits_nonzero(server, tmp_path):
@@ -200,7 +201,7 @@ def test_cli_unreachable_source_fails_loudly(tmp_path, monkeypatch):
 def test_default_and_downloads_never_mix(server, tmp_path):
     d = tmp_path / "d"
     dataset.build_default_shards(d)
-    download(server, d, [dataset.MAX_SHARD, 0])  # the embedded default is replaced, not mixed in
+    download(server, d, [corpus.MAX_SHARD, 0])  # the embedded default is replaced, not mixed in
     assert parquets(d) == ["shard_00000.parquet", "shard_01822.parquet"]
     assert open(d / "shard_00000.parquet", "rb").read() == server.files["shard_00000.parquet"]
     with pytest.raises(UserError, match="not the embedded default"):

@@ -17,7 +17,8 @@ from flax import nnx
 from jaxchat.hf import convert, safetensors
 from jaxchat.hf.__main__ import main as hf_main
 from jaxchat.checkpoint_manager import Checkpointer, checkpoint_dir, load_model
-from jaxchat.common import UserError, get_base_dir, run_main
+from jaxchat.common import UserError, get_base_dir
+from jaxchat.distributed import run_main
 from jaxchat.hf.tokenizer import CHAT_TEMPLATE
 from jaxchat.model import GPT, GPTConfig
 from jaxchat.tokenizer import RustBPETokenizer, get_tokenizer

@@ -17,7 +17,8 @@ import pytest
 from jaxchat.hf import convert, nanochat_checkpoint
 from jaxchat.hf.__main__ import main as hf_main
 from jaxchat.checkpoint_manager import load_model
-from jaxchat.common import UserError, get_base_dir, run_main
+from jaxchat.common import UserError, get_base_dir
+from jaxchat.distributed import run_main
 from jaxchat.tokenizer import RustBPETokenizer
 from _hub import hub  # noqa: F401 (a fixture)
 from test_hf import training_text

@@ -9,7 +9,7 @@ import pytest
 
 from jaxchat import report
 from jaxchat.common import UserError
-from jaxchat.report import Report, read_scalars
+from jaxchat.report_card import Report, get_report, hourly_rate, read_scalars
 from jaxchat.run import SummaryWriter
 
 
@@ -130,11 +130,11 @@ def test_damaged_section_is_one_clear_error(tmp_path):
 
 def test_hourly_rates_by_device_kind():
     hw = lambda backend, kind: {"backend": backend, "device_kind": kind}
-    assert report.hourly_rate(hw("gpu", "NVIDIA H100 80GB HBM3")) == (3.0, "default for NVIDIA H100 80GB HBM3")
-    assert report.hourly_rate(hw("gpu", "NVIDIA A100-SXM4-80GB"))[0] == 1.79
-    assert report.hourly_rate(hw("tpu", "TPU v5 lite")) == (2.0, "no price known for TPU v5 lite: the $2.00 fallback")
-    assert report.hourly_rate(hw("cpu", "cpu"))[0] == 0.0
-    assert report.hourly_rate(hw("cpu", "cpu"), 1.25) == (1.25, "--gpu_hourly_rate")
+    assert hourly_rate(hw("gpu", "NVIDIA H100 80GB HBM3")) == (3.0, "default for NVIDIA H100 80GB HBM3")
+    assert hourly_rate(hw("gpu", "NVIDIA A100-SXM4-80GB"))[0] == 1.79
+    assert hourly_rate(hw("tpu", "TPU v5 lite")) == (2.0, "no price known for TPU v5 lite: the $2.00 fallback")
+    assert hourly_rate(hw("cpu", "cpu"))[0] == 0.0
+    assert hourly_rate(hw("cpu", "cpu"), 1.25) == (1.25, "--gpu_hourly_rate")
 
 
 def test_resumed_curves_keep_the_last_value_per_step(tmp_path):
@@ -156,7 +156,7 @@ def test_resumed_curves_keep_the_last_value_per_step(tmp_path):
 def test_report_command_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     report.main(["reset"])
-    rep = report.get_report()
+    rep = get_report()
     assert rep.header()["config"] is None and rep.header()["hardware"]["device_count"] >= 1
     rep.log("Chat evaluation mid", {"results": {"SpellingBee": 0.75}, "skipped": {}, "ChatCORE": None})
     report.main(["generate", "--gpu_hourly_rate=2"])

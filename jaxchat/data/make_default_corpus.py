@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from jaxchat.dataset import split_documents
+from jaxchat.corpus import split_documents
 
 MILTON = ["allegro", "areopagitica", "comus", "paradiselost", "paradiseregained", "poemata", "poems"]
 

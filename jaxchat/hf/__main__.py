@@ -7,7 +7,8 @@
 import argparse
 
 from jaxchat.checkpoint_manager import SOURCE_DIRS, add_checkpoint_flags
-from jaxchat.common import SWITCH, UserError, flag_adder, non_negative_int, run_main
+from jaxchat.common import SWITCH, UserError, flag_adder, non_negative_int
+from jaxchat.distributed import run_main
 from jaxchat.hf.convert import EXPORT_DTYPES, download_model, export, import_model
 
 
