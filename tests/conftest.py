@@ -13,6 +13,13 @@ def _isolated_base_dir(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.path.join(os.environ["JAXCHAT_BASE_DIR"], "tiktoken"))
 
 
+@pytest.fixture(scope="module")
+def module_monkeypatch():
+    """`monkeypatch` for a module's shared fixtures (a base dir they build): undone when the module's tests end."""
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
 def boundary_or_skip():
     """Skip where this system cannot give the kernel sandbox (CI sets JAXCHAT_TEST_REQUIRE_SANDBOX=1: it must)."""
     from jaxchat.execution import boundary_problem

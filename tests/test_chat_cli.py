@@ -136,6 +136,7 @@ def cli(args, shell_redirect="", **kw):
     return subprocess.Popen(["bash", "-c", "exec " + command], env=env, stderr=subprocess.PIPE, **kw)
 
 
+@pytest.mark.slow
 def test_closed_stdin_and_stdout_are_one_line():
     """Before: AttributeError tracebacks ('NoneType' has no readline / write). Now one line, status 1, before the
     model loads (no checkpoint is needed to see it)."""
@@ -146,6 +147,7 @@ def test_closed_stdin_and_stdout_are_one_line():
         assert proc.returncode == 1 and err.decode().count("\n") == 1 and err.decode().startswith(message), err
 
 
+@pytest.mark.slow
 def test_a_reader_that_goes_away_ends_it_quietly(model_and_tokenizer):
     """`chat_cli | head`: before, a BrokenPipeError traceback; now no traceback and the status of a tool that
     SIGPIPE ended (128 + 13), as `head` leaves other tools."""

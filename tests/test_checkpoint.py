@@ -108,6 +108,7 @@ def test_second_writer_is_refused_naming_the_holder(tokenizers):
     Checkpointer(directory).lock().close()  # free again once the holder closes
 
 
+@pytest.mark.slow
 def test_a_dead_holders_lock_is_free(tmp_path):
     """The kernel drops a flock with its process: a killed run never leaves its directory locked."""
     directory = str(tmp_path / "run")
@@ -254,6 +255,7 @@ def test_damaged_meta_is_one_line(tokenizers):
         load_model("base", "t")
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_at_the_cli_is_one_line(tmp_path):
     """Through run_main, as a user sees it: one 'error: ...' line on stderr, no traceback before or after exit
     (orbax's closed event loop used to print several, depending on timing: restore a few times to give it a

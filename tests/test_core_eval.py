@@ -7,8 +7,6 @@ import json
 import math
 import os
 import random
-import subprocess
-import sys
 import threading
 import zipfile
 
@@ -24,6 +22,7 @@ from jaxchat.common import UserError, get_base_dir
 from jaxchat.model import GPT, GPTConfig
 from jaxchat.tokenizer import RustBPETokenizer
 
+from _harness import run_python
 from test_model import randomize
 
 V = 128
@@ -434,9 +433,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_sharded_batches_on_four_devices():
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(here), here]))
-    out = subprocess.run([sys.executable, "-c", MESH_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    out = run_python(["-c", MESH_CHECK], devices=4, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
