@@ -33,7 +33,8 @@ def fresh_env(devices=None, processes=1, base_dir=None, **extra):
     timeout, so a lost peer fails the test in seconds. `base_dir` as JAXCHAT_BASE_DIR (else the test's own);
     `extra` variables last."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", *PROCESS_VARIABLES)}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(filter(None, [ROOT, TESTS, os.environ.get("PYTHONPATH")])))
+    path = [ROOT, TESTS, os.environ.get("PYTHONPATH")]
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(filter(None, path)))
     if devices is not None:
         env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", DEVICES_PER_PROCESS=str(devices))
     if processes > 1:

@@ -120,6 +120,7 @@ def test_corrupt_checkpoint_is_a_clear_error(env):
         load_model("base", "corrupt")
 
 
+@pytest.mark.slow
 def test_bpb_by_hand():
     """A fresh GPT has a zero lm_head, so every token costs exactly ln(V) nats; bpb = Σ nats over targets that
     carry bytes / (ln 2 · Σ their bytes): special tokens (0 bytes) and −1 targets count in neither sum."""

@@ -52,6 +52,7 @@ def greedy_reply(model, tok, history, message):
     return prompt, reply, tok.decode(reply)
 
 
+@pytest.mark.slow
 def test_one_shot_prompt(model_and_tokenizer):
     model, tok = model_and_tokenizer
     out = io.StringIO()
@@ -60,6 +61,7 @@ def test_one_shot_prompt(model_and_tokenizer):
     assert replies == [want] and out.getvalue() == f"Assistant: {want}\n"
 
 
+@pytest.mark.slow
 def test_interactive_turns_clear_and_overlong(model_and_tokenizer):
     model, tok = model_and_tokenizer
     end = tok.encode_special("<|assistant_end|>")
@@ -118,6 +120,7 @@ def test_bad_flags_are_one_argparse_line(capsys):
         assert e.value.code == 2 and err.splitlines()[-1].endswith(f": error: argument {message}"), err
 
 
+@pytest.mark.slow
 def test_top_k_reaches_the_sampler(model_and_tokenizer):
     """-k 1 keeps only the likeliest token, so sampling at temperature 1 gives the greedy reply; the sampler's
     limit itself is accepted."""

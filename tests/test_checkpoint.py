@@ -96,6 +96,7 @@ def as_saved_before_checksums(step_dir):
 
 
 # ---- one writer per directory -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_second_writer_is_refused_naming_the_holder(tokenizers):
     directory = checkpoint_dir("base", "busy")
     first = Checkpointer(directory).lock()
@@ -360,6 +361,7 @@ def test_check_tokenizer_refuses_another_tokenizer(tokenizers):
         check_tokenizer(old, b, "old")
 
 
+@pytest.mark.slow
 def test_vocab_mismatch_is_refused(tokenizers):
     config = dataclasses.replace(CONFIG, vocab_size=320)
     with Checkpointer(checkpoint_dir("base", "v")).lock() as ckpt:

@@ -165,6 +165,7 @@ def test_left_crop():
     assert correct(mc, [{"query": "long query " * 5 + "Q", "choices": ["x", "z"], "gold": 0}], MC) == [1.0]
 
 
+@pytest.mark.slow
 def test_batched_equals_one_at_a_time_on_a_gpt():
     config = GPTConfig(sequence_len=48, vocab_size=V, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
     model = randomize(GPT(config, rngs=nnx.Rngs(0)), seed=1, scale=0.5)
@@ -295,6 +296,7 @@ def test_bundle_parsing(tmp_path):
         core_eval.get_eval_bundle(str(tmp_path / "nowhere"))
 
 
+@pytest.mark.slow
 def test_centered_core_and_csv(tmp_path):
     bundle = make_bundle(tmp_path / "b")
     model = Bigram({(" ", "x"): 2.0, ("x", "y"): 0.1, (" ", "z"): 1.5, ("A", " "): 0.5, ("B", " "): 3.0,
@@ -379,6 +381,7 @@ def test_corrupt_bundle_download(tmp_path, server):
 
 # ---- base_eval -------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_base_eval_core_end_to_end(tmp_path, capsys):
     text = " ".join(f"Q xy z A B c ab cd {i} the cat sat on the mat" for i in range(300))
     tok = RustBPETokenizer.train_from_iterator([text], 300)

@@ -39,6 +39,7 @@ def nanochat_dir(path, tokenizer, tokenizer_dir=None):
     return str(path)
 
 
+@pytest.mark.slow
 def test_import_matches_transformers_logits(tokenizer, tmp_path):
     directory = nanochat_dir(tmp_path / "d1", tokenizer)
     hf.main(["import", directory, "-g", "d1", "-i", "sft"])
