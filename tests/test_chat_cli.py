@@ -79,6 +79,7 @@ def test_interactive_turns_clear_and_overlong(model_and_tokenizer):
     assert out.getvalue().rstrip().endswith("Goodbye!")
 
 
+@pytest.mark.slow
 def test_one_shot_errors_fit_the_mode(model_and_tokenizer):
     # an explicitly empty -p is an error, not a silent switch to interactive mode (refused before the model loads)
     for empty in ("", "  "):

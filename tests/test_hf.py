@@ -244,6 +244,7 @@ def edit_tensors(out, change):
     (lambda out: os.remove(os.path.join(out, "tokenizer.json")), "no tokenizer.json"),
     (lambda out: swap_special_ids(out), r"special tokens .* are not jaxchat's \(nanochat's\)"),
 ])
+@pytest.mark.slow
 def test_bad_directories_are_one_clear_error(trained, tmp_path, damage, message):
     out = exported(tmp_path)
     damage(out)

@@ -236,6 +236,7 @@ def test_positions_shift_rope_only():
     np.testing.assert_allclose(logits(jnp.arange(32)[None] + 100), base, atol=2e-4)
 
 
+@pytest.mark.slow
 def test_norms_keep_their_output_and_match_autodiff():
     """norm_to and rope_qk_norm differentiate from their saved output and inverse RMS: the same gradients as
     autodiff through the plain fp32 formulas."""

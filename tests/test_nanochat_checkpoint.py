@@ -114,6 +114,7 @@ def test_bad_nanochat_files_are_one_clear_error(tokenizer, tmp_path, monkeypatch
     assert not os.path.exists("exploited")
 
 
+@pytest.mark.slow
 def test_import_from_the_hub_as_nanochat_files(tokenizer, tmp_path, monkeypatch):
     directory = nanochat_dir(tmp_path / "d1", tokenizer)
     files = {name: open(os.path.join(directory, name), "rb").read() for name in os.listdir(directory)}

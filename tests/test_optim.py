@@ -33,6 +33,7 @@ def nanochat_muon_reference(kernels_grads, lr, momenta, steps=5):
 
 
 @pytest.mark.parametrize("shape", [(32, 96), (96, 32), (48, 48)])
+@pytest.mark.slow
 def test_muon_matches_nanochat_reference(shape):
     """4 steps with changing momentum against the float64 reference. NS in fp32: every entry within 3e-5 of the
     largest (measured ≤ 5e-6). NS in bf16 (the default, as nanochat; 8-bit mantissa): ‖Δ‖/‖ref‖ ≤ 3e-2
