@@ -1,28 +1,15 @@
 """Checks that need 8 (fake CPU) devices. XLA_FLAGS must be set before jax is imported, so tests run this file
-in a subprocess (`run_checks`); it prints one JSON object {check name: result or {"error": traceback}}.
+in a fresh process (`_harness.run_checks`); it prints one JSON object {check name: result or {"error": traceback}}.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/_multidevice.py [check ...]
 """
 
 import json
-import os
-import subprocess
 import sys
 import traceback
 
 TINY = dict(sequence_len=64, vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
 MESHES = [(1, 8), (2, 4), (8, 1)]
-
-
-def run_checks(names=(), timeout=600):
-    """Run the named checks (all when empty) in a fresh 8-device process; returns their results."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, __file__, *names], env=env, capture_output=True, text=True,
-                         timeout=timeout, cwd=root)
-    assert out.returncode == 0, out.stderr[-4000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def check_param_shardings():

@@ -1,6 +1,12 @@
 import os
+import tempfile
 
 import pytest
+
+# huggingface_hub reads its cache location once, when first imported (test modules import it while being
+# collected, before any fixture runs): point it at a fresh directory now, so no test reads or writes the user's
+# ~/.cache/huggingface. Tests of the Hub set their own through tests/_hub.py.
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="jaxchat-tests-hf-")
 
 
 @pytest.fixture(autouse=True)
@@ -11,6 +17,13 @@ def _isolated_base_dir(tmp_path_factory, monkeypatch):
     monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))  # what a stage writes to the working directory (report.md)
     # tiktoken must never try the network in tests
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.path.join(os.environ["JAXCHAT_BASE_DIR"], "tiktoken"))
+
+
+@pytest.fixture(scope="module")
+def module_monkeypatch():
+    """`monkeypatch` for a module's shared fixtures (a base dir they build): undone when the module's tests end."""
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
 
 
 def boundary_or_skip():

@@ -22,10 +22,10 @@ TINY = ["--depth=1", "--head_dim=32", "--max_seq_len=32", "--device_batch_size=4
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
+def base_dir(tmp_path_factory, module_monkeypatch):
     """Shards of the shipped corpus and a 512-token tokenizer, shared by the tests of this file."""
     d = tmp_path_factory.mktemp("pretrain")
-    os.environ["JAXCHAT_BASE_DIR"] = str(d)
+    module_monkeypatch.setenv("JAXCHAT_BASE_DIR", str(d))
     dataset.build_default_shards()
     tok_train.main(["--vocab-size=512", "--max-chars=400000"])
     return d
@@ -49,12 +49,9 @@ def straight_run(base_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("straight")
     for name in ("base_data", "tokenizer"):
         shutil.copytree(base_dir / name, d / name)
-    old = os.environ["JAXCHAT_BASE_DIR"]
-    os.environ["JAXCHAT_BASE_DIR"] = str(d)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JAXCHAT_BASE_DIR", str(d))
         return d, base_train.main(TINY + ["--num_iterations=6", "--save_every=3", "--keep=5", "--model_tag=straight"])
-    finally:
-        os.environ["JAXCHAT_BASE_DIR"] = old
 
 
 @pytest.fixture
@@ -84,6 +81,7 @@ def assert_continues_the_straight_run(straight, resumed, tag):
     assert meta_a["loop_state"]["min_val_bpb"] == meta_b["loop_state"]["min_val_bpb"]
 
 
+@pytest.mark.slow
 def test_resume_is_exact(straight):
     """6 steps straight == 3 steps, a stop, and --resume for the rest: same losses, same parameters (bitwise)."""
     directory = copy_of_straight("resumed")
@@ -95,6 +93,7 @@ def test_resume_is_exact(straight):
     assert straight["losses"][5] < straight["losses"][0]  # it learns
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_different_model(env):
     base_train.main(TINY + ["--num_iterations=1", "--model_tag=m1"])
     with pytest.raises(UserError, match="n_layer saved 1 vs requested 2"):
@@ -109,6 +108,7 @@ def test_resume_refuses_a_different_model(env):
         base_train.main(TINY + ["--num_iterations=2", "--total_batch_size=300"])
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_a_clear_error(env):
     base_train.main(TINY + ["--num_iterations=1", "--model_tag=corrupt", "--overwrite=1"])
     step_dir = os.path.join(get_base_dir(), "base_checkpoints", "corrupt", "000001", "model")
@@ -120,6 +120,7 @@ def test_corrupt_checkpoint_is_a_clear_error(env):
         load_model("base", "corrupt")
 
 
+@pytest.mark.slow
 def test_bpb_by_hand():
     """A fresh GPT has a zero lm_head, so every token costs exactly ln(V) nats; bpb = Σ nats over targets that
     carry bytes / (ln 2 · Σ their bytes): special tokens (0 bytes) and −1 targets count in neither sum."""
@@ -133,6 +134,7 @@ def test_bpb_by_hand():
     assert bpb == pytest.approx(7 * 3 / 11, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_tiny_pipeline_through_the_launcher(env, capsys):
     """The README's command, shortened: data -> tok_train -> base_train -> base_eval -> mid -> SFT -> RL -> chat evals."""
     launch.main(["--config=tiny", "--vocab_size=512", "--max_chars=300000", "--depth=1", "--head_dim=32",
@@ -164,6 +166,7 @@ def test_tiny_pipeline_through_the_launcher(env, capsys):
     assert "Cost: $0.00" in summary and os.path.join(get_base_dir(), "report", "report.md") in out
 
 
+@pytest.mark.slow
 def test_second_run_on_a_model_tag_is_refused(env):
     """While a run holds a model tag's checkpoint directory, another run on it stops at once, naming the holder."""
     holder = Checkpointer(os.path.join(get_base_dir(), "base_checkpoints", "busy")).lock()
@@ -188,6 +191,7 @@ def overwrite_4kib(path):
 
 
 @pytest.mark.parametrize("item,damage", [("model", truncate), ("model", overwrite_4kib), ("optim", overwrite_4kib)])
+@pytest.mark.slow
 def test_resume_skips_a_damaged_latest_checkpoint(straight, capsys, item, damage):
     """Step 6's largest model or optimizer file (array data) truncated or overwritten in place: --resume names it in
     one line, moves step 6 aside, continues from step 3, and ends exactly where the straight run did."""
@@ -206,6 +210,7 @@ def test_resume_skips_a_damaged_latest_checkpoint(straight, capsys, item, damage
     assert_continues_the_straight_run(straight, resumed, tag)
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_says_so_and_exits_0(straight):
     """Its last step saved, a run resumed with --resume=1 has nothing to do: it says so, changes nothing, exits 0
     (a pipeline resumed with --resume=1 goes on to its next stage)."""
@@ -224,6 +229,7 @@ def test_resuming_a_finished_run_says_so_and_exits_0(straight):
                                    "--resume=1"]) is None  # in a process (the launcher): returns, for the next stage
 
 
+@pytest.mark.slow
 def test_final_save_comes_before_the_final_evaluation(env, monkeypatch):
     """A crash in the last evaluation loses nothing: the last step is already on disk."""
     def interrupted(*args, **kwargs):
@@ -243,6 +249,7 @@ def test_default_eval_tokens_are_proportionate():
     assert eval_tokens(1234, 524288, 30) == 1234
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_retrained_tokenizer(env):
     """A base run resumed after $JAXCHAT_BASE_DIR/tokenizer was retrained would read other token ids: refused."""
     from jaxchat.tokenizer import RustBPETokenizer
@@ -262,6 +269,7 @@ def test_resume_refuses_a_retrained_tokenizer(env):
         os.rename(tok_dir + ".orig", tok_dir)
 
 
+@pytest.mark.slow
 def test_core_during_training(env, tmp_path, monkeypatch, capsys):
     """--core_metric_every: CORE at step 2 and at the end, in TensorBoard beside total_training_flops and
     total_training_time (time to a CORE score), and in the report; the last equals base_eval's on the saved model."""

@@ -52,6 +52,7 @@ def greedy_reply(model, tok, history, message):
     return prompt, reply, tok.decode(reply)
 
 
+@pytest.mark.slow
 def test_one_shot_prompt(model_and_tokenizer):
     model, tok = model_and_tokenizer
     out = io.StringIO()
@@ -60,6 +61,7 @@ def test_one_shot_prompt(model_and_tokenizer):
     assert replies == [want] and out.getvalue() == f"Assistant: {want}\n"
 
 
+@pytest.mark.slow
 def test_interactive_turns_clear_and_overlong(model_and_tokenizer):
     model, tok = model_and_tokenizer
     end = tok.encode_special("<|assistant_end|>")
@@ -77,6 +79,7 @@ def test_interactive_turns_clear_and_overlong(model_and_tokenizer):
     assert out.getvalue().rstrip().endswith("Goodbye!")
 
 
+@pytest.mark.slow
 def test_one_shot_errors_fit_the_mode(model_and_tokenizer):
     # an explicitly empty -p is an error, not a silent switch to interactive mode (refused before the model loads)
     for empty in ("", "  "):
@@ -118,6 +121,7 @@ def test_bad_flags_are_one_argparse_line(capsys):
         assert e.value.code == 2 and err.splitlines()[-1].endswith(f": error: argument {message}"), err
 
 
+@pytest.mark.slow
 def test_top_k_reaches_the_sampler(model_and_tokenizer):
     """-k 1 keeps only the likeliest token, so sampling at temperature 1 gives the greedy reply; the sampler's
     limit itself is accepted."""
@@ -136,6 +140,7 @@ def cli(args, shell_redirect="", **kw):
     return subprocess.Popen(["bash", "-c", "exec " + command], env=env, stderr=subprocess.PIPE, **kw)
 
 
+@pytest.mark.slow
 def test_closed_stdin_and_stdout_are_one_line():
     """Before: AttributeError tracebacks ('NoneType' has no readline / write). Now one line, status 1, before the
     model loads (no checkpoint is needed to see it)."""
@@ -146,6 +151,7 @@ def test_closed_stdin_and_stdout_are_one_line():
         assert proc.returncode == 1 and err.decode().count("\n") == 1 and err.decode().startswith(message), err
 
 
+@pytest.mark.slow
 def test_a_reader_that_goes_away_ends_it_quietly(model_and_tokenizer):
     """`chat_cli | head`: before, a BrokenPipeError traceback; now no traceback and the status of a tool that
     SIGPIPE ended (128 + 13), as `head` leaves other tools."""

@@ -115,6 +115,7 @@ def test_padded_resume_is_exact(tok):
         assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_all_masked_step_is_zero_not_nan():
     """A step whose targets are all −1 has loss 0 and zero gradients (the update is weight decay only)."""
     config = GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)

@@ -76,6 +76,7 @@ def test_chatcore_reproduces_nanochats_readme():
     assert round(task_eval.chatcore(mid), 4) == 0.0730
 
 
+@pytest.mark.slow
 def test_categorical_restricts_to_the_letters(tok):
     """Batched (padded, bucketed) scoring equals scoring each problem alone, and the answer is always the best of
     the problem's own letters, even when another token has a higher logit."""
@@ -125,6 +126,7 @@ def test_generative_pass_at_k_is_any_of(tok):
     assert task_eval.run_generative_eval(task, tok, FakeEngine(make_model(), tok), num_samples=1) == 2 / 5  # problems 0 and 3
 
 
+@pytest.mark.slow
 def test_generative_batched_equals_one_at_a_time(tok):
     """With the real engine, greedy: scoring 5 problems 4 at a time gives the per-problem outcomes of 1 at a time."""
     model = make_model(seed=2)
@@ -141,6 +143,7 @@ def test_generative_batched_equals_one_at_a_time(tok):
     assert batched == one[-1]
 
 
+@pytest.mark.slow
 def test_cli_reports_skipped_tasks_and_no_chatcore(tok, monkeypatch, capsys):
     tok.save(os.path.join(get_base_dir(), "tokenizer"))
     model = make_model()
@@ -182,6 +185,7 @@ def test_cli_reports_skipped_tasks_and_no_chatcore(tok, monkeypatch, capsys):
         chat_eval.main(["-i", "rl,base", "-g", "tiny"])
 
 
+@pytest.mark.slow
 def test_humaneval_without_the_sandbox_is_skipped_unless_opted_out(tok, monkeypatch):
     tok.save(os.path.join(get_base_dir(), "tokenizer"))
     model = make_model()

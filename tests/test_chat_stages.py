@@ -19,10 +19,10 @@ from test_model import randomize
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
+def base_dir(tmp_path_factory, module_monkeypatch):
     """A tokenizer, a word list and a random 2-layer base model 'tiny' (context 64)."""
     d = tmp_path_factory.mktemp("chat_stages")
-    os.environ["JAXCHAT_BASE_DIR"] = str(d)
+    module_monkeypatch.setenv("JAXCHAT_BASE_DIR", str(d))
     text = " ".join(f"Who are you? I am jaxchat. What is {i} plus {i % 9}? {i + i % 9}. Spell: a,b,c"
                     for i in range(500))
     tok = RustBPETokenizer.train_from_iterator([text], 350)
@@ -70,6 +70,7 @@ def test_mid_lr_schedule_ramps_down():
     assert all(a >= b for a, b in zip(lrm, lrm[1:]))
 
 
+@pytest.mark.slow
 def test_mid_resume_is_exact(env):
     argv = ["--device_batch_size=2", "--total_batch_size=256", "--max_seq_len=64", "--num_iterations=4",
             "--eval_every=2", "--eval_tokens=128", "--save_every=2", "--overwrite=1"]
@@ -79,6 +80,7 @@ def test_mid_resume_is_exact(env):
     assert straight["val_bpb"] == resumed["val_bpb"]
 
 
+@pytest.mark.slow
 def test_sft_resume_is_exact(env):
     argv = ["--device_batch_size=2", "--target_examples_per_step=4", "--num_iterations=4", "--eval_every=2",
             "--eval_steps=2", "--eval_metrics_every=-1", "--save_every=2", "--overwrite=1", "--init_lr_frac=0.5"]
@@ -88,6 +90,7 @@ def test_sft_resume_is_exact(env):
     assert "ARC-Easy" in straight["missing"]  # offline: left out, and said so
 
 
+@pytest.mark.slow
 def test_rl_resume_is_exact(env):
     argv = ["--device_batch_size=4", "--examples_per_step=2", "--num_samples=2", "--max_new_tokens=8",
             "--num_iterations=4", "--eval_every=-1", "--eval_examples=2", "--eval_samples=2", "--save_every=2",
@@ -97,6 +100,7 @@ def test_rl_resume_is_exact(env):
     assert all(resumed["rewards"][s] == straight["rewards"][s] for s in (2, 3))
 
 
+@pytest.mark.slow
 def test_missing_source_and_clobbering_are_clear_errors(env):
     argv = ["--device_batch_size=2", "--target_examples_per_step=4", "--num_iterations=1", "--eval_every=-1",
             "--eval_metrics_every=-1"]

@@ -122,6 +122,7 @@ MESSAGES = ["hello the cat", "number 7 world", "the mat sat on", "hello 😀 日
 
 
 @pytest.mark.parametrize("message", MESSAGES)
+@pytest.mark.slow
 def test_both_endpoints_equal_the_engines_greedy_reply(served, model_and_tokenizer, message):
     model, tok = model_and_tokenizer
     body = {"model": "anything", "messages": [{"role": "user", "content": message}], "temperature": 0,
@@ -150,6 +151,7 @@ def test_both_endpoints_equal_the_engines_greedy_reply(served, model_and_tokeniz
     assert "".join(p["token"] for p in pieces[:-1]) == greedy_text(model, tok, message, markers=False)
 
 
+@pytest.mark.slow
 def test_openai_client(served, model_and_tokenizer):
     model, tok = model_and_tokenizer
     client = openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0, timeout=60)
@@ -183,6 +185,7 @@ def test_openai_client(served, model_and_tokenizer):
     assert e.value.body["code"] == "context_length_exceeded"
 
 
+@pytest.mark.slow
 def test_bad_requests_are_one_clear_400(served):
     for content, why in ((b"{not json", "not valid JSON"), (b'"a string"', "JSON object"), (b"", "JSON object")):
         r = httpx.post(served.url + "/v1/chat/completions", content=content, timeout=10)
@@ -192,6 +195,7 @@ def test_bad_requests_are_one_clear_400(served):
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
 
 
+@pytest.mark.slow
 def test_n_seed_and_stop(served, model_and_tokenizer):
     model, tok = model_and_tokenizer
     body = {"messages": [{"role": "user", "content": "hello the cat"}], "temperature": 1.0, "max_tokens": 12,
@@ -212,6 +216,7 @@ def test_n_seed_and_stop(served, model_and_tokenizer):
     assert short["usage"]["completion_tokens"] <= 2
 
 
+@pytest.mark.slow
 def test_concurrent_streams_each_equal_their_solo_reply(served, model_and_tokenizer):
     model, tok = model_and_tokenizer
     messages = [f"hello the cat {i} sat" for i in range(2 * SLOTS + 2)]
@@ -236,6 +241,7 @@ def test_concurrent_streams_each_equal_their_solo_reply(served, model_and_tokeni
     assert served.slots.stats()["busy_slots"] == 0
 
 
+@pytest.mark.slow
 def test_disconnect_frees_the_slot(served):
     async def read_one_chunk_then_leave():
         async with httpx.AsyncClient(base_url=served.url, timeout=60) as client:
@@ -258,6 +264,7 @@ def test_disconnect_frees_the_slot(served):
     assert r.status_code == 200
 
 
+@pytest.mark.slow
 def test_page_metrics_and_stats(served):
     page = httpx.get(served.url + "/")
     assert page.status_code == 200 and "<title>jaxchat</title>" in page.text and "/chat/completions" in page.text
@@ -286,6 +293,7 @@ def test_a_failing_tool_is_reported_to_the_model(model_and_tokenizer):
     assert tok.decode(forced[1:-1]) .startswith("Error: RuntimeError: tool exploded")
 
 
+@pytest.mark.slow
 def test_the_page_in_a_real_browser(served, model_and_tokenizer, tmp_path):
     """Debian's chromium, headless, through chromedriver: send, see the streamed reply, a slash command, regenerate,
     edit. The screenshot is kept (JAXCHAT_TEST_ARTEFACTS, else the test's tmp dir)."""

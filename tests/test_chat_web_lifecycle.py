@@ -16,6 +16,7 @@ from jaxchat.serving import Request, SlotServer
 from test_chat_web import DEFAULTS, Served, greedy_text, serving
 from test_chat_web import model_and_tokenizer  # noqa: F401 (a fixture: pytest finds it by name)
 
+@pytest.mark.slow
 def test_health_is_503_while_loading(model_and_tokenizer):
     loaded, release = threading.Event(), threading.Event()
     model, tok = model_and_tokenizer
@@ -49,6 +50,7 @@ def test_health_is_503_while_loading(model_and_tokenizer):
 
 
 @pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+@pytest.mark.slow
 def test_the_command_serves_and_ctrl_c_ends_streams_cleanly(model_and_tokenizer, tmp_path, stop):
     """python -m jaxchat.chat_web on a saved checkpoint; Ctrl-C (or `kill`'s SIGTERM) with a stream open: the stream
     ends and the process says it stopped and exits 0 within seconds (the tiny model may finish first; the error
@@ -103,6 +105,7 @@ def test_the_command_serves_and_ctrl_c_ends_streams_cleanly(model_and_tokenizer,
             proc.wait()
 
 
+@pytest.mark.slow
 def test_a_full_queue_is_503_with_the_reason(model_and_tokenizer):
     model, tok = model_and_tokenizer
     idle = SlotServer(model, tok, slots=2, chunk=4, max_waiting=1)  # never started: what is queued stays queued
@@ -138,6 +141,7 @@ def slow(model_and_tokenizer):
     return server
 
 
+@pytest.mark.slow
 def test_a_reply_not_streamed_is_cancelled_when_its_client_leaves(slow):
     with serving(slow) as s:
         with pytest.raises(httpx.ReadTimeout):  # ~50 tokens at 0.2 s each: the client gives up after 1 s
@@ -149,6 +153,7 @@ def test_a_reply_not_streamed_is_cancelled_when_its_client_leaves(slow):
         assert slow.stats()["busy_slots"] == 0 and slow.stats()["generated_tokens_total"] < 40
 
 
+@pytest.mark.slow
 def test_stopping_ends_streams_in_flight_with_an_error_event(slow):
     with serving(slow) as s:
         with httpx.stream("POST", s.url + "/v1/chat/completions", timeout=30, json={
@@ -162,6 +167,7 @@ def test_stopping_ends_streams_in_flight_with_an_error_event(slow):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the worker's traceback
+@pytest.mark.slow
 def test_a_failed_decode_loop_is_503_everywhere_and_nothing_hangs(model_and_tokenizer):
     broken = SlotServer(*model_and_tokenizer, slots=2, chunk=4)
 

@@ -96,6 +96,7 @@ def as_saved_before_checksums(step_dir):
 
 
 # ---- one writer per directory -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_second_writer_is_refused_naming_the_holder(tokenizers):
     directory = checkpoint_dir("base", "busy")
     first = Checkpointer(directory).lock()
@@ -108,6 +109,7 @@ def test_second_writer_is_refused_naming_the_holder(tokenizers):
     Checkpointer(directory).lock().close()  # free again once the holder closes
 
 
+@pytest.mark.slow
 def test_a_dead_holders_lock_is_free(tmp_path):
     """The kernel drops a flock with its process: a killed run never leaves its directory locked."""
     directory = str(tmp_path / "run")
@@ -254,6 +256,7 @@ def test_damaged_meta_is_one_line(tokenizers):
         load_model("base", "t")
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_at_the_cli_is_one_line(tmp_path):
     """Through run_main, as a user sees it: one 'error: ...' line on stderr, no traceback before or after exit
     (orbax's closed event loop used to print several, depending on timing: restore a few times to give it a
@@ -369,6 +372,7 @@ def test_a_run_without_its_tokenizer_copy_is_refused(tokenizers):
         ckpt.load_tokenizer(ckpt.restore_meta(), "base/t")
 
 
+@pytest.mark.slow
 def test_vocab_mismatch_is_refused(tokenizers):
     config = dataclasses.replace(CONFIG, vocab_size=320)
     with Checkpointer(checkpoint_dir("base", "v")).lock() as ckpt:

@@ -1,10 +1,13 @@
 """A checkpoint saved on a (1, 8) mesh restores onto (2, 4) and onto one device: same parameters, same next loss.
 Runs in a subprocess with 8 fake CPU devices (XLA_FLAGS must be set before jax is imported)."""
 import json
-import os
-import subprocess
-import sys
 import textwrap
+
+import pytest
+
+from _harness import run_python
+
+pytestmark = pytest.mark.slow  # a process with 8 fake devices trains and restores
 
 SCRIPT = textwrap.dedent('''
     import json, sys
@@ -56,10 +59,7 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_restore_onto_other_meshes(tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    r = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "ckpt")], env=env, capture_output=True,
-                       text=True, timeout=600, cwd=root)
+    r = run_python(["-c", SCRIPT, str(tmp_path / "ckpt")], devices=8)
     assert r.returncode == 0, r.stderr[-4000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["2x4"]["params_equal"] and out["1 device"]["params_equal"]  # restored bit for bit

@@ -7,8 +7,6 @@ import json
 import math
 import os
 import random
-import subprocess
-import sys
 import threading
 import zipfile
 
@@ -24,6 +22,7 @@ from jaxchat.common import UserError, get_base_dir
 from jaxchat.model import GPT, GPTConfig
 from jaxchat.tokenizer import RustBPETokenizer
 
+from _harness import run_python
 from test_model import randomize
 
 V = 128
@@ -166,6 +165,7 @@ def test_left_crop():
     assert correct(mc, [{"query": "long query " * 5 + "Q", "choices": ["x", "z"], "gold": 0}], MC) == [1.0]
 
 
+@pytest.mark.slow
 def test_batched_equals_one_at_a_time_on_a_gpt():
     config = GPTConfig(sequence_len=48, vocab_size=V, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
     model = randomize(GPT(config, rngs=nnx.Rngs(0)), seed=1, scale=0.5)
@@ -296,6 +296,7 @@ def test_bundle_parsing(tmp_path):
         core_eval.get_eval_bundle(str(tmp_path / "nowhere"))
 
 
+@pytest.mark.slow
 def test_centered_core_and_csv(tmp_path):
     bundle = make_bundle(tmp_path / "b")
     model = Bigram({(" ", "x"): 2.0, ("x", "y"): 0.1, (" ", "z"): 1.5, ("A", " "): 0.5, ("B", " "): 3.0,
@@ -380,6 +381,7 @@ def test_corrupt_bundle_download(tmp_path, server):
 
 # ---- base_eval -------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_base_eval_core_end_to_end(tmp_path, capsys):
     text = " ".join(f"Q xy z A B c ab cd {i} the cat sat on the mat" for i in range(300))
     tok = RustBPETokenizer.train_from_iterator([text], 300)
@@ -434,9 +436,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_sharded_batches_on_four_devices():
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(here), here]))
-    out = subprocess.run([sys.executable, "-c", MESH_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    out = run_python(["-c", MESH_CHECK], devices=4, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

@@ -10,12 +10,11 @@ import time
 
 import pytest
 
+from _harness import fresh_env
 from jaxchat import corpus, dataset
 from jaxchat.common import UserError
 from jaxchat.dataloader import DistributedDataLoader
 from test_download import download, server  # noqa: F401 (the local shard server and its fixture)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def names(paths):
@@ -148,6 +147,7 @@ run_main(main)
 """
 
 
+@pytest.mark.slow
 def test_every_process_reaches_the_same_decision(tmp_path):
     """Two processes, and only the second one's data has lost a shard: both stop at once, and process 0 (the one
     whose output is shown) names the missing shard. Without the agreement the first would go on and wait in the
@@ -156,9 +156,7 @@ def test_every_process_reaches_the_same_decision(tmp_path):
     dataset.build_default_shards(good)
     shutil.copytree(good, bad)
     os.remove(bad / "shard_00001.parquet")
-    from test_multiprocess import free_port
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "JAXCHAT_NUM_PROCESSES": "2",
-           "JAXCHAT_COORDINATOR": f"127.0.0.1:{free_port()}", "JAXCHAT_DISTRIBUTED_TIMEOUT": "60"}
+    env = fresh_env(processes=2, JAXCHAT_DISTRIBUTED_TIMEOUT=60)
     t0 = time.monotonic()
     procs = [subprocess.Popen([sys.executable, "-c", AGREE, str(good), str(bad)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env={**env, "JAXCHAT_PROCESS_ID": str(i)})

@@ -179,6 +179,7 @@ def test_a_horizon_of_no_step_is_refused():
     assert base_train.horizon(argparse.Namespace(**{**vars(args), "num_iterations": 3}), 100, 600) == 3
 
 
+@pytest.mark.slow
 def test_a_stage_refuses_a_bad_flag_without_a_traceback():
     r = subprocess.run([sys.executable, "-m", "jaxchat.base_train", "--num_iterations=-5"], capture_output=True,
                        text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120)
@@ -197,12 +198,14 @@ def test_launch_runs_only_chosen_stages(tmp_path, capsys):
         launch.main([f"--config={only_data}", "--stages=tok_train"])
 
 
+@pytest.mark.slow
 def test_launch_cli_error_is_one_line():
     r = subprocess.run([sys.executable, "-m", "jaxchat.launch", "--config=tiny", "--depht=3"], capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and "unknown key 'depht'" in r.stderr
 
 
+@pytest.mark.slow
 def test_pipeline_end_to_end(tmp_path, capsys):
     """data -> tok_train -> tok_eval through the launcher, on the shipped corpus, with a small vocab."""
     cfg = tmp_path / "mini.toml"
@@ -239,6 +242,7 @@ run_main(main)
 """
 
 
+@pytest.mark.slow
 def test_stage_entry_points_keep_compiled_programs(tmp_path):
     """run_main points XLA's persistent compilation cache at $JAXCHAT_BASE_DIR/xla_cache (a re-run loads instead of
     compiling); JAX_COMPILATION_CACHE_DIR wins, and JAXCHAT_XLA_CACHE=0 turns it off."""

@@ -46,6 +46,7 @@ def naive_greedy(model, prompt, max_tokens, stop):
 
 
 @pytest.mark.parametrize("n_kv_head", [4, 2])
+@pytest.mark.slow
 def test_greedy_equals_naive_generation(tok, n_kv_head):
     model = make_model(n_kv_head)
     engine = Engine(model, tok)
@@ -60,6 +61,7 @@ def test_greedy_equals_naive_generation(tok, n_kv_head):
     assert prompts[0] + columns[:len(results[0]) - len(prompts[0])] == results[0]
 
 
+@pytest.mark.slow
 def test_decode_logits_match_full_forward(tok):
     """Teacher forcing through the engine's prefill and cache: logits at every decoded position equal the
     full-sequence forward, GQA model, within 1e-4."""
@@ -74,6 +76,7 @@ def test_decode_logits_match_full_forward(tok):
         np.testing.assert_allclose(logits[:, 0], jnp.repeat(full[:, t], 2, axis=0), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_seeds_samples_and_limits(tok):
     engine = Engine(make_model(), tok)
     prompt = tok.encode("hello", prepend="<|bos|>")
@@ -90,6 +93,7 @@ def test_seeds_samples_and_limits(tok):
     assert streamed == [col for col, _ in engine.generate(prompt, num_samples=4, max_tokens=24, seed=3)]
 
 
+@pytest.mark.slow
 def test_top_k_restricts_choices(tok):
     model = make_model()
     engine = Engine(model, tok)
@@ -115,6 +119,7 @@ class Scripted(nnx.Module):
         return logits, kv_cache.replace(index=kv_cache.index + T)
 
 
+@pytest.mark.slow
 def test_tool_output_is_forced_with_mask_zero(tok):
     special = tok.encode_special
     start, end, out_s, out_e, a_end = (special(f"<|{s}|>") for s in
@@ -140,6 +145,7 @@ def test_tool_output_is_forced_with_mask_zero(tok):
     assert results[0] == bad[:bad.index(a_end)] and 0 not in masks[0][len(prompt):]
 
 
+@pytest.mark.slow
 def test_finished_rows_stay_finished(tok):
     a_end = tok.encode_special("<|assistant_end|>")
     prompt = tok.encode("hi", prepend="<|bos|>")
@@ -153,6 +159,7 @@ def test_finished_rows_stay_finished(tok):
     assert results[0] == prompt + tok.encode(" ok")
 
 
+@pytest.mark.slow
 def test_prefill_compiles_once_per_bucket(tok):
     engine = Engine(make_model(seed=3), tok)
     before = E._prefill._cache_size()
@@ -164,6 +171,7 @@ def test_prefill_compiles_once_per_bucket(tok):
     assert E._prefill._cache_size() == before + 2
 
 
+@pytest.mark.slow
 def test_shared_prefix_rows_match_full_forward(tok):
     """2 prompts of different lengths × 4 samples: the rows share each prompt's K/V (a prefix read by one matmul
     per prompt), yet every row's logits, at the prompt's end and over 6 teacher-forced steps of its own tokens,
@@ -186,6 +194,7 @@ def test_shared_prefix_rows_match_full_forward(tok):
         np.testing.assert_allclose(logits[rows], full[:, len(prompt) - 1:], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_decode_loop_updates_cache_in_place(tok):
     """The compiled decode loop writes K/V with dynamic-update-slice and never copies or transposes a whole
     cache array, the rows' own slots or the shared prompt prefix (checked on the optimized HLO)."""
@@ -206,6 +215,7 @@ def test_decode_loop_updates_cache_in_place(tok):
         assert not bad, (n_prompts, rows, bad)
 
 
+@pytest.mark.slow
 def test_chat_turns_reuse_the_cache(tok):
     """A prompt that extends the previous prompt + reply prefills only the new tokens, and decodes what a fresh
     engine decodes from the whole history."""
@@ -261,6 +271,7 @@ def test_calculator(expr, value):
     assert use_calculator(expr) == value and type(use_calculator(expr)) is type(value)
 
 
+@pytest.mark.slow
 def test_bf16_engine_holds_kernels_in_bf16(tok):
     """A 16-bit compute dtype: the engine keeps its matrices in bf16 (half the bytes read per token; the
     embedding stays fp32) and its first-step logits stay close to fp32's."""

@@ -1,18 +1,17 @@
 """bench/gpu_check.py at toy sizes on CPU: every part runs in its own process and reports real figures."""
 import json
 import math
-import os
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import pytest
+
+from _harness import run_python
+
+pytestmark = pytest.mark.slow  # runs bench/gpu_check.py's parts in processes of their own
 
 
 def test_gpu_check_toy(tmp_path):
     out = tmp_path / "check.json"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--toy", "--out", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = run_python(["bench/gpu_check.py", "--toy", "--out", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     parts = report["parts"]

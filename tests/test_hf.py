@@ -60,6 +60,7 @@ def exported(tmp_path, **kw):
     return convert.export("sft", "small", None, str(tmp_path / "out"), **kw)
 
 
+@pytest.mark.slow
 def test_export_import_round_trip(trained, tmp_path):
     model, tok = trained
     out = exported(tmp_path)
@@ -78,6 +79,7 @@ def test_export_import_round_trip(trained, tmp_path):
     assert get_tokenizer().fingerprint() == tok.fingerprint()
 
 
+@pytest.mark.slow
 def test_bfloat16_export_rounds_the_weights(trained, tmp_path):
     model, _ = trained
     out = exported(tmp_path, dtype="bfloat16")
@@ -242,6 +244,7 @@ def edit_tensors(out, change):
     (lambda out: os.remove(os.path.join(out, "tokenizer.json")), "no tokenizer.json"),
     (lambda out: swap_special_ids(out), r"special tokens .* are not jaxchat's \(nanochat's\)"),
 ])
+@pytest.mark.slow
 def test_bad_directories_are_one_clear_error(trained, tmp_path, damage, message):
     out = exported(tmp_path)
     damage(out)

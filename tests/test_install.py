@@ -13,6 +13,8 @@ import sys
 import sysconfig
 import zipfile
 
+import pytest
+
 from jaxchat.tokenizer import META_FILE, RANKS_FILE, TOKEN_BYTES_FILE
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -24,6 +26,7 @@ def run(cmd, **kwargs):
     return r.stdout
 
 
+@pytest.mark.slow
 def test_wheel_installs_and_runs_from_another_directory(tmp_path):
     assert importlib.util.find_spec("maturin"), "maturin (the build backend) is missing: pip install -e '.[test]'"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing may point back at the checkout

@@ -1,23 +1,18 @@
 """jaxchat.memory: its compiled figure against what a CPU run allocates, its estimate's parts, the CLI."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _harness import run_python
 
-
-def run(args, **env):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, **env)
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+pytestmark = pytest.mark.slow  # each test compiles a train step or starts a process
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc/self/clear_refs")
 @pytest.mark.parametrize("batch", [4, 16])
 def test_compiled_figure_matches_what_the_cpu_run_allocates(batch):
-    out = run(["tests/_memory_probe.py", "4", str(batch)], MALLOC_MMAP_THRESHOLD_="65536")
+    out = run_python(["tests/_memory_probe.py", "4", str(batch)], MALLOC_MMAP_THRESHOLD_="65536")
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["predicted"] > 100e6  # large enough that allocator noise does not decide the test
@@ -25,7 +20,7 @@ def test_compiled_figure_matches_what_the_cpu_run_allocates(batch):
 
 
 def test_cli_reports_and_judges_the_fit():
-    out = run(["-m", "jaxchat.memory", "--config=tiny", "--devices=2", "--vocab_size=4096", "--fits=a100-40",
+    out = run_python(["-m", "jaxchat.memory", "--config=tiny", "--devices=2", "--vocab_size=4096", "--fits=a100-40",
                "--total_batch_size=8192"])
     assert out.returncode == 0, out.stderr[-3000:]
     lines = {l.split("  ")[1].strip(): l for l in out.stdout.splitlines() if l.startswith("  ") and "GiB" in l}
@@ -35,7 +30,7 @@ def test_cli_reports_and_judges_the_fit():
 
 
 def test_cli_bad_flag_is_one_line():
-    out = run(["-m", "jaxchat.memory", "--config=tiny", "--devices=2", "--remat=sometimes"])
+    out = run_python(["-m", "jaxchat.memory", "--config=tiny", "--devices=2", "--remat=sometimes"])
     assert out.returncode != 0 and out.stderr.strip().splitlines() == [
         "error: base_train.remat='sometimes': expected one of none, block, matmuls, attention"]
 

@@ -55,6 +55,7 @@ def test_initial_loss_is_ln_vocab():
     assert model.h[0].mlp.c_proj.kernel[...].std() == 0 and model.h[0].attn.c_q.kernel[...].std() > 0
 
 
+@pytest.mark.slow
 def test_init_scales():
     model = GPT(GPTConfig(sequence_len=8, vocab_size=4096, n_layer=1, n_head=2, n_kv_head=2, n_embd=256),
                 rngs=nnx.Rngs(0))
@@ -63,6 +64,7 @@ def test_init_scales():
     assert abs(float(model.h[0].mlp.c_fc.kernel[...].std()) - 256**-0.5) < 0.002  # min(1, √(1024/256)) = 1
 
 
+@pytest.mark.slow
 def test_logits_and_softcap():
     model = randomize(GPT(TINY, rngs=nnx.Rngs(0)), scale=3.0)
     logits = model(tokens((2, 16)))
@@ -70,6 +72,7 @@ def test_logits_and_softcap():
     assert float(jnp.abs(logits).max()) <= 15.0
 
 
+@pytest.mark.slow
 def test_gqa_equals_full_attention_with_repeated_kv():
     gqa = randomize(GPT(TINY, rngs=nnx.Rngs(0)))
     full = GPT(GPTConfig(**{**TINY.__dict__, "n_kv_head": TINY.n_head}), rngs=nnx.Rngs(1))
@@ -95,6 +98,7 @@ def reference_losses(model, idx, targets, weights=None):
 
 
 @pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.slow
 def test_loss_forms_match_reference_cross_entropy(weighted, monkeypatch):
     """model.loss's mean, sum and per-token forms (the fused and the per-token chunked paths), with ignored
     targets and optional weights, equal a plain cross-entropy over full logits: values and gradients, the
@@ -133,6 +137,7 @@ def test_loss_forms_match_reference_cross_entropy(weighted, monkeypatch):
     assert "f32[3,16,512]" in hlo and max(sizes) < 3 * 64 * 512  # a chunk's logits, never all of them
 
 
+@pytest.mark.slow
 def test_block_causal_attention_matches_dense():
     """The CPU kernel (query blocks, custom VJP, sequences in chunks; T not a multiple of the block, GQA) equals
     one masked softmax attention and jax.nn.dot_product_attention, values and gradients."""
@@ -149,6 +154,7 @@ def test_block_causal_attention_matches_dense():
             np.testing.assert_allclose(g, r, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_mixed_precision_linear_grads():
     a, b = jax.random.normal(jax.random.key(0), (3, 5, 8)), jax.random.normal(jax.random.key(1), (8, 6))
     for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)):
@@ -160,6 +166,7 @@ def test_mixed_precision_linear_grads():
             np.testing.assert_allclose(x, y, atol=tol * 10, rtol=tol)
 
 
+@pytest.mark.slow
 def test_bf16_compute_close_to_fp32():
     idx = tokens((2, 64))
     m32 = randomize(GPT(TINY, rngs=nnx.Rngs(0)), scale=0.1)
@@ -169,6 +176,7 @@ def test_bf16_compute_close_to_fp32():
     assert abs(float(l32) - float(l16)) < 2e-2 and jnp.isfinite(l16)
 
 
+@pytest.mark.slow
 def test_kv_cache_prefill_and_decode_match_full_forward():
     model = randomize(GPT(TINY, rngs=nnx.Rngs(0)))
     idx = tokens((2, 24))
@@ -183,6 +191,7 @@ def test_kv_cache_prefill_and_decode_match_full_forward():
     assert cache.pos.tolist() == [24, 24]
 
 
+@pytest.mark.slow
 def test_kv_cache_left_padded_rows_match_unpadded():
     """Rows of different lengths share the write slot: a left-padded row (start > 0) gives the logits of the same
     tokens alone, in prefill and in decode; padding slots are never attended to."""
@@ -215,6 +224,7 @@ def test_rotary_is_nanochat_rotate_half():
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_positions_shift_rope_only():
     """Explicit positions 0..T−1 are the default; shifting all positions leaves causal attention unchanged
     (RoPE is relative), so the logits stay the same."""
@@ -226,6 +236,7 @@ def test_positions_shift_rope_only():
     np.testing.assert_allclose(logits(jnp.arange(32)[None] + 100), base, atol=2e-4)
 
 
+@pytest.mark.slow
 def test_norms_keep_their_output_and_match_autodiff():
     """norm_to and rope_qk_norm differentiate from their saved output and inverse RMS: the same gradients as
     autodiff through the plain fp32 formulas."""
@@ -243,6 +254,7 @@ def test_norms_keep_their_output_and_match_autodiff():
 
 @pytest.mark.parametrize("options", [dict(remat="block"), dict(remat="matmuls"), dict(remat="attention"),
                                      dict(scan_layers=True), dict(scan_layers=True, remat="block")])
+@pytest.mark.slow
 def test_remat_and_scan_compute_the_same_loss_and_gradients(options):
     """Execution options change what is kept or how the blocks are compiled, never the numbers."""
     model = randomize(GPT(TINY, rngs=nnx.Rngs(0)))
@@ -261,6 +273,7 @@ def test_remat_and_scan_compute_the_same_loss_and_gradients(options):
         np.testing.assert_allclose(b, a, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bf16_activations_and_attention_choice():
     """In bf16 the matmuls return bf16 (what the backward keeps is 16-bit); cuDNN attention is refused with the
     reason where it cannot run, and "auto" falls back to the XLA kernel."""

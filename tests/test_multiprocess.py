@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from _multiprocess import ROOT, group_env, run_group
+from _harness import ROOT, fresh_env, run_group
 from jaxchat import dataset, tok_train
 from test_core_eval import make_bundle
 
@@ -30,15 +30,13 @@ def close(a, b):
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
+def base_dir(tmp_path_factory, module_monkeypatch):
     """Shards of the shipped corpus and a 512-token tokenizer."""
     d = tmp_path_factory.mktemp("multiprocess")
-    old = os.environ.get("JAXCHAT_BASE_DIR")
-    os.environ["JAXCHAT_BASE_DIR"] = str(d)
+    module_monkeypatch.setenv("JAXCHAT_BASE_DIR", str(d))
     dataset.build_default_shards()
     tok_train.main(["--vocab-size=512", "--max-chars=400000"])
     (d / "words.txt").write_text("\n".join(["apple", "banana", "cherry", "grape", "lemon", "mango", "peach"]))
-    os.environ.pop("JAXCHAT_BASE_DIR") if old is None else os.environ.__setitem__("JAXCHAT_BASE_DIR", old)
     return d
 
 
@@ -66,6 +64,7 @@ def runs(base_dir):
     return two, one, one_then_two
 
 
+@pytest.mark.slow
 def test_two_processes_train_as_one(runs):
     (a, eval_a), (b, eval_b, _), _ = runs
     assert sorted(a["losses"]) == sorted(b["losses"]) == ["0", "1", "2", "3", "4"]
@@ -78,6 +77,7 @@ def test_two_processes_train_as_one(runs):
                                                                             eval_b["core"]["core_metric"])
 
 
+@pytest.mark.slow
 def test_checkpoints_move_between_process_counts(runs):
     (two, _), (one, _, two_then_one), (one_then_two,) = runs
     for resumed, straight in ((two_then_one, two), (one_then_two, one)):
@@ -86,6 +86,7 @@ def test_checkpoints_move_between_process_counts(runs):
         assert close(resumed["val_bpb"], straight["val_bpb"])
 
 
+@pytest.mark.slow
 def test_chat_stages_on_two_processes(runs, base_dir):
     """One step each of mid, SFT and RL, then chat evals, from the same base model: the same numbers on 2×4."""
     tag = ["--model_tag=one", "--overwrite=1"]
@@ -115,15 +116,15 @@ def wait_for(predicate, timeout, what):
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_a_killed_process_stops_its_peer_and_the_run_resumes(base_dir, tmp_path):
     """SIGKILL one of two processes mid-run: the other exits non-zero within the distributed timeout (it never
     hangs), and the newest complete checkpoint resumes on one process."""
     import json
     flags = TINY + ["--num_iterations=30", "--save_every=2", "--model_tag=killed", "--overwrite=1"]
-    command = [sys.executable, os.path.join(ROOT, "tests", "_multiprocess.py"), str(tmp_path / "out.json"),
+    command = [sys.executable, os.path.join(ROOT, "tests", "_harness.py"), str(tmp_path / "out.json"),
                json.dumps([["base_train", flags]])]
-    env = {**group_env(base_dir, 2, 4), "JAXCHAT_DISTRIBUTED_TIMEOUT": "10", "JAXCHAT_NUM_PROCESSES": "2",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAXCHAT_COORDINATOR": f"127.0.0.1:{free_port()}"}
+    env = fresh_env(4, 2, base_dir, JAXCHAT_DISTRIBUTED_TIMEOUT=10)
     procs = [subprocess.Popen(command, env={**env, "JAXCHAT_PROCESS_ID": str(i)}, cwd=ROOT, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
     try:
@@ -143,13 +144,7 @@ def test_a_killed_process_stops_its_peer_and_the_run_resumes(base_dir, tmp_path)
     assert first >= 2 and first % 2 == 0 and max(int(s) for s in resumed["losses"]) == 29
 
 
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.slow
 def test_local_launcher_runs_the_pipeline(tmp_path):
     """`launch/local.sh 2 python -m jaxchat.launch --config=tiny ...`: process 0 prepares the data and trains the
     tokenizer while the other waits, then both train and evaluate; one writer for every file."""
@@ -157,7 +152,7 @@ def test_local_launcher_runs_the_pipeline(tmp_path):
              "--max_chars=300000", "--depth=1", "--head_dim=32", "--max_seq_len=32", "--device_batch_size=2",
              "--total_batch_size=256", "--num_iterations=4", "--eval_every=2", "--eval_tokens=256",
              "--sample_every=-1", "--save_every=2", "--split_tokens=256", "--model_tag=tinyrun"]
-    env = group_env(tmp_path, 2, 2)
+    env = fresh_env(2, 2, tmp_path)
     done = subprocess.run([os.path.join(ROOT, "launch", "local.sh"), "2", sys.executable, "-m", "jaxchat.launch",
                            *flags], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=420)
     assert done.returncode == 0, done.stderr[-4000:]

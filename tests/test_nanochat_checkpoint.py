@@ -42,6 +42,7 @@ def nanochat_dir(path, tokenizer, tokenizer_dir=None):
     return str(path)
 
 
+@pytest.mark.slow
 def test_import_matches_transformers_logits(tokenizer, tmp_path):
     directory = nanochat_dir(tmp_path / "d1", tokenizer)
     hf_main(["import", directory, "-g", "d1", "-i", "sft"])
@@ -116,6 +117,7 @@ def test_bad_nanochat_files_are_one_clear_error(tokenizer, tmp_path, monkeypatch
     assert not os.path.exists("exploited")
 
 
+@pytest.mark.slow
 def test_import_from_the_hub_as_nanochat_files(tokenizer, tmp_path, hub):
     directory = nanochat_dir(tmp_path / "d1", tokenizer)
     files = {name: open(os.path.join(directory, name), "rb").read() for name in os.listdir(directory)}

@@ -10,6 +10,7 @@ NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 
 
 @pytest.mark.parametrize("name", ["sharding.ipynb", "walkthrough.ipynb"])
+@pytest.mark.slow
 def test_notebook_runs(name, tmp_path):
     book = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
     code = [c for c in book.cells if c.cell_type == "code"]

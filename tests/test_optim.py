@@ -33,6 +33,7 @@ def nanochat_muon_reference(kernels_grads, lr, momenta, steps=5):
 
 
 @pytest.mark.parametrize("shape", [(32, 96), (96, 32), (48, 48)])
+@pytest.mark.slow
 def test_muon_matches_nanochat_reference(shape):
     """4 steps with changing momentum against the float64 reference. NS in fp32: every entry within 3e-5 of the
     largest (measured ≤ 5e-6). NS in bf16 (the default, as nanochat; 8-bit mantissa): ‖Δ‖/‖ref‖ ≤ 3e-2
@@ -52,6 +53,7 @@ def test_muon_matches_nanochat_reference(shape):
                 assert np.linalg.norm(ours - ref) <= 3e-2 * np.linalg.norm(ref)
 
 
+@pytest.mark.slow
 def test_muon_aspect_scale_orientation():
     """c_fc-like kernel (in=32, out=128): torch weight (128, 32) -> step × √4 = 2; c_proj-like (128, 32) -> ×1."""
     g = jax.random.normal(jax.random.key(0), (32, 128))
@@ -63,6 +65,7 @@ def test_muon_aspect_scale_orientation():
 
 
 @pytest.mark.parametrize("shape", [(64, 256), (256, 64), (128, 512)])
+@pytest.mark.slow
 def test_newton_schulz_singular_values_in_band(shape):
     """NS5 with (3.4445, −4.7750, 2.0315) maps a well-conditioned matrix's singular values into ~[0.68, 1.14]
     (measured: 0.682–1.135 in fp32); not exactly 1 by design (nanochat/muon.py docstring)."""
@@ -72,6 +75,7 @@ def test_newton_schulz_singular_values_in_band(shape):
         assert lo <= s.min() and s.max() <= hi, (dtype, s.min(), s.max())
 
 
+@pytest.mark.slow
 def test_stacked_equals_per_matrix():
     """Stacked Newton–Schulz (three stacks here: 48×48 with a zero matrix, 32×96 with the tall 96×32 ones
     transposed, GQA-like 16×48 with 48×16 transposed) equals newton_schulz per matrix. fp32: within 1e-5 of the
@@ -103,6 +107,7 @@ def test_stacked_equals_per_matrix():
         assert not np.asarray(stacked["zero"]).any()
 
 
+@pytest.mark.slow
 def test_stacked_muon_singular_values_in_band():
     """Through the whole Muon (momentum 0, lr 1), every update of a stack (wide with tall transposed, GQA-like,
     square with condition number 5) over its aspect scale has its singular values in NS5's band, as per matrix."""
@@ -121,6 +126,7 @@ def test_stacked_muon_singular_values_in_band():
             assert lo <= s.min() and s.max() <= hi, (dtype, name, s.min(), s.max())
 
 
+@pytest.mark.slow
 def test_param_groups_and_learning_rates():
     """First step, no clipping: AdamW moves every touched entry by lr·lrm (m̂/√v̂ = ±1 at step 1), with
     wte lr 0.2·s and lm_head lr 0.004·s, s = (d/768)^−½; blocks get Muon updates."""
@@ -142,6 +148,7 @@ def test_param_groups_and_learning_rates():
     np.testing.assert_allclose(updates["h"][0]["mlp"]["c_fc"]["kernel"], want, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_global_norm_clipping():
     """grad_clip applies to the global norm of all gradients before the groups (nanochat clip_grad_norm_)."""
     params = {"wte": jnp.ones((4, 8)), "lm_head": jnp.ones((8, 4))}

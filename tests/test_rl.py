@@ -26,6 +26,7 @@ def reference_loss(x, w, targets, weights, softcap=15.0):
 
 
 @pytest.mark.parametrize("B, T", [(4, 300), (2, 13), (3, 1)])  # several chunks; prime T; one position
+@pytest.mark.slow
 def test_weighted_fused_loss_matches_reference(B, T):
     D, V = 16, 40
     kx, kw, kt, km, ka = jax.random.split(jax.random.key(B * T), 5)
@@ -41,6 +42,7 @@ def test_weighted_fused_loss_matches_reference(B, T):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
+@pytest.mark.slow
 def test_gpt_without_weights_is_unchanged():
     model = randomize(GPT(TINY, rngs=nnx.Rngs(0)))
     idx = jax.random.randint(jax.random.key(1), (3, 24), 0, TINY.vocab_size)
@@ -103,6 +105,7 @@ def toy_rollouts(rows=4, seed=0):
     return seqs, masks, adv
 
 
+@pytest.mark.slow
 def test_train_step_loss_is_minus_the_pg_objective():
     seqs, masks, adv = toy_rollouts()
     batch = rollout_batch(seqs, masks, adv, PAD)
@@ -122,6 +125,7 @@ def test_train_step_loss_is_minus_the_pg_objective():
     assert float(metrics["loss"]) == 0.0 and float(metrics["grad_norm"]) == 0.0
 
 
+@pytest.mark.slow
 def test_masked_tokens_carry_no_gradient():
     """Prompt and forced tool-output tokens (targets −1) add nothing: the gradient equals the one where those
     positions are given any other target ids but weight 0, and the per-token reference Σ adv·mask·CE."""

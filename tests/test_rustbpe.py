@@ -173,11 +173,13 @@ def reference_bpe(num_merges, n_docs=len(DOCS), pattern=PATTERN):
 
 
 @pytest.mark.parametrize("num_merges, n_docs", [(50, len(DOCS)), (300, len(DOCS)), (1000, len(DOCS)), (3000, 450)])
+@pytest.mark.slow
 def test_merges_equal_reference(num_merges, n_docs):
     tok = trained(256 + num_merges, n_docs)
     assert tok.get_merges() == reference_bpe(num_merges, n_docs)[0]
 
 
+@pytest.mark.slow
 def test_other_pattern_equals_reference():
     pattern = r"\s*\S+|\s+"
     tok = trained(256 + 100, pattern=pattern)
@@ -311,6 +313,7 @@ def _hf_token_bytes(token):
     return bytes(char_to_byte[ch] for ch in token)
 
 
+@pytest.mark.slow
 def test_hf_trainer_agrees_until_the_first_tie():
     """HF breaks ties by its own token ids, so compare the merges only up to the first tied top count."""
     import json

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from _multidevice import MESHES, run_checks
+from _harness import run_checks
+from _multidevice import MESHES
 from jaxchat import sharding
 
 
@@ -45,6 +46,7 @@ def test_flax_resolves_parameters_logical_names():
         nnx.get_partition_spec(model.wte)  # Flax refuses a context that disagrees with the parameters' rules
 
 
+@pytest.mark.slow
 def test_flax_reports_what_jaxchat_places(results):
     """On an 8-device mesh, every parameter's and optimizer buffer's sharding is the one Flax's own API reports
     (get_named_sharding; the same under an nnx.logical_axis_rules context and from get_abstract_model), and the
@@ -61,6 +63,7 @@ def test_flax_reports_what_jaxchat_places(results):
         assert row["logical"] == row["flax_logical"] and row["spec"] == row["flax_spec"], row
 
 
+@pytest.mark.slow
 def test_params_and_optimizer_state_follow_the_table(results):
     out = result(results, "param_shardings")
     assert out["mismatches"] == []
@@ -69,12 +72,14 @@ def test_params_and_optimizer_state_follow_the_table(results):
     assert out["batch_shards"] == 8
 
 
+@pytest.mark.slow
 def test_fsdp_fraction(results):
     for depth, out in result(results, "fsdp_fraction").items():
         assert out["fraction"] >= 0.98, depth
         assert out["per_device_bytes"] * 8 == out["total_bytes"], depth
 
 
+@pytest.mark.slow
 def test_meshes_agree_with_one_device(results):
     """5 AdamW+Muon steps (lr multiplier and momentum changing) on (1,8), (2,4), (8,1) vs 1 device.
 
@@ -97,6 +102,7 @@ def test_meshes_agree_with_one_device(results):
     assert np.all(np.isfinite(out["reference_losses"]))
 
 
+@pytest.mark.slow
 def test_muon_sharded_equals_unsharded(results):
     """Stacked Muon on (1, 8) and (2, 4) vs one device. Every device runs the same per-matrix arithmetic as the one
     device does, only the number of matrices in its batched matmuls differs: fp32 NS within 1e-5 of the largest
@@ -108,6 +114,7 @@ def test_muon_sharded_equals_unsharded(results):
         assert out["diff"] <= tolerance * out["scale"], (name, out)
 
 
+@pytest.mark.slow
 def test_muon_collectives(results):
     """Stacked Newton–Schulz (each device orthogonalises whole matrices) vs NS per sharded matrix, in the compiled
     Muon update: far fewer collectives (measured 10 all-to-alls vs 135 all-gathers + 46 all-reduces on (1, 8) for
@@ -135,6 +142,7 @@ def test_sharding_table_prints(capsys):
     assert "('vocab', 'embed')" in wte and "P(None, 'fsdp')" in wte  # logical names, then Flax's mesh spec
 
 
+@pytest.mark.slow
 def test_engine_on_meshes_agrees_with_one_device(results):
     """Rows sharded over the batch axes (weights FSDP or replicated): same greedy tokens as 1 device, first-step
     logits within 1e-5 (only the order of fp32 reductions changes)."""
@@ -144,6 +152,7 @@ def test_engine_on_meshes_agrees_with_one_device(results):
         assert "data" in run["cache_spec"] or "fsdp" in run["cache_spec"], (name, run["cache_spec"])
 
 
+@pytest.mark.slow
 def test_server_slots_sharded_equal_one_device(results):
     """The web server's rows split over the mesh's batch axes decode what one device does."""
     for name, run in result(results, "server_sharded").items():

@@ -61,6 +61,7 @@ def test_mixture_and_sequence():
     assert list(seq) == [("a", 0), ("a", 1), ("b", 1), ("b", 2)]
 
 
+@pytest.mark.slow
 def test_resized_parts_of_a_mixture():
     """--mixture NAME=N: a part's first N conversations, repeated from the start when it has fewer; 0 drops it."""
     from jaxchat.mixtures import build_mixture
@@ -244,6 +245,7 @@ def test_gsm8k_renders_with_tool_masks():
 
 
 # -------------------------------------------------------------------------------------------------- HumanEval
+@pytest.mark.slow
 def test_humaneval_canonical_solutions_pass():
     boundary_or_skip()
     task = HumanEval()

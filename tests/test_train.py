@@ -12,6 +12,8 @@ from jaxchat.model import GPTConfig
 from jaxchat.optim import OptimConfig, hyperparams
 from jaxchat.train import TrainState, check_finite, init_train_state, train_step
 
+pytestmark = pytest.mark.slow  # every test compiles and runs train steps
+
 TINY = GPTConfig(sequence_len=32, vocab_size=256, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
 
 
