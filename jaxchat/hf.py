@@ -35,9 +35,10 @@ from flax import nnx
 from jaxchat import nanochat_checkpoint, safetensors
 from jaxchat.checkpoint_manager import SOURCE_DIRS, Checkpointer, checkpoint_dir, load_model
 from jaxchat.common import UserError, get_base_dir, run_main, write_atomic
+from jaxchat.custom_grads import NORM_EPS
 from jaxchat.download import DownloadError, download_file
 from jaxchat.hf_tokenizer import TOKENIZER_CONFIG, TOKENIZER_JSON, from_hf, save_hf_tokenizer
-from jaxchat.model import EXECUTION_FIELDS, GPT, NORM_EPS, ROPE_BASE, SOFTCAP, GPTConfig
+from jaxchat.model import EXECUTION_FIELDS, GPT, ROPE_BASE, SOFTCAP, GPTConfig
 from jaxchat.tasks.hub import hub_endpoint, slug
 
 LAYER_TENSORS = {("attn", "c_q"): "self_attn.q_proj", ("attn", "c_k"): "self_attn.k_proj",
