@@ -1,5 +1,5 @@
-"""The decoding cache of the GPT's keys and values, written in place one chunk at a time, with an optional prompt
-prefix shared by the rows that continue it. `GPT.decode` reads and writes it; the engine and the server build it."""
+"""The GPT's decoding cache: each layer's keys and values, written in place a chunk at a time, with an optional
+prompt prefix shared by the rows that continue it. The engine and the server create it; `GPT.decode` feeds it."""
 
 import jax
 import jax.numpy as jnp
