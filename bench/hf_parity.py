@@ -63,7 +63,7 @@ def jaxchat_side(directory, new_tokens, chat):
     jax.config.update("jax_default_matmul_precision", "highest")
     from jaxchat.checkpoint_manager import load_model
     from jaxchat.hf.convert import import_model
-    from jaxchat.model import KVCache
+    from jaxchat.kv_cache import KVCache
     import_model(directory, "parity", "sft")
     model, tokenizer, _ = load_model("sft", "parity")
     stops = {tokenizer.get_bos_token_id(), tokenizer.encode_special("<|assistant_end|>")}

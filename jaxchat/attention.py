@@ -11,7 +11,7 @@ ATTN_BLOCK attend only to keys up to the end of their block (skipping ~half of t
 keeps the inputs, the output and the log-sum-exp and recomputes probabilities in the backward pass, and on CPU
 sequences go through ATTN_SEQS at a time so one chunk's scores stay in cache. It
 works heads-major, (B, H, T, D), and its backward on transposed scores (keys × queries), so XLA:CPU inserts no
-transposed copy per block (in the sequence-major layout it copied `k` once per block and matmul).
+transposed copy per block (in the sequence-major layout it would copy `k` once per block and matmul).
 """
 
 from functools import partial

@@ -120,7 +120,7 @@ def prepare_task(tokenizer, data, task_meta, max_len, chunk=1024):
 def _forward(graphdef, state, ids):
     """Next-token cross-entropy and greedy (argmax) prediction at every position of (B, T) ids (the last column is
     meaningless), from the model's chunked loss: no (B, T, V) logits."""
-    return nnx.merge(graphdef, state).loss(ids, jnp.roll(ids, -1, axis=1), reduction="none")
+    return nnx.merge(graphdef, state).token_losses(ids, jnp.roll(ids, -1, axis=1))
 
 
 def bucket_len(n, max_len):

@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxchat import sharding
 from jaxchat.common import pad_bucket
-from jaxchat.model import KVCache
+from jaxchat.kv_cache import KVCache
 from jaxchat.sampling import sample_next_token
 
 MIN_BUCKET = 16  # shortest prefill length; prompts pad up to the next power of two

@@ -16,7 +16,7 @@ from jaxchat import sharding
 @nnx.jit
 def bpb_sums(model, inputs, targets, token_bytes):
     """(nats, bytes) of one batch: per-token losses summed where the target has bytes."""
-    losses, _ = model.loss(inputs, targets, reduction="none")
+    losses, _ = model.token_losses(inputs, targets)
     nbytes = jnp.where(targets < 0, 0, token_bytes[jnp.maximum(targets, 0)])
     return jnp.sum(jnp.where(nbytes > 0, losses, 0.0)), jnp.sum(nbytes)
 

@@ -35,7 +35,7 @@ from jaxchat import sharding
 from jaxchat.common import pad_bucket
 from jaxchat.engine import (MAX_FORCED, MIN_BUCKET, MIN_ROWS, decoding_weights, tool_output_tokens,
                             use_calculator)
-from jaxchat.model import KVCache
+from jaxchat.kv_cache import KVCache
 from jaxchat.sampling import sample_rows
 
 STOPPED = "the server is shutting down"  # SlotServer.failure after stop(); anything else is a failed decode loop

@@ -68,9 +68,8 @@ class Bigram(nnx.Module):
     def __call__(self, ids):
         return self.table[...][ids]
 
-    def loss(self, ids, targets, reduction):
-        """Per token (cross-entropy, argmax), as GPT.loss(..., reduction="none") returns them."""
-        assert reduction == "none"
+    def token_losses(self, ids, targets):
+        """Per token (cross-entropy, argmax), as GPT.token_losses returns them."""
         logits = self(ids)
         nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
         return nll, jnp.argmax(logits, -1).astype(jnp.int32)

@@ -11,8 +11,10 @@ from flax import nnx
 
 from jaxchat import attention as A
 from jaxchat import losses as L
+from jaxchat import custom_grads as G
 from jaxchat import model as M
-from jaxchat.model import GPT, GPTConfig, KVCache, config_for_depth
+from jaxchat.kv_cache import KVCache
+from jaxchat.model import GPT, GPTConfig, config_for_depth
 
 TINY = GPTConfig(sequence_len=64, vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
 
@@ -100,7 +102,7 @@ def reference_losses(model, idx, targets, weights=None):
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.slow
 def test_loss_forms_match_reference_cross_entropy(weighted, monkeypatch):
-    """model.loss's mean, sum and per-token forms (the fused and the per-token chunked paths), with ignored
+    """model.loss's mean and sum and model.token_losses (the fused and the per-token chunked paths), with ignored
     targets and optional weights, equal a plain cross-entropy over full logits: values and gradients, the
     per-token cotangents all different. The per-token argmax is the logits' argmax, and no (B, T, V) array
     exists in the per-token backward."""
@@ -111,27 +113,29 @@ def test_loss_forms_match_reference_cross_entropy(weighted, monkeypatch):
     weights = jax.random.uniform(jax.random.key(2), idx.shape, minval=0.5, maxval=2.0) if weighted else None
     probe = jax.random.normal(jax.random.key(3), idx.shape)  # a different cotangent for every token
     count = jnp.sum(targets != -1)
-    forms = {  # name: (model.loss form, reference), each reduced to a scalar to differentiate
+    forms = {  # name: (the model's form, reference), each reduced to a scalar to differentiate
         "mean": (lambda m: m.loss(idx, targets, weights), lambda m: reference_losses(m, idx, targets, weights).sum()
                  / count),
         "sum": (lambda m: m.loss(idx, targets, weights, reduction="sum"),
                 lambda m: reference_losses(m, idx, targets, weights).sum()),
-        "none": (lambda m: jnp.sum(probe * m.loss(idx, targets, weights, reduction="none")[0]),
+        "per token": (lambda m: jnp.sum(probe * m.token_losses(idx, targets, weights)[0]),
                  lambda m: jnp.sum(probe * reference_losses(m, idx, targets, weights))),
     }
     for name, (ours, ref) in forms.items():
         (lo, go), (lr, gr) = (nnx.jit(nnx.value_and_grad(f))(model) for f in (ours, ref))
         np.testing.assert_allclose(lo, lr, rtol=1e-5, err_msg=name)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4, err_msg=name), go, gr)
-    losses, argmax = nnx.jit(lambda m: m.loss(idx, targets, weights, reduction="none"))(model)
+    losses, argmax = nnx.jit(lambda m: m.token_losses(idx, targets, weights))(model)
     np.testing.assert_allclose(losses, reference_losses(model, idx, targets, weights), rtol=1e-5, atol=1e-6)
     assert float(jnp.abs(jnp.where(targets == -1, losses, 0.0)).max()) == 0.0
     np.testing.assert_array_equal(argmax, jnp.argmax(model(idx), -1))
     if not weighted:
         np.testing.assert_allclose(model(idx, targets), forms["sum"][0](model) / count, rtol=1e-6)
         assert float(model(idx, jnp.full_like(idx, -1))) == 0.0  # nothing supervised: 0, not NaN
+        with pytest.raises(ValueError, match="reduction 'none': one of 'mean', 'sum' \\(per token: token_losses\\)"):
+            model.loss(idx, targets, reduction="none")
     graphdef, params = nnx.split(model)
-    per_token = lambda p: forms["none"][0](nnx.merge(graphdef, p))
+    per_token = lambda p: forms["per token"][0](nnx.merge(graphdef, p))
     hlo = jax.jit(jax.grad(per_token)).lower(params).compile().as_text()
     sizes = [math.prod(map(int, dims.split(","))) for dims in re.findall(r"f32\[(\d+(?:,\d+)+)\]", hlo)]
     assert "f32[3,16,512]" in hlo and max(sizes) < 3 * 64 * 512  # a chunk's logits, never all of them
@@ -158,7 +162,7 @@ def test_block_causal_attention_matches_dense():
 def test_mixed_precision_linear_grads():
     a, b = jax.random.normal(jax.random.key(0), (3, 5, 8)), jax.random.normal(jax.random.key(1), (8, 6))
     for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)):
-        f = lambda a, b: jnp.sum(jnp.sin(M.linear(a, b, dtype)))
+        f = lambda a, b: jnp.sum(jnp.sin(G.linear(a, b, dtype)))
         g = lambda a, b: jnp.sum(jnp.sin(jnp.einsum("bti,io->bto", a, b)))
         out = jax.grad(f, argnums=(0, 1))(a, b)
         assert all(x.dtype == jnp.float32 for x in out)
@@ -220,7 +224,7 @@ def test_rotary_is_nanochat_rotate_half():
     freqs = np.outer(np.arange(T), 1.0 / 10000 ** (np.arange(0, hd, 2) / hd))[None, :, None, :]
     x1, x2 = x[..., :hd // 2], x[..., hd // 2:]
     want = np.concatenate([x1 * np.cos(freqs) + x2 * np.sin(freqs), -x1 * np.sin(freqs) + x2 * np.cos(freqs)], -1)
-    got = M.apply_rotary(jnp.asarray(x, jnp.float32), *M.rotary(jnp.arange(T)[None], hd))
+    got = G.apply_rotary(jnp.asarray(x, jnp.float32), *M.rotary(jnp.arange(T)[None], hd))
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
@@ -243,8 +247,8 @@ def test_norms_keep_their_output_and_match_autodiff():
     x = jax.random.normal(jax.random.key(0), (2, 16, 4, 32))
     dy = jax.random.normal(jax.random.key(1), x.shape)
     cos, sin = M.rotary(jnp.arange(16)[None], 32)
-    plain = {"norm_to": lambda x: M.norm(x), "rope_qk_norm": lambda x: M.norm(M.apply_rotary(x, cos, sin))}
-    fused = {"norm_to": lambda x: M.norm_to(x, jnp.float32), "rope_qk_norm": lambda x: M.rope_qk_norm(x, cos, sin)}
+    plain = {"norm_to": lambda x: G.norm(x), "rope_qk_norm": lambda x: G.norm(G.apply_rotary(x, cos, sin))}
+    fused = {"norm_to": lambda x: G.norm_to(x, jnp.float32), "rope_qk_norm": lambda x: G.rope_qk_norm(x, cos, sin)}
     for name in plain:
         want_y, want_vjp = jax.vjp(plain[name], x)
         got_y, got_vjp = jax.vjp(fused[name], x)
@@ -279,8 +283,8 @@ def test_bf16_activations_and_attention_choice():
     reason where it cannot run, and "auto" falls back to the XLA kernel."""
     from jaxchat.attention import causal_attention, cudnn_problem
     x = jax.random.normal(jax.random.key(0), (2, 8, 16))
-    assert M.linear(x, jnp.ones((16, 4)), jnp.bfloat16).dtype == jnp.bfloat16
-    assert M.linear(x, jnp.ones((16, 4)), jnp.float32).dtype == jnp.float32
+    assert G.linear(x, jnp.ones((16, 4)), jnp.bfloat16).dtype == jnp.bfloat16
+    assert G.linear(x, jnp.ones((16, 4)), jnp.float32).dtype == jnp.float32
     q = jax.random.normal(jax.random.key(1), (1, 8, 4, 16), jnp.bfloat16)
     k = q[:, :, :2]
     if jax.default_backend() != "gpu":

@@ -111,7 +111,7 @@ def test_train_step_loss_is_minus_the_pg_objective():
     batch = rollout_batch(seqs, masks, adv, PAD)
     state = randomized_state()
     # The objective by hand, from the model's own per-token log-probs (the per-token path), before the step.
-    per_token = nnx.jit(lambda m: m.loss(batch["inputs"], batch["targets"], reduction="none")[0])
+    per_token = nnx.jit(lambda m: m.token_losses(batch["inputs"], batch["targets"])[0])
     logp = -np.asarray(per_token(state.model))
     valid = batch["targets"] != -1
     objective = np.sum(logp * adv[:, None] * valid) / valid.sum()
@@ -140,14 +140,15 @@ def test_masked_tokens_carry_no_gradient():
     zeroed = np.where(masked, 0.0, batch["weights"]).astype(np.float32)
 
     @nnx.jit(static_argnums=3)
-    def grads(model, targets, weights, reduction="sum"):
+    def grads(model, targets, weights, per_token=False):
         def loss(m):
-            out = m.loss(batch["inputs"], targets, weights, reduction)
-            return jnp.sum(out[0] if reduction == "none" else out)  # per token: (losses, argmax)
+            if per_token:
+                return jnp.sum(m.token_losses(batch["inputs"], targets, weights)[0])
+            return m.loss(batch["inputs"], targets, weights, reduction="sum")
 
         return nnx.state(nnx.grad(loss)(model), nnx.Param)
 
     g = grads(model, batch["targets"], batch["weights"])
-    for other_g in (grads(model, other, zeroed), grads(model, other, zeroed, "none")):
+    for other_g in (grads(model, other, zeroed), grads(model, other, zeroed, True)):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g, other_g)
     assert np.abs(np.asarray(g["wte"][...])).sum() > 0  # and the sampled tokens do move the embeddings

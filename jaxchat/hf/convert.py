@@ -26,9 +26,10 @@ from flax import nnx
 
 from jaxchat.checkpoint_manager import Checkpointer, checkpoint_dir, load_model
 from jaxchat.common import UserError, get_base_dir, write_atomic
+from jaxchat.custom_grads import NORM_EPS
 from jaxchat.hf import hub, nanochat_checkpoint, safetensors
 from jaxchat.hf.tokenizer import TOKENIZER_CONFIG, TOKENIZER_JSON, from_hf, save_hf_tokenizer
-from jaxchat.model import EXECUTION_FIELDS, GPT, NORM_EPS, ROPE_BASE, SOFTCAP, GPTConfig
+from jaxchat.model import EXECUTION_FIELDS, GPT, ROPE_BASE, SOFTCAP, GPTConfig
 
 LAYER_TENSORS = {("attn", "c_q"): "self_attn.q_proj", ("attn", "c_k"): "self_attn.k_proj",
                  ("attn", "c_v"): "self_attn.v_proj", ("attn", "c_proj"): "self_attn.o_proj",

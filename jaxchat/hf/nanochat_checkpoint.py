@@ -24,7 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxchat.common import UserError
-from jaxchat.model import NORM_EPS
+from jaxchat.custom_grads import NORM_EPS
 from jaxchat.tokenizer import RustBPETokenizer
 
 STORAGES = {"FloatStorage": np.float32, "BFloat16Storage": ml_dtypes.bfloat16, "HalfStorage": np.float16,
