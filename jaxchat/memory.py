@@ -161,14 +161,14 @@ def main(argv=None):
 
     from jaxchat import sharding
     from jaxchat.model import config_for_depth
-    from jaxchat.run import execution, optim_config
+    from jaxchat.run import model_execution, optim_config
 
     if jax.device_count() < args.devices:
         raise UserError(f"--devices={args.devices} but JAX already started with {jax.device_count()} devices")
     train_args, vocab_size = base_train_args(args.config, overrides, args.vocab_size)
     config = config_for_depth(train_args.depth, vocab_size, train_args.max_seq_len,
                               n_kv_head=train_args.n_kv_head or None, head_dim=train_args.head_dim,
-                              **execution(train_args))
+                              **model_execution(train_args))
     try:
         mesh = sharding.make_mesh((train_args.mesh_data, -1), devices=jax.devices()[:args.devices])
     except ValueError as e:
