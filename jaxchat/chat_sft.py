@@ -98,7 +98,8 @@ def train(args):
             "source": f"{args.source} step {run.meta['source_step']}", "mixture": sizes, "left out": missing,
             "iterations": num_iterations, "conversations": num_iterations * args.target_examples_per_step,
             "seconds per step": run.seconds_per_step, "final train loss": run.train_loss,
-            "final val loss": run.loop_state["val_loss"], "cropped conversations": f"{loader.cropped} of {loader.seen}"})
+            "final val loss": run.loop_state["val_loss"],
+            "cropped conversations": f"{loader.cropped} of {loader.seen}"})
     print(f"done: {num_iterations} steps | val loss {run.loop_state['val_loss']:.4f} | cropped conversations "
           f"{loader.cropped} of {loader.seen} | checkpoints in {run.ckpt.directory}")
     return {"losses": run.losses, "val_loss": run.loop_state["val_loss"], "num_iterations": num_iterations,

@@ -4,7 +4,7 @@
                      fresh=lambda: (init_train_state(config, optim), tok, {}), model_config=config, tokenizer=tok) as run:
         loader = ...(state=run.dataloader_state_dict)
         for step in run.steps(num_iterations, loader.get_state):   # saves when due, and the last step
-            if run.last or run.due(step, args.eval_every):
+            if run.last or run.due(args.eval_every):   # due: every N steps and at the last (-1: never)
                 ... evaluate ...
             if run.last:
                 break
@@ -17,8 +17,9 @@ is refused). Fresh: a directory that already holds checkpoints is replaced only 
 loop state continue from the newest intact checkpoint, so the resumed run is the uninterrupted one; a run whose last
 step is saved (`final=True`) is finished: resumed, it says so and the stage returns None (`RunFinished`, caught by
 `stage_main`). A checkpoint holds the run as it stands before the evaluations of its step, which a resumed run does
-again: the resumed run is the uninterrupted one, and a crash in the final evaluation loses nothing. Meta keys are nanochat's: `model_config`, `user_config`, `device_batch_size`, `max_seq_len`, `dataloader_state_dict`,
-`loop_state` (`smooth_train_loss`, `min_val_bpb`, `total_training_time`, ...).
+again, and a crash in the final evaluation loses nothing. Meta keys are nanochat's: `model_config`, `user_config`,
+`device_batch_size`, `max_seq_len`, `dataloader_state_dict`, `loop_state` (`smooth_train_loss`, `min_val_bpb`,
+`total_training_time`, ...).
 """
 import dataclasses
 import glob
@@ -28,9 +29,9 @@ import time
 
 import jax
 from flax import nnx
-from tqdm import tqdm
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
+from tqdm import tqdm
 
 from jaxchat import distributed, sharding
 from jaxchat.checkpoint_manager import (Checkpointer, check_model_config, check_tokenizer, checkpoint_dir,
