@@ -1,12 +1,11 @@
 """Pretrain the base model: `python -m jaxchat.base_train [--depth=20 ...]` (flags as nanochat's base_train).
 
-Before a step the loop evaluates val bpb, samples and saves when due; after the last step it saves, then evaluates
-and samples (a crash in the final evaluation loses nothing). Checkpoints hold everything the loop needs (model,
+At each step the loop saves when due, then evaluates val bpb, CORE and samples when due; after the last step it
+saves, then evaluates and samples (a crash in the final evaluation loses nothing). Checkpoints hold everything the loop needs (model,
 optimizer, data-loader position, EMA loss, timers), so `--resume=1` continues exactly: on CPU the resumed run's
 losses equal the uninterrupted run's bit for bit.
 """
 import argparse
-import time
 
 import jax
 from tqdm import tqdm
@@ -22,9 +21,9 @@ from jaxchat.loss_eval import evaluate_bpb
 from jaxchat.model import config_for_depth
 from jaxchat.optim import get_lr_multiplier, get_muon_momentum, hyperparams
 from jaxchat.run import (NANOCHAT_EVAL_TOKENS, TrainingRun, add_training_flags, batch_rows, devices_line, eval_tokens,
-                         execution, make_mesh, optim_config)
+                         model_execution, optim_config, stage_main)
 from jaxchat.tokenizer import get_tokenizer
-from jaxchat.train import check_finite, init_train_state, train_step
+from jaxchat.train import init_train_state, train_step
 
 # flags a resumed run must share with the run it continues (anything else, e.g. eval_every, may change)
 RESUME_KEYS = ("dtype", "num_iterations", "target_flops", "target_param_data_ratio", "embedding_lr",
@@ -91,145 +90,87 @@ def core_during_training(args):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    with jax.set_mesh(make_mesh(args)):
-        return train(args)
+    return stage_main(build_parser, train, argv)
 
 
 def train(args):
     tokenizer = get_tokenizer()
     config = config_for_depth(args.depth, tokenizer.get_vocab_size(), args.max_seq_len, n_kv_head=args.n_kv_head or None,
-                              head_dim=args.head_dim, **execution(args))
+                              head_dim=args.head_dim, **model_execution(args))
     optim = optim_config(args, grad_clip=args.grad_clip)
     T = args.max_seq_len
     rows, accum = batch_rows(args, args.total_batch_size, row_len=T)
     model_tag = args.model_tag or f"d{args.depth}"
     settings = {"device_batch_size": args.device_batch_size, "max_seq_len": T, "total_batch_size": args.total_batch_size,
                 "batch_rows": rows}
-    loop_state = {"min_val_bpb": float("inf"), "val_bpb": None, "total_training_time": 0.0, "timed_steps": 0,
-                  "core_metric": []}
+    loop_state = {"min_val_bpb": float("inf"), "val_bpb": None, "core_metric": []}
     fresh = lambda: (init_train_state(config, optim, args.seed), tokenizer, {})
     with TrainingRun("base", model_tag, args, settings, loop_state, optim=optim, resume_keys=RESUME_KEYS, fresh=fresh,
                      model_config=config, tokenizer=tokenizer) as run:
-        return None if run.finished else _loop(run, args, config, rows, accum)
+        loop = run.loop_state
+        num_params, flops_per_token = run.model.num_params(), run.model.estimate_flops()
+        num_iterations = horizon(args, num_params, flops_per_token)
+        run.meta["num_iterations"] = num_iterations
+        loader = DistributedDataLoader(tokenizer, rows, T, "train", args.data_dir or None,
+                                       state=run.dataloader_state_dict)
+        val_steps = max(1, eval_tokens(args.eval_tokens, args.total_batch_size, num_iterations) // (rows * T))
+        token_bytes = tokenizer.token_bytes()
+        bundle = core_during_training(args)
+        per_device = peak_flops(jax.devices()[0].device_kind)  # None where unknown (CPUs): no MFU
+        peak = per_device * jax.device_count() if per_device else None
+        print(f"{devices_line()} | {run.model_tag}: {config}")
+        print(f"params {num_params:,} | FLOPs/token {flops_per_token:.4g} | {num_iterations} steps × "
+              f"{args.total_batch_size:,} tokens ({accum} micro-batches of {rows}×{T}) = "
+              f"{num_iterations * args.total_batch_size:,} tokens | total "
+              f"{num_iterations * args.total_batch_size * flops_per_token:.3g} FLOPs")
+        if run.step == 0:
+            sharding.print_sharding_table(run.model)
 
+        for step in run.steps(num_iterations, loader.get_state, flops_per_token, peak):
+            if run.last or run.due(args.eval_every):  # val bpb
+                with DistributedDataLoader(tokenizer, rows, T, "val", args.data_dir or None) as val:
+                    bpb = evaluate_bpb(run.model, val, val_steps, token_bytes, global_rows=rows)
+                loop["val_bpb"], loop["min_val_bpb"] = bpb, min(loop["min_val_bpb"], bpb)
+                run.writer.scalars(step, {"val/bpb": bpb})
+                tqdm.write(f"step {step:05d} | val bpb {bpb:.6f}")
+            if bundle is not None and step > 0 and run.due(args.core_metric_every):
+                # CORE during training, for "time to a CORE score": against the step, the training time and FLOPs
+                out = core_eval.evaluate_model(run.model, tokenizer, args.core_metric_max_per_task, bundle)
+                loop["core_metric"].append({"step": step, "total_training_time": loop["total_training_time"],
+                                            "total_training_flops": step * args.total_batch_size * flops_per_token,
+                                            "CORE": out["core_metric"]})
+                run.writer.scalars(step, {"core_metric": out["core_metric"]})
+                tqdm.write(f"step {step:05d} | CORE {out['core_metric']:.4f}")
+            if step > 0 and run.due(args.sample_every):
+                samples = sample_greedy(run.model, tokenizer, SAMPLE_PROMPTS, max_tokens=16)
+                run.writer.text(step, "samples", "\n\n".join(samples))
+                tqdm.write("\n".join(f"  {p!r} -> {s[len(p):]!r}" for p, s in zip(SAMPLE_PROMPTS, samples)))
+            if run.last:
+                break
+            batch = sharding.shard_batch(loader.next_stacked(accum), batch_axis=1, global_rows=rows)
+            lrm = get_lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+            run.state, metrics = train_step(run.state, batch, hyperparams(lrm, get_muon_momentum(step)))
+            run.log(step, metrics, args.total_batch_size, {
+                "train/lrm": lrm, "train/grad_norm": metrics["grad_norm"], "train/epoch": loader.epoch,
+                "total_training_flops": (step + 1) * args.total_batch_size * flops_per_token})
+        loader.close()
 
-def _loop(run, args, config, rows, accum):
-    T, tokenizer, loop, model = args.max_seq_len, run.tokenizer, run.loop_state, run.model
-    num_params, flops_per_token = model.num_params(), model.estimate_flops()
-    num_iterations = horizon(args, num_params, flops_per_token)
-    run.meta["num_iterations"] = num_iterations
-    loader = DistributedDataLoader(tokenizer, rows, T, "train", args.data_dir or None, state=run.dataloader_state_dict)
-    val_steps = max(1, eval_tokens(args.eval_tokens, args.total_batch_size, num_iterations) // (rows * T))
-    token_bytes = tokenizer.token_bytes()
-    bundle = core_during_training(args)
-    n_dev, kind = jax.device_count(), jax.devices()[0].device_kind
-    peak = peak_flops(kind)
-    print(f"{devices_line()} | {run.model_tag}: {config}")
-    print(f"params {num_params:,} | FLOPs/token {flops_per_token:.4g} | {num_iterations} steps × {args.total_batch_size:,}"
-          f" tokens ({accum} micro-batches of {rows}×{T}) = {num_iterations * args.total_batch_size:,} tokens | "
-          f"total {num_iterations * args.total_batch_size * flops_per_token:.3g} FLOPs")
-    if run.step == 0:
-        sharding.print_sharding_table(model)
-    losses = {}  # step -> the step's loss, for this invocation (tests compare runs with them)
-
-    def evaluate(step):
-        with DistributedDataLoader(tokenizer, rows, T, "val", args.data_dir or None) as val:
-            bpb = evaluate_bpb(run.model, val, val_steps, token_bytes, global_rows=rows)
-        loop["val_bpb"], loop["min_val_bpb"] = bpb, min(loop["min_val_bpb"], bpb)
-        run.writer.scalars(step, {"val/bpb": bpb})
-        tqdm.write(f"step {step:05d} | val bpb {bpb:.6f}")
-
-    def core(step):
-        """CORE during training, for "time to a CORE score": logged against the step, with the training time and
-        FLOPs so far in the same TensorBoard run."""
-        out = core_eval.evaluate_model(run.model, tokenizer, args.core_metric_max_per_task, bundle)
-        loop["core_metric"].append({"step": step, "total_training_time": loop["total_training_time"],
-                                    "total_training_flops": step * args.total_batch_size * flops_per_token,
-                                    "CORE": out["core_metric"]})
-        run.writer.scalars(step, {"core_metric": out["core_metric"]})
-        tqdm.write(f"step {step:05d} | CORE {out['core_metric']:.4f}")
-
-    def sample(step):
-        samples = sample_greedy(run.model, tokenizer, SAMPLE_PROMPTS, max_tokens=16)
-        run.writer.text(step, "samples", "\n\n".join(samples))
-        tqdm.write("\n".join(f"  {p!r} -> {s[len(p):]!r}" for p, s in zip(SAMPLE_PROMPTS, samples)))
-
-    def log_step(s, metrics, lrm, dt):
-        loss = losses[s] = check_finite(metrics["loss"], s)
-        smooth = run.smooth_loss(s, loss)
-        if s - run.start_step > 10:  # the first steps of a process include compilation (nanochat: step > 10)
-            loop["total_training_time"] += dt
-            loop["timed_steps"] += 1
-        tok_s = args.total_batch_size / dt
-        mfu = 100 * flops_per_token * tok_s / (peak * n_dev) if peak else None
-        values = {"train/loss": smooth, "train/lrm": lrm, "train/tok_per_sec": tok_s,
-                  "train/grad_norm": float(metrics["grad_norm"]), "train/dt": dt, "train/epoch": loader.epoch,
-                  "total_training_flops": (s + 1) * args.total_batch_size * flops_per_token,
-                  "total_training_time": loop["total_training_time"]}
-        run.writer.scalars(s, values if mfu is None else {**values, "train/mfu": mfu})
-        bar.set_postfix_str(f"loss {smooth:.4f} | {tok_s:,.0f} tok/s" + (f" | mfu {mfu:.1f}%" if mfu else ""))
-        bar.update(1)
-
-    # Metrics are fetched one step late, so the host never stalls the device: while step s runs, the host logs
-    # step s − 1. A step's time runs from the moment the previous step's result arrived (or, after an eval, a
-    # sample or a save, from its own dispatch) to the moment its own result arrives.
-    bar = tqdm(total=num_iterations, initial=run.step, desc=f"base_train {run.model_tag}", unit="step")
-    step, pending, mark = run.step, None, 0.0
-
-    def flush():
-        nonlocal pending, mark
-        if pending is not None:
-            float(pending[1]["loss"])  # wait for it
-            now = time.perf_counter()
-            log_step(*pending, now - mark)
-            pending, mark = None, now
-
-    while step < num_iterations:
-        do_eval = args.eval_every > 0 and step % args.eval_every == 0
-        do_sample = args.sample_every > 0 and step > 0 and step % args.sample_every == 0
-        # not again at a resumed run's first step: the checkpoint there was saved after that step's CORE
-        do_core = bundle is not None and step > run.start_step and step % args.core_metric_every == 0
-        do_save = args.save_every > 0 and step % args.save_every == 0 and step != run.start_step
-        if do_eval or do_sample or do_core or do_save:
-            flush()
-            do_eval and evaluate(step)
-            do_core and core(step)
-            do_sample and sample(step)
-            do_save and run.save(step, loader.get_state())
-        batch = sharding.shard_batch(loader.next_stacked(accum), batch_axis=1, global_rows=rows)
-        lrm = get_lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-        if pending is None:
-            mark = time.perf_counter()
-        run.state, metrics = train_step(run.state, batch, hyperparams(lrm, get_muon_momentum(step)))
-        flush()  # returns once step − 1 is done, while this step runs
-        pending = (step, metrics, lrm)
-        step += 1
-    flush()
-    run.save(step, loader.get_state(), final=True)  # before the final evaluation: a crash there loses nothing
-    evaluate(step)
-    if bundle is not None:
-        core(step)
-    if args.sample_every > 0:
-        sample(step)
-    bar.close()
-    loader.close()
-    minutes = loop["total_training_time"] / 60
-    print(f"done: {num_iterations} steps | min val bpb {loop['min_val_bpb']:.6f} | training time {minutes:.2f} min "
-          f"| checkpoints in {run.ckpt.directory}")
-    tok_s = loop["timed_steps"] * args.total_batch_size / loop["total_training_time"] if loop["timed_steps"] else None
-    run.report("Base model training", {
-        "parameters": num_params, "FLOPs per token": flops_per_token, "iterations": num_iterations,
-        "training tokens": num_iterations * args.total_batch_size,
-        "tokens : params ratio": num_iterations * args.total_batch_size / num_params,
-        "min val bpb": loop["min_val_bpb"], "final val bpb": loop["val_bpb"],
-        "CORE during training": loop["core_metric"] or "not measured (no bundle, or --core_metric_every=-1)",
-        "tok/s": tok_s, "MFU %": 100 * flops_per_token * tok_s / (peak * n_dev) if peak and tok_s else None,
-        "total training FLOPs": num_iterations * args.total_batch_size * flops_per_token,
-        "total training time (s)": loop["total_training_time"]})
-    return {"losses": losses, "val_bpb": loop["val_bpb"], "min_val_bpb": loop["min_val_bpb"], "num_params": num_params,
-            "num_iterations": num_iterations, "total_training_time": loop["total_training_time"],
-            "core_metric": loop["core_metric"]}
+        minutes = loop["total_training_time"] / 60
+        print(f"done: {num_iterations} steps | min val bpb {loop['min_val_bpb']:.6f} | training time {minutes:.2f} "
+              f"min | checkpoints in {run.ckpt.directory}")
+        tok_s = args.total_batch_size / run.seconds_per_step if run.seconds_per_step else None
+        run.report("Base model training", {
+            "parameters": num_params, "FLOPs per token": flops_per_token, "iterations": num_iterations,
+            "training tokens": num_iterations * args.total_batch_size,
+            "tokens : params ratio": num_iterations * args.total_batch_size / num_params,
+            "min val bpb": loop["min_val_bpb"], "final val bpb": loop["val_bpb"],
+            "CORE during training": loop["core_metric"] or "not measured (no bundle, or --core_metric_every=-1)",
+            "tok/s": tok_s, "MFU %": 100 * flops_per_token * tok_s / peak if peak and tok_s else None,
+            "total training FLOPs": num_iterations * args.total_batch_size * flops_per_token,
+            "total training time (s)": loop["total_training_time"]})
+    return {"losses": run.losses, "val_bpb": loop["val_bpb"], "min_val_bpb": loop["min_val_bpb"],
+            "num_params": num_params, "num_iterations": num_iterations,
+            "total_training_time": loop["total_training_time"], "core_metric": loop["core_metric"]}
 
 
 if __name__ == "__main__":

@@ -118,3 +118,7 @@ class PaddedLoader(_Loader):
         width = pad_bucket(longest, self.T)
         batch = self.rows_to_batch(rows, width)
         return {k: v.reshape(accum, self.B, width) for k, v in batch.items()}
+
+    def __next__(self):
+        """One batch (B, W), as a step of one micro-batch (a val loss's)."""
+        return {k: v[0] for k, v in self.next_stacked(1).items()}

@@ -13,7 +13,6 @@ and the run says so. Sampling seeds derive from the step, so `--resume=1` contin
 """
 import argparse
 
-import jax
 import numpy as np
 from tqdm import tqdm
 
@@ -22,9 +21,9 @@ from jaxchat.common import UserError, non_negative_float, number, pad_bucket, po
 from jaxchat.distributed import run_main
 from jaxchat.engine import Engine
 from jaxchat.optim import hyperparams
+from jaxchat.run import add_chat_flags, batch_rows, chat_run, devices_line, stage_main
 from jaxchat.sampling import MAX_TOP_K
-from jaxchat.run import add_chat_flags, batch_rows, chat_run, devices_line, make_mesh
-from jaxchat.train import check_finite, train_step
+from jaxchat.train import train_step
 
 
 def build_parser():
@@ -110,9 +109,7 @@ def rollout_batch(sequences, masks, advantages, pad_id, width=None):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    with jax.set_mesh(make_mesh(args)):
-        return train(args)
+    return stage_main(build_parser, train, argv)
 
 
 def train(args):
@@ -121,8 +118,6 @@ def train(args):
     settings = {"device_batch_size": args.device_batch_size, "examples_per_step": args.examples_per_step,
                 "num_samples": args.num_samples, "batch_rows": rows}
     with chat_run("rl", args, settings, {"reward": None, "pass@1": None}) as run:
-        if run.finished:
-            return None
         tokenizer, loop = run.tokenizer, run.loop_state
         num_steps = args.num_iterations if args.num_iterations > 0 else \
             max(1, len(train_task) // args.examples_per_step * args.num_epochs)
@@ -131,25 +126,19 @@ def train(args):
         print(f"{devices_line()} | rl {run.model_tag} from {args.source} step {run.meta['source_step']} on "
               f"{data_name} | {num_steps} steps × {args.examples_per_step} problems × {args.num_samples} samples "
               f"({accum} micro-batches of {rows} rows)")
+        pass_log, rewards_log = {}, {}  # step -> pass@1, step -> mean reward: this invocation's
 
-        pass_log = {}  # step -> pass@1, the evaluations of this invocation
-
-        def evaluate(step, engine):
-            passes = pass_at_k(engine, tokenizer, test_task, eval_n, args.eval_samples, args, seed=1_000_000)
-            loop["pass@1"] = pass_log[step] = passes[1]
-            run.writer.scalars(step, {f"val/pass@{k}": v for k, v in passes.items()})
-            tqdm.write(f"step {step:05d} | {data_name} pass@1 {passes[1]:.4f} | pass@{args.eval_samples} "
-                       f"{passes[args.eval_samples]:.4f} ({eval_n} problems)")
-
-        rewards_log = {}
-        bar = tqdm(total=num_steps, initial=run.step, desc=f"chat_rl {run.model_tag}", unit="step")
-        step = run.step
-        while step < num_steps:
+        # the data position is the step: its problems and its sampling seed derive from it
+        for step in run.steps(num_steps, lambda: {"step": run.step}):
             engine = Engine(run.model, tokenizer)  # this step's weights, for its eval and its rollouts
-            if args.eval_every > 0 and step % args.eval_every == 0:
-                evaluate(step, engine)
-            if args.save_every > 0 and step % args.save_every == 0 and step != run.start_step:
-                run.save(step, {"step": step})
+            if run.last or run.due(args.eval_every):  # pass@k on held-out problems
+                passes = pass_at_k(engine, tokenizer, test_task, eval_n, args.eval_samples, args, seed=1_000_000)
+                loop["pass@1"] = pass_log[step] = passes[1]
+                run.writer.scalars(step, {f"val/pass@{k}": v for k, v in passes.items()})
+                tqdm.write(f"step {step:05d} | {data_name} pass@1 {passes[1]:.4f} | pass@{args.eval_samples} "
+                           f"{passes[args.eval_samples]:.4f} ({eval_n} problems)")
+            if run.last:
+                break
             indices = [(step * args.examples_per_step + i) % len(train_task) for i in range(args.examples_per_step)]
             sequences, masks, rewards = rollouts(engine, tokenizer, train_task, indices, args.num_samples, args,
                                                  seed=step)
@@ -158,17 +147,12 @@ def train(args):
             lrm = args.init_lr_frac * (1 - step / num_steps)
             run.state, metrics = train_step(run.state, sharding.shard_batch(batch, batch_axis=1),
                                             hyperparams(lrm, 0.95))
-            check_finite(metrics["loss"], step)
             rewards_log[step] = loop["reward"] = float(rewards.mean())
             seq_len = float(np.mean([len(s) for s in sequences]))
-            run.writer.scalars(step, {"train/reward": rewards.mean(), "train/sequence_length": seq_len,
-                                      "train/lrm": lrm, "train/objective": -float(metrics["loss"])})
-            bar.set_postfix_str(f"reward {rewards.mean():.3f} | len {seq_len:.0f}")
-            bar.update(1)
-            step += 1
-        run.save(step, {"step": step}, final=True)  # before the final evaluation: a crash there loses nothing
-        evaluate(step, Engine(run.model, tokenizer))
-        bar.close()
+            run.log(step, metrics, batch["inputs"].size, {
+                "train/reward": rewards_log[step], "train/sequence_length": seq_len, "train/lrm": lrm,
+                "train/objective": -metrics["loss"]}, postfix=f"reward {rewards_log[step]:.3f} | len {seq_len:.0f}")
+
         run.report("Chat RL", {
             "source": f"{args.source} step {run.meta['source_step']}", "data": data_name, "iterations": num_steps,
             "rollouts per step": f"{args.examples_per_step} problems × {args.num_samples} samples",

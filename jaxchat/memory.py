@@ -122,14 +122,14 @@ def main(argv=None):
     import jax
 
     from jaxchat.model import config_for_depth
-    from jaxchat.run import batch_rows, execution, make_mesh, optim_config
+    from jaxchat.run import batch_rows, make_mesh, model_execution, optim_config
 
     if jax.device_count() < args.devices:
         raise UserError(f"--devices={args.devices} but JAX already started with {jax.device_count()} devices")
     train_args, vocab_size = base_train_args(args.config, overrides, args.vocab_size)
     config = config_for_depth(train_args.depth, vocab_size, train_args.max_seq_len,
                               n_kv_head=train_args.n_kv_head or None, head_dim=train_args.head_dim,
-                              **execution(train_args))
+                              **model_execution(train_args))
     mesh = make_mesh(train_args, devices=jax.devices()[:args.devices])
     _, accum = batch_rows(train_args, train_args.total_batch_size, train_args.max_seq_len, device_count=args.devices)
     print(f"d{train_args.depth}: {config}")

@@ -8,9 +8,7 @@ code ramps the wrong way); Muon momentum 0.85 -> 0.95 over 300 steps. The run is
 `--num_iterations`). Val bpb on the validation mixture every `eval_every` steps. `--resume=1` continues exactly.
 """
 import argparse
-import time
 
-import jax
 from tqdm import tqdm
 
 from jaxchat import sharding
@@ -20,8 +18,8 @@ from jaxchat.distributed import run_main
 from jaxchat.loss_eval import evaluate_bpb
 from jaxchat.mixtures import MIXTURE_KEYS, build_mixture, describe
 from jaxchat.optim import get_muon_momentum, hyperparams
-from jaxchat.run import add_chat_flags, batch_rows, chat_run, devices_line, eval_tokens, make_mesh, source_config
-from jaxchat.train import check_finite, train_step
+from jaxchat.run import add_chat_flags, batch_rows, chat_run, devices_line, eval_tokens, source_config, stage_main
+from jaxchat.train import train_step
 
 
 def build_parser():
@@ -42,9 +40,7 @@ def get_lr_multiplier(progress):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    with jax.set_mesh(make_mesh(args)):
-        return train(args)
+    return stage_main(build_parser, train, argv)
 
 
 def train(args):
@@ -56,8 +52,6 @@ def train(args):
     settings = {"device_batch_size": args.device_batch_size, "max_seq_len": T, "total_batch_size": args.total_batch_size,
                 "batch_rows": rows}
     with chat_run("mid", args, settings, {"val_bpb": None}, MIXTURE_KEYS) as run:
-        if run.finished:
-            return None
         tokenizer, token_bytes = run.tokenizer, run.tokenizer.token_bytes()
         loader = PackedLoader(tokenizer, train_task, rows, T, "all", state=run.dataloader_state_dict)
         epoch_len = len(train_task)
@@ -67,46 +61,31 @@ def train(args):
               f"{'%d steps' % args.num_iterations if args.num_iterations > 0 else 'one pass'} × "
               f"{args.total_batch_size:,} tokens ({accum} micro-batches of {rows}×{T})")
 
-        def evaluate(step):
-            val = PackedLoader(tokenizer, val_task, rows, T, "all")
-            run.loop_state["val_bpb"] = evaluate_bpb(run.model, val, val_steps, token_bytes)
-            run.writer.scalars(step, {"val/bpb": run.loop_state["val_bpb"]})
-            tqdm.write(f"step {step:05d} | val bpb {run.loop_state['val_bpb']:.4f}")
-
-        losses, train_time = {}, 0.0
-        bar = tqdm(total=1.0, initial=progress(run.step), desc=f"mid_train {run.model_tag}", unit="epoch",
-                   bar_format="{l_bar}{bar}| {n:.3f}/{total} [{elapsed}<{remaining}{postfix}]")
-        step = run.step
-        while progress(step) < 1.0:
-            if args.eval_every > 0 and step % args.eval_every == 0:
-                evaluate(step)
-            if args.save_every > 0 and step % args.save_every == 0 and step != run.start_step:
-                run.save(step, loader.get_state())
+        last = args.num_iterations if args.num_iterations > 0 else lambda step: progress(step) >= 1.0
+        for step in run.steps(last, loader.get_state):
+            if run.last or run.due(args.eval_every):  # val bpb
+                val = PackedLoader(tokenizer, val_task, rows, T, "all")
+                run.loop_state["val_bpb"] = evaluate_bpb(run.model, val, val_steps, token_bytes)
+                run.writer.scalars(step, {"val/bpb": run.loop_state["val_bpb"]})
+                tqdm.write(f"step {step:05d} | val bpb {run.loop_state['val_bpb']:.4f}")
+            if run.last:
+                break
             lrm = args.init_lr_frac * get_lr_multiplier(progress(step))
-            t0 = time.perf_counter()
             batch = sharding.shard_batch(loader.next_stacked(accum), batch_axis=1)
             run.state, metrics = train_step(run.state, batch, hyperparams(lrm, get_muon_momentum(step)))
-            loss = losses[step] = check_finite(metrics["loss"], step)
-            dt = time.perf_counter() - t0
-            train_time, tok_s = train_time + dt, args.total_batch_size / dt
-            smooth = run.smooth_loss(step, loss)
-            run.writer.scalars(step, {"train/loss": smooth, "train/lrm": lrm, "train/progress": progress(step + 1),
-                                      "train/tok_per_sec": tok_s, "train/cropped": loader.cropped})
-            bar.set_postfix_str(f"step {step} | loss {smooth:.4f} | lrm {lrm:.3f} | {tok_s:,.0f} tok/s")
-            bar.update(min(1.0, progress(step + 1)) - bar.n)
-            step += 1
-        run.save(step, loader.get_state(), final=True)  # before the final evaluation: a crash there loses nothing
-        evaluate(step)
-        bar.close()
+            run.log(step, metrics, args.total_batch_size, {
+                "train/lrm": lrm, "train/progress": progress(step + 1), "train/cropped": loader.cropped},
+                postfix=f"lrm {lrm:.3f} | epoch {progress(step + 1):.3f}")
+
         run.report("Midtraining", {
             "source": f"{args.source} step {run.meta['source_step']}", "mixture": sizes, "left out": missing,
             "iterations": step, "training tokens": step * args.total_batch_size,
-            "tok/s": (step - run.start_step) * args.total_batch_size / train_time if train_time else None,
-            "final train loss": smooth if losses else None, "final val bpb": run.loop_state["val_bpb"],
-            "cropped conversations": f"{loader.cropped} of {loader.seen}"})
+            "tok/s": args.total_batch_size / run.seconds_per_step if run.seconds_per_step else None,
+            "final train loss": run.train_loss,
+            "final val bpb": run.loop_state["val_bpb"], "cropped conversations": f"{loader.cropped} of {loader.seen}"})
     print(f"done: {step} steps | val bpb {run.loop_state['val_bpb']:.4f} | cropped conversations {loader.cropped} of "
           f"{loader.seen} | checkpoints in {run.ckpt.directory}")
-    return {"losses": losses, "val_bpb": run.loop_state["val_bpb"], "num_steps": step, "cropped": loader.cropped}
+    return {"losses": run.losses, "val_bpb": run.loop_state["val_bpb"], "num_steps": step, "cropped": loader.cropped}
 
 
 if __name__ == "__main__":

@@ -2,16 +2,24 @@
 
     with TrainingRun("base", model_tag, args, settings, loop_state, optim=optim, resume_keys=RESUME_KEYS,
                      fresh=lambda: (init_train_state(config, optim), tok, {}), model_config=config, tokenizer=tok) as run:
-        ... run.state, run.step, run.dataloader_state_dict, run.loop_state ...
-        run.save(step, loader.get_state())      # the last one: run.save(step, ..., final=True)
+        loader = ...(state=run.dataloader_state_dict)
+        for step in run.steps(num_iterations, loader.get_state):   # saves when due, and the last step
+            if run.last or run.due(args.eval_every):   # due: every N steps and at the last (-1: never)
+                ... evaluate ...
+            if run.last:
+                break
+            run.state, metrics = train_step(run.state, batch, hyper)
+            run.log(step, metrics, tokens, {"train/lrm": lrm})    # logged one step late
 
 A run owns its checkpoint directory `<stage>_checkpoints/<model_tag>/` while it lives (a second run on the same tag
 is refused). Fresh: a directory that already holds checkpoints is replaced only with --overwrite=1. Resumed
 (--resume=1): the settings that shape the run must equal the saved ones, and the state, the data position and the
 loop state continue from the newest intact checkpoint, so the resumed run is the uninterrupted one; a run whose last
-step is saved (`final=True`) is finished: resumed, it says so and `run.finished` tells the stage to return. Meta
-keys are nanochat's: `model_config`, `user_config`, `device_batch_size`, `max_seq_len`, `dataloader_state_dict`,
-`loop_state` (`smooth_train_loss`, `min_val_bpb`, `total_training_time`, ...).
+step is saved (`final=True`) is finished: resumed, it says so and the stage returns None (`RunFinished`, caught by
+`stage_main`). A checkpoint holds the run as it stands before the evaluations of its step, which a resumed run does
+again, and a crash in the final evaluation loses nothing. Meta keys are nanochat's: `model_config`, `user_config`,
+`device_batch_size`, `max_seq_len`, `dataloader_state_dict`, `loop_state` (`smooth_train_loss`, `min_val_bpb`,
+`total_training_time`, ...).
 """
 import dataclasses
 import glob
@@ -23,6 +31,7 @@ import jax
 from flax import nnx
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
+from tqdm import tqdm
 
 from jaxchat import distributed, sharding
 from jaxchat.checkpoint_manager import (Checkpointer, check_model_config, check_tokenizer, checkpoint_dir, load_model,
@@ -33,9 +42,12 @@ from jaxchat.hardware import peak_memory
 from jaxchat.model import REMAT, GPTConfig
 from jaxchat.optim import OptimConfig
 from jaxchat.report_card import get_report
-from jaxchat.train import abstract_train_state, init_train_state
+from jaxchat.train import abstract_train_state, check_finite, init_train_state
 
 EMA_BETA = 0.9  # smoothing of the logged training loss (nanochat's)
+COMPILE_STEPS = 10  # the first steps of a process include compilation: not in the training time (nanochat: step > 10)
+# the loop state every run keeps (beside the stage's own): the EMA of the loss, and the time of the timed steps
+RUN_LOOP_STATE = {"smooth_train_loss": 0.0, "total_training_time": 0.0, "timed_steps": 0}
 NANOCHAT_EVAL_TOKENS = 20 * 524288  # val tokens per evaluation in nanochat's runs
 # flags a resumed chat stage must share with the run it continues
 CHAT_RESUME_KEYS = ("source", "model_step", "dtype", "num_iterations", "embedding_lr", "unembedding_lr", "matrix_lr",
@@ -94,8 +106,8 @@ def eval_tokens(requested, total_batch_size, num_iterations):
     return min(NANOCHAT_EVAL_TOKENS, max(total_batch_size, num_iterations * total_batch_size // 10))
 
 
-def execution(args):
-    """The model's execution fields (how to compute it) from a training stage's flags."""
+def model_execution(args):
+    """The model's execution fields (how to compute it: dtype, remat, scan) from a training stage's flags."""
     return {"compute_dtype": args.dtype, "remat": args.remat, "scan_layers": bool(args.scan_layers)}
 
 
@@ -134,6 +146,22 @@ def devices_line():
     return f"{jax.default_backend()} × {jax.device_count()} ({kind}){hosts}, mesh {dict(mesh.shape)}"
 
 
+class RunFinished(Exception):
+    """A run resumed (--resume=1) from its final checkpoint: the stage has nothing to do."""
+
+
+def stage_main(build_parser, train, argv):
+    """A training stage's `main`: its flags, then `train(args)` under the mesh of --mesh_data. A finished run
+    resumed says so and returns None (a pipeline resumed with --resume=1 goes on to its next stage)."""
+    args = build_parser().parse_args(argv)
+    with jax.set_mesh(make_mesh(args)):
+        try:
+            return train(args)
+        except RunFinished as e:
+            print(e)
+            return None
+
+
 def chat_run(stage, args, settings, loop_state, resume_keys=()):
     """The TrainingRun of a chat stage. Fresh, it starts from the source stage's checkpoint (its weights and its
     tokenizer, a fresh optimizer); `run.meta["source_step"]` names the step it started from. `resume_keys`: the
@@ -143,7 +171,7 @@ def chat_run(stage, args, settings, loop_state, resume_keys=()):
 
     def fresh():
         step = None if args.model_step < 0 else args.model_step
-        model, tokenizer, meta = load_model(args.source, model_tag, step, **execution(args))
+        model, tokenizer, meta = load_model(args.source, model_tag, step, **model_execution(args))
         state = init_train_state(model.config, optim, args.seed)
         return state.replace(params=nnx.state(model)), tokenizer, {"source_step": meta["step"]}
 
@@ -186,15 +214,17 @@ class SummaryWriter:
 
 
 class TrainingRun:
-    """`run.state` (TrainState), `run.tokenizer`, `run.step` (the next step to take), `run.dataloader_state_dict`
+    """`run.state` (TrainState), `run.tokenizer`, `run.step` (the step the loop is at), `run.dataloader_state_dict`
     (None when fresh), `run.loop_state` (saved with every checkpoint), `run.meta` (the stage's own meta keys, e.g.
-    a chat stage's `source_step`: saved with every checkpoint, and on resume the whole saved meta), `run.writer`.
+    a chat stage's `source_step`: saved with every checkpoint, and on resume the whole saved meta), `run.writer`,
+    `run.losses` ({step: loss} of this invocation), `run.train_loss` (the last one logged, smoothed), `run.last`
+    (the loop is at the run's last step).
 
     stage: "base" | "mid" | "sft" | "rl". settings: what shapes a step, saved as top-level meta keys
     (device_batch_size, max_seq_len, total_batch_size, ...). resume_keys: the flags a resumed run must share with
     the saved run (with every key of `settings`). optim: the OptimConfig (a resumed state gets its optimizer).
     fresh(): (TrainState, tokenizer, the stage's own meta keys) of a new run.
-    `run.finished`: resumed from the final checkpoint of a finished run; the stage has nothing to do (returns None).
+    Resumed from the final checkpoint of a finished run, it raises RunFinished: the stage has nothing to do.
     On resume the model config comes from the checkpoint (checked against `model_config` when given) and the
     tokenizer from the run's own copy (checked against `tokenizer` when given)."""
 
@@ -214,6 +244,8 @@ class TrainingRun:
         self.writer = SummaryWriter(os.path.join(get_base_dir(), "runs", args.run or f"{stage}_{model_tag}"), stage,
                                     fresh=not args.resume)
         self.start_step, self.started = self.step, time.time()
+        self.losses, self.train_loss, self.last, self.bar, self.peak_flops = {}, None, False, None, None
+        self._pending, self._mark = None, 0.0  # the step whose metrics are not logged yet; when its time started
 
     def _start(self, fresh, loop_state):
         if steps := self.ckpt.agreed_steps():
@@ -222,8 +254,7 @@ class TrainingRun:
                                 f"continues that run, --overwrite=1 replaces it, --model_tag=NAME starts another")
             self.ckpt.clear()
         self.state, self.tokenizer, self.meta = fresh()
-        self.step, self.dataloader_state_dict, self.loop_state = 0, None, dict(loop_state, smooth_train_loss=0.0)
-        self.finished = False
+        self.step, self.dataloader_state_dict, self.loop_state = 0, None, {**RUN_LOOP_STATE, **loop_state}
 
     def _resume(self, optim, resume_keys, model_config, tokenizer, loop_state):
         saved = self.ckpt.newest_meta()
@@ -240,27 +271,94 @@ class TrainingRun:
         self.tokenizer = self.ckpt.load_tokenizer(saved, self.ckpt.directory)
         if tokenizer is not None:  # the stage's own (base_train: $JAXCHAT_BASE_DIR/tokenizer) must be the run's
             check_tokenizer(saved, tokenizer, self.ckpt.directory)
-        config = GPTConfig(**saved["model_config"]).with_execution(**execution(self.args))
+        config = GPTConfig(**saved["model_config"]).with_execution(**model_execution(self.args))
         abstract = abstract_train_state(config, optim, self.args.seed)
         params, opt_state, meta = self.ckpt.restore_latest(abstract.params, abstract.opt_state)
         self.state = abstract.replace(params=params, opt_state=opt_state)
         self.step, self.dataloader_state_dict, self.loop_state = \
-            meta["step"], meta["dataloader_state_dict"], {**loop_state, **meta["loop_state"]}
+            meta["step"], meta["dataloader_state_dict"], {**RUN_LOOP_STATE, **loop_state, **meta["loop_state"]}
         self.meta = meta
         # restored (so verified) before it is believed: a damaged final step is resumed from an earlier one instead
-        self.finished = bool(meta.get("finished"))
-        if self.finished:
-            print(f"{self.ckpt.directory}: this run finished at step {self.step}; nothing to resume (--overwrite=1 "
-                  f"trains it again, --model_tag=NAME starts another)")
+        if meta.get("finished"):
+            raise RunFinished(f"{self.ckpt.directory}: this run finished at step {self.step}; nothing to resume "
+                              f"(--overwrite=1 trains it again, --model_tag=NAME starts another)")
 
     @property
     def model(self):
         return self.state.model
 
-    def smooth_loss(self, step, loss):
-        """Fold this step's loss into the EMA kept in the loop state; returns the debiased value (nanochat's)."""
-        self.loop_state["smooth_train_loss"] = EMA_BETA * self.loop_state["smooth_train_loss"] + (1 - EMA_BETA) * loss
-        return self.loop_state["smooth_train_loss"] / (1 - EMA_BETA ** (step + 1))
+    def steps(self, last, data_state, flops_per_token=None, peak_flops=None):
+        """The stage's loop: yields each step from the run's next one to its last, that one with `run.last` set (at
+        every step the stage evaluates what is due, then trains unless it is the last). Before a step is yielded,
+        the run is saved with the data position `data_state()` when --save_every is due (not at the step it started
+        from: that one is on disk) and always at the last step (final, before the final evaluation).
+        last: the number of steps, or a function of the step saying whether the run has ended (one pass of data).
+        flops_per_token, peak_flops (FLOP/s of all devices): to log the MFU."""
+        ended = last if callable(last) else lambda step: step >= last
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.bar = tqdm(total=None if callable(last) else last, initial=self.step, unit="step",
+                        desc=f"{self.stage} {self.model_tag}")
+        while True:
+            self.last = ended(self.step)
+            if self.last or (self.step != self.start_step and self.due(self.args.save_every)):
+                self._flush()
+                self.save(self.step, data_state(), final=self.last)
+            if self.last:
+                self.bar.close()
+            yield self.step
+            if self.last:
+                return
+            self.step += 1
+
+    def due(self, every):
+        """Whether what the stage does every `every` steps (−1: never) is due at this step: at its multiples and at
+        the last step. When it is, the previous step is logged first: what follows (an evaluation, a save) is in no
+        step's time."""
+        if every > 0 and (self.last or self.step % every == 0):
+            self._flush()
+            return True
+        return False
+
+    def log(self, step, metrics, tokens, scalars=None, postfix=""):
+        """Log the step just dispatched (`train_step`'s device `metrics`), one step late: the host waits here for the
+        previous step's result while this one runs, so it never stalls the device. tokens: what the step ran through
+        the model (tok/s); scalars: the stage's own TensorBoard values (numbers or device scalars); postfix: its part
+        of the progress bar. A step's time runs from the previous step's result to its own, or, after a pause (an
+        evaluation, a save) or at the first step, from its dispatch."""
+        if self._pending is None:
+            self._mark = time.perf_counter()
+        self._flush()
+        self._pending = (step, metrics, tokens, scalars or {}, postfix)
+
+    def _flush(self):
+        if self._pending is None:
+            return
+        step, metrics, tokens, scalars, postfix = self._pending
+        loss = self.losses[step] = check_finite(metrics["loss"], step)  # waits for the step
+        now = time.perf_counter()
+        dt, self._mark, self._pending = now - self._mark, now, None
+        loop = self.loop_state
+        loop["smooth_train_loss"] = EMA_BETA * loop["smooth_train_loss"] + (1 - EMA_BETA) * loss
+        smooth = self.train_loss = loop["smooth_train_loss"] / (1 - EMA_BETA ** (step + 1))  # debiased (nanochat's)
+        if step - self.start_step > COMPILE_STEPS:
+            loop["total_training_time"] += dt
+            loop["timed_steps"] += 1
+        tok_s = tokens / dt
+        values = {"train/loss": smooth, "train/dt": dt, "train/tok_per_sec": tok_s,
+                  "total_training_time": loop["total_training_time"], **scalars}
+        shown = [f"loss {smooth:.4f}", f"{tok_s:,.0f} tok/s"]
+        if self.peak_flops:
+            values["train/mfu"] = 100 * self.flops_per_token * tok_s / self.peak_flops
+            shown.append(f"mfu {values['train/mfu']:.1f}%")
+        self.writer.scalars(step, {k: float(v) for k, v in values.items()})
+        self.bar.set_postfix_str(" | ".join(shown + ([postfix] if postfix else [])))
+        self.bar.update(1)
+
+    @property
+    def seconds_per_step(self):
+        """Training time per step over the timed steps of the whole run (None before any)."""
+        return self.loop_state["total_training_time"] / self.loop_state["timed_steps"] \
+            if self.loop_state["timed_steps"] else None
 
     def save(self, step, dataloader_state_dict, final=False):
         """Checkpoint the whole run at `step` (steps taken): model, optimizer, data position, loop state. final: the
@@ -279,6 +377,8 @@ class TrainingRun:
                                  "tensorboard": self.writer.files})
 
     def close(self):
+        if self.bar is not None:
+            self.bar.close()
         self.ckpt.close()
         self.writer.close()
 
