@@ -60,14 +60,15 @@ class Rows:
 
 
 def empty_rows(cache, logits, out_len):
-    """Rows over `cache` with these next-token logits, none live yet: greedy, no budget, empty buffers."""
+    """Rows over `cache` with these next-token logits, none live yet: greedy, no budget, empty buffers. The small
+    arrays are numpy's (the caller moves them to the device in one call)."""
     B = logits.shape[0]
-    zeros = lambda *shape, dtype=jnp.int32: jnp.zeros(shape, dtype)
-    return Rows(cache=cache, logits=logits, live=zeros(B, dtype=bool), temperature=zeros(B, dtype=jnp.float32),
-                top_k=zeros(B), top_p=jnp.ones((B,), jnp.float32), key=zeros(B, 2, dtype=jnp.uint32),
+    zeros = lambda *shape, dtype=np.int32: np.zeros(shape, dtype)
+    return Rows(cache=cache, logits=logits, live=zeros(B, dtype=bool), temperature=zeros(B, dtype=np.float32),
+                top_k=zeros(B), top_p=np.ones((B,), np.float32), key=zeros(B, 2, dtype=np.uint32),
                 count=zeros(B), budget=zeros(B), py_open=zeros(B, dtype=bool), needs_tool=zeros(B, dtype=bool),
                 forced=zeros(B, MAX_FORCED), forced_len=zeros(B), forced_pos=zeros(B),
-                out=jnp.full((B, out_len), -1, jnp.int32), out_mask=zeros(B, out_len), n=zeros())
+                out=np.full((B, out_len), -1, np.int32), out_mask=zeros(B, out_len), n=zeros())
 
 
 def decode_loop(model, ids, rows, stop):

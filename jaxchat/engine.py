@@ -57,6 +57,12 @@ def _extend(graphdef, state, cache, tokens, n_real):
     return last, cache.replace(index=cache.index - tokens.shape[1] + n_real)
 
 
+@partial(jax.jit, static_argnames=("rows",))
+def _row_keys(key, rows):
+    """Each row's key data: fold_in(key, row)."""
+    return jax.random.key_data(jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(rows)))
+
+
 @partial(jax.jit, static_argnames=("graphdef", "ids"), donate_argnames=("rows",))
 def _decode(graphdef, ids, state, rows, stop):
     """`decoding.decode_loop` over every row until column `stop`."""
@@ -107,12 +113,11 @@ class Engine:
             max_len = max(max_tokens, config.sequence_len - T if keep_cache else 0)  # slots after the prompt
             logits, cache = _prefill(self.graphdef, self.state, jnp.asarray(tokens), jnp.asarray(start), rows, max_len)
         B, n_cols = logits.shape[0], min(max_tokens, cache.max_len - int(cache.index))
-        per_row = lambda x, dtype=jnp.int32: jnp.full((B,), x, dtype)
-        row_keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(seed), r))(jnp.arange(B))
+        per_row = lambda x, dtype=np.int32: np.full((B,), x, dtype)
         rows = empty_rows(cache, logits, max(n_cols, 1)).replace(
-            live=jnp.arange(B) < len(prompts) * num_samples, temperature=per_row(temperature, jnp.float32),
-            top_k=per_row(top_k or 0), key=jax.random.key_data(row_keys), budget=per_row(n_cols))
-        return rows, n_cols
+            live=np.arange(B) < len(prompts) * num_samples, temperature=per_row(temperature, np.float32),
+            top_k=per_row(top_k or 0), key=_row_keys(jax.random.key(seed), B), budget=per_row(n_cols))
+        return jax.device_put(rows), n_cols
 
     def _reusable(self, prompt):
         """The held single-row cache, if this prompt extends the tokens it holds and there is room to reply."""

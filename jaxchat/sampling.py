@@ -55,8 +55,8 @@ def sample_next_token(logits, keys, temperature, top_k, top_p):
             return jnp.where((top_p[:, None] >= 1) | (p >= floor), p, 0.0)
 
         probs = jax.lax.cond(jnp.any(top_p < 1), nucleus, lambda p: p, probs)  # a full sort only when asked for
-        return inverse_cdf(probs, jax.vmap(jax.random.uniform)(keys))
+        picks = inverse_cdf(probs, jax.vmap(jax.random.uniform)(keys))
+        mixed = lambda _: jnp.where(temperature > 0, picks, argmax(logits))
+        return jax.lax.cond(jnp.all(temperature > 0), lambda _: picks, mixed, None)
 
-    greedy = argmax(logits)
-    sampled = jax.lax.cond(jnp.any(temperature > 0), sample, lambda _: greedy, None)
-    return jnp.where(temperature > 0, sampled, greedy)
+    return jax.lax.cond(jnp.any(temperature > 0), sample, lambda _: argmax(logits), None)
