@@ -10,8 +10,9 @@ TTFT at batch 1; then 128 decode tokens at T=1.0 for batch sizes 1, 8, 32. jaxch
   - on device: `Engine.generate_batch`'s single `lax.while_loop` (what evals and RL do): tok/s = batch × steps /
     decode time, the decode time excluding the prefill.
 Rows stop at <|bos|>/<|assistant_end|>; each figure sums `--repeats` seeds so early stops do not decide it.
-Checkpoints: jaxchat's bench_d4_float32 from bench/pretrain_vs_nanochat.py (~/.cache/jaxchat-bench), nanochat's
-bench_d4 from the peer benchmark (~/.cache/nanochat-peer-base).
+Checkpoints: jaxchat's bench_d4_float32 from bench/pretrain_vs_nanochat.py (~/.cache/jaxchat-bench; without it a
+random model of its shape, as bench/serve.py), nanochat's bench_d4 from the peer benchmark
+(~/.cache/nanochat-peer-base).
 """
 import argparse
 import json
@@ -50,24 +51,23 @@ def streamed(engine, prompt, batch, tokens, seed):
 
 def on_device(engine, prompt, batch, tokens, seed):
     """(decode seconds, steps) of the while-loop decode after a prefill."""
-    ds, n_cols = engine._start([prompt], batch, tokens, seed)
+    ds, n_cols = engine._start([prompt], batch, tokens, seed, temperature=1.0)
     ready(ds)
     t0 = time.perf_counter()
-    ds = ready(engine._run(ds, n_cols, 1.0, None))
+    ds = ready(engine._run(ds, n_cols))
     return time.perf_counter() - t0, int(ds.n)
 
 
 def run_jaxchat(args):
-    os.environ["JAXCHAT_BASE_DIR"] = args.base_dir
-    from jaxchat.checkpoint_manager import load_model
     from jaxchat.engine import Engine
+    from serve import load
 
-    model, tokenizer, meta = load_model("base", args.model_tag, compute_dtype=args.dtype)
+    model, tokenizer, what = load(args, compute_dtype=args.dtype)
     cfg = model.config
     engine = Engine(model, tokenizer)
     n_prompt = min(args.prompt_tokens, cfg.sequence_len - args.decode_tokens)
     prompt = tokenizer.encode(PARAGRAPH * (n_prompt // 10 + 1), prepend="<|bos|>")[:n_prompt]
-    print(f"jaxchat {meta['model_tag']} step {meta['step']} | depth {cfg.n_layer} dim {cfg.n_embd} heads "
+    print(f"jaxchat {what} | depth {cfg.n_layer} dim {cfg.n_embd} heads "
           f"{cfg.n_head} vocab {cfg.vocab_size} | {model.num_params():,} params | {args.dtype} | {jax.devices()[0]}")
     out = {"sweep": []}
     ttfts = []

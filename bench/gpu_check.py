@@ -144,10 +144,10 @@ def part_decode(size, batch):
     prompt = [0] + list(range(10, 10 + size["prompt"] - 1))
     out = {}
     for attempt in ("warmup", "timed"):
-        ds, n_cols = engine._start([prompt], batch, size["new_tokens"], seed=0)
+        ds, n_cols = engine._start([prompt], batch, size["new_tokens"], seed=0, temperature=1.0)
         jax.block_until_ready(ds.logits)
         t0 = time.perf_counter()
-        ds = engine._run(ds, n_cols, 1.0, None)
+        ds = engine._run(ds, n_cols)
         jax.block_until_ready(ds.logits)
         out = {"batch": batch, "steps": int(ds.n), "seconds": time.perf_counter() - t0}
     out["tok_s"] = batch * out["steps"] / out["seconds"]

@@ -37,13 +37,13 @@ QUESTIONS = ["What is the capital of France?", "Tell me about the history of sci
              "Explain how a bicycle works.", "Who wrote Hamlet, and when?"]
 
 
-def load(args):
+def load(args, compute_dtype=None):
     """The benchmark checkpoint, or a random model of its shape (d4, vocab 8192, context 512, head dim 64)."""
     os.environ["JAXCHAT_BASE_DIR"] = args.base_dir
     from jaxchat.checkpoint_manager import load_model
     from jaxchat.common import UserError
     try:
-        model, tok, meta = load_model("base", args.model_tag)
+        model, tok, meta = load_model("base", args.model_tag, compute_dtype=compute_dtype)
         return model, tok, f"{meta['model_tag']} step {meta['step']}"
     except UserError:
         from flax import nnx
@@ -53,7 +53,7 @@ def load(args):
         from jaxchat.corpus import DEFAULT_CORPUS
         with gzip.open(DEFAULT_CORPUS, "rt", encoding="utf-8") as f:
             tok = RustBPETokenizer.train_from_iterator([json.loads(line)["text"] for line in f], 8192)
-        config = config_for_depth(4, tok.get_vocab_size(), 512, head_dim=64)
+        config = config_for_depth(4, tok.get_vocab_size(), 512, head_dim=64, compute_dtype=compute_dtype)
         return GPT(config, rngs=nnx.Rngs(0)), tok, f"random d4 (no {args.model_tag} in {args.base_dir})"
 
 

@@ -1,23 +1,10 @@
-"""Picking the next token from logits, on the device: one setting for every row (`sample_next_token`, the engine)
-or each row its own (`sample_rows`, the server). Sampling inverts the CDF with one uniform per row: Gumbel-max would
+"""Picking the next token from logits, on the device, each row with its own settings (the engine's rows share
+theirs, the server's each have a request's). Sampling inverts the CDF with one uniform per row: Gumbel-max would
 draw B·V random numbers per step, which cost more than the whole forward pass of a small model on CPU."""
 import jax
 import jax.numpy as jnp
 
 MAX_TOP_K = 200  # the largest top-k a request may ask for (nanochat's limit)
-
-
-def sample_next_token(logits, keys, temperature, top_k=None):
-    """logits (B, V) fp32, one key per row. temperature 0 → argmax; top_k keeps the k largest logits."""
-
-    def sample(_):
-        values, ids = jax.lax.top_k(logits, top_k) if top_k else (logits, None)
-        probs = jax.nn.softmax(values / temperature, axis=-1)
-        u = jax.vmap(jax.random.uniform)(keys)
-        pick = inverse_cdf(probs, u)
-        return pick if ids is None else jnp.take_along_axis(ids, pick[:, None], axis=-1)[:, 0]
-
-    return jax.lax.cond(temperature > 0, sample, lambda _: argmax(logits), None)
 
 
 def argmax(x):
@@ -46,9 +33,10 @@ def inverse_cdf(probs, u, block=128):
     return jnp.where((i < V) & (chosen > 0), i, argmax(probs)).astype(jnp.int32)  # rounding at the very end
 
 
-def sample_rows(logits, keys, temperature, top_k, top_p):
-    """One token per row with the row's own settings: temperature 0 → argmax; top_k (0 = off, ≤ MAX_TOP_K) keeps the
-    k largest logits; top_p (1 = off) the smallest set whose probability reaches p."""
+def sample_next_token(logits, keys, temperature, top_k, top_p):
+    """One token per row of logits (B, V) fp32, with one key and the settings of each row: temperature 0 → argmax;
+    top_k (0 = off, ≤ MAX_TOP_K) keeps the k largest logits; top_p (1 = off) the smallest set whose probability
+    reaches p."""
     V = logits.shape[-1]
 
     def sample(_):
@@ -67,8 +55,8 @@ def sample_rows(logits, keys, temperature, top_k, top_p):
             return jnp.where((top_p[:, None] >= 1) | (p >= floor), p, 0.0)
 
         probs = jax.lax.cond(jnp.any(top_p < 1), nucleus, lambda p: p, probs)  # a full sort only when asked for
-        return inverse_cdf(probs, jax.vmap(jax.random.uniform)(keys))
+        picks = inverse_cdf(probs, jax.vmap(jax.random.uniform)(keys))
+        mixed = lambda _: jnp.where(temperature > 0, picks, argmax(logits))
+        return jax.lax.cond(jnp.all(temperature > 0), lambda _: picks, mixed, None)
 
-    greedy = argmax(logits)
-    sampled = jax.lax.cond(jnp.any(temperature > 0), sample, lambda _: greedy, None)
-    return jnp.where(temperature > 0, sampled, greedy)
+    return jax.lax.cond(jnp.any(temperature > 0), sample, lambda _: argmax(logits), None)

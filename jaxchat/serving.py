@@ -7,10 +7,9 @@ a free row between device calls and leaves it the moment it ends.
 - Admission: a prompt is prefilled alone in a fresh one-row cache (left-padded to its power-of-two bucket: one
   compile per bucket) and its K/V copied into its row just below `index`. `index` ≥ sequence_len whenever the
   cache is in use, so any prompt fits below it.
-- Decode: one jitted `lax.while_loop` of up to `chunk` steps for all rows (several tokens per device call): each
-  live row picks its next token (a queued tool-output token first, else a sample with the row's own temperature,
-  top-k, top-p, seed and budget). The loop stops early when a row closes a python block (the host runs the tool
-  and queues its output, as in `Engine`) or no row is live.
+- Decode: the step and loop of `jaxchat.decoding`, the engine's too, for up to `chunk` steps of all rows (several
+  tokens per device call), each row with its request's temperature, top-k, top-p, seed and budget. The loop stops
+  early when a row closes a python block (the host runs the tool and queues its output) or no row is live.
 - Only what is used: a request takes the lowest free row, and a call decodes only the rows up to the last live one
   and attends only over the last slots the longest live conversation needs (power-of-two sizes of both, each
   compiled at start-up): a lightly loaded server, or one of short conversations, computes little.
@@ -28,37 +27,17 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, struct
+from flax import nnx
 from tqdm import tqdm
 
 from jaxchat import sharding
 from jaxchat.common import pad_bucket
-from jaxchat.engine import (MAX_FORCED, MIN_BUCKET, MIN_ROWS, decoding_weights, tool_output_tokens,
-                            use_calculator)
+from jaxchat.decoding import (MIN_BUCKET, MIN_ROWS, decode_loop, decoding_weights, empty_rows, queue_tool_outputs,
+                              special_tokens)
+from jaxchat.engine import use_calculator
 from jaxchat.kv_cache import KVCache
-from jaxchat.sampling import sample_rows
 
 STOPPED = "the server is shutting down"  # SlotServer.failure after stop(); anything else is a failed decode loop
-
-
-@struct.dataclass
-class Rows:
-    cache: KVCache
-    logits: jax.Array  # (B, V) fp32 next-token logits
-    live: jax.Array  # (B,) bool: the row is generating
-    temperature: jax.Array  # (B,) fp32, 0 = greedy
-    top_k: jax.Array  # (B,) int32, 0 = all
-    top_p: jax.Array  # (B,) fp32, 1 = all
-    seed: jax.Array  # (B,) int32: the row's key is fold_in(key(seed), tokens generated)
-    count: jax.Array  # (B,) int32: tokens generated so far (tool output included)
-    budget: jax.Array  # (B,) int32: max tokens
-    py_open: jax.Array  # (B,) bool: inside a <|python_start|> block
-    needs_tool: jax.Array  # (B,) bool: the block just closed
-    forced: jax.Array  # (B, MAX_FORCED) int32 tool-output tokens to feed
-    forced_len: jax.Array  # (B,)
-    forced_pos: jax.Array  # (B,)
-    out: jax.Array  # (B, chunk) int32 tokens of this call, −1 where the row produced none
-    n: jax.Array  # () columns of `out` filled
 
 
 @partial(jax.jit, static_argnames=("graphdef",))
@@ -81,8 +60,8 @@ def _admit(rows, row, logits, k, v, prompt_len, temperature, top_k, top_p, seed,
     at = lambda x, value: x.at[row].set(value)
     return rows.replace(cache=cache, logits=at(rows.logits, logits), live=at(rows.live, True),
                         temperature=at(rows.temperature, temperature), top_k=at(rows.top_k, top_k),
-                        top_p=at(rows.top_p, top_p), seed=at(rows.seed, seed), count=at(rows.count, 0),
-                        budget=at(rows.budget, budget), py_open=at(rows.py_open, False),
+                        top_p=at(rows.top_p, top_p), key=at(rows.key, jax.random.key_data(jax.random.key(seed))),
+                        count=at(rows.count, 0), budget=at(rows.budget, budget), py_open=at(rows.py_open, False),
                         needs_tool=at(rows.needs_tool, False), forced_len=at(rows.forced_len, 0),
                         forced_pos=at(rows.forced_pos, 0))
 
@@ -103,35 +82,16 @@ def _decode_rows(graphdef, ids, state, rows, active, window):
     """Up to `chunk` = rows.out.shape[1] steps of the first `active` rows (the rest are free) over the last
     `window` − chunk slots and this call's chunk (every live row's tokens fit there): a lightly loaded server, or
     one with short conversations, computes only what it serves. Stops early when a row needs the tool or none is
-    live. ids: (bos, assistant_end, python_start, python_end)."""
-    bos, end, py_open, py_close = ids
+    live. ids: the `SpecialTokens`."""
     model = nnx.merge(graphdef.value, state)
-
-    def step(s):
-        keys = jax.vmap(lambda seed, c: jax.random.fold_in(jax.random.key(seed), c))(s.seed, s.count)
-        sampled = sample_rows(s.logits, keys, s.temperature, s.top_k, s.top_p)
-        is_forced = s.forced_pos < s.forced_len
-        forced_tok = jnp.take_along_axis(s.forced, jnp.minimum(s.forced_pos, MAX_FORCED - 1)[:, None], 1)[:, 0]
-        tok = jnp.where(s.live, jnp.where(is_forced, forced_tok, sampled), end)
-        logits, cache = model.decode(tok[:, None], s.cache)
-        count = s.count + s.live
-        ended = s.live & ((tok == end) | (tok == bos) | (count >= s.budget))
-        opened = s.live & ~is_forced & (tok == py_open)
-        closed = s.live & ~is_forced & (tok == py_close)
-        return jax.tree.map(sharding.constrain_rows, s.replace(
-            cache=cache, logits=logits[:, 0], live=s.live & ~ended, count=count,
-            py_open=(s.py_open | opened) & ~closed, needs_tool=closed & s.py_open & ~ended,
-            forced_pos=s.forced_pos + (s.live & is_forced),
-            out=jax.lax.dynamic_update_slice(s.out, jnp.where(s.live, tok, -1)[:, None], (0, s.n)), n=s.n + 1))
-
-    keep_going = lambda s: (s.n < s.out.shape[1]) & jnp.any(s.live) & ~jnp.any(s.needs_tool)
     c, lo = rows.cache, rows.cache.index + rows.out.shape[1] - window
     cut = lambda x: jax.lax.dynamic_slice(x, (0, 0, lo, 0), (active, x.shape[1], window, x.shape[3]))
     head = jax.tree.map(lambda x: x[:active] if x.ndim else x, rows.replace(cache=None))  # the rest is per row
     window_cache = c.replace(k=tuple(map(cut, c.k)), v=tuple(map(cut, c.v)), start=c.start[:active] - lo,
                              index=c.index - lo)
-    head = head.replace(cache=window_cache, out=jnp.full_like(head.out, -1), n=jnp.zeros((), jnp.int32))
-    head = jax.lax.while_loop(keep_going, step, head)
+    head = head.replace(cache=window_cache, out=jnp.full_like(head.out, -1), out_mask=jnp.zeros_like(head.out_mask),
+                        n=jnp.zeros((), jnp.int32))
+    head = decode_loop(model, ids, head, head.out.shape[1])
     paste = lambda x, w: jax.lax.dynamic_update_slice(x, w, (0, 0, lo, 0))
     h = head.cache
     cache = c.replace(k=tuple(map(paste, c.k, h.k)), v=tuple(map(paste, c.v, h.v)),
@@ -186,10 +146,7 @@ class SlotServer:
         # The worker thread enters the same mesh (a mesh context belongs to its thread).
         self.mesh = jax.sharding.get_mesh()
         self.graphdef, self.state = decoding_weights(model, replicate=True)
-        special = tokenizer.encode_special
-        self.ids = (tokenizer.get_bos_token_id(), special("<|assistant_end|>"), special("<|python_start|>"),
-                    special("<|python_end|>"))
-        self.output_ids = (special("<|output_start|>"), special("<|output_end|>"))
+        self.ids = special_tokens(tokenizer)
         # Rows held: at least MIN_ROWS (XLA:CPU copies a one-row cache every step) and whole rows per device.
         shards = sharding.batch_shards()
         self.held = sharding.round_up_to_shards(max(slots, MIN_ROWS), shards)
@@ -212,13 +169,8 @@ class SlotServer:
     def _empty_rows(self):
         B, config = self.held, self.model.config
         cache = KVCache.create(config, B, self.context + self.room, jnp.dtype(config.compute_dtype))
-        zeros = lambda *shape, dtype=jnp.int32: jnp.zeros(shape, dtype)
-        rows = Rows(cache=cache.replace(index=jnp.asarray(self.context, jnp.int32)),
-                    logits=zeros(B, config.vocab_size, dtype=jnp.float32), live=zeros(B, dtype=bool),
-                    temperature=zeros(B, dtype=jnp.float32), top_k=zeros(B), top_p=jnp.ones((B,), jnp.float32),
-                    seed=zeros(B), count=zeros(B), budget=zeros(B), py_open=zeros(B, dtype=bool),
-                    needs_tool=zeros(B, dtype=bool), forced=zeros(B, MAX_FORCED), forced_len=zeros(B),
-                    forced_pos=zeros(B), out=zeros(B, self.chunk), n=zeros())
+        rows = empty_rows(cache.replace(index=jnp.asarray(self.context, jnp.int32)),
+                          jnp.zeros((B, config.vocab_size), jnp.float32), self.chunk)
         return jax.jit(lambda r: jax.tree.map(sharding.constrain_rows, r))(rows)
 
     # ---- the HTTP side's view (any thread) ----------------------------------------------------------------
@@ -268,7 +220,7 @@ class SlotServer:
         with jax.set_mesh(self.mesh), tqdm(total=len(lengths) + len(decodes), desc="compiling", leave=False) as bar:
             for n in lengths:
                 finished = []
-                self.submit(Request(prompt=[self.ids[0]] * n, max_tokens=1, emit=lambda t, f: f and finished.append(f)))
+                self.submit(Request(prompt=[self.ids.bos] * n, max_tokens=1, emit=lambda t, f: f and finished.append(f)))
                 while not finished:
                     self._step()
                 bar.update()
@@ -337,6 +289,7 @@ class SlotServer:
         self.rows = _decode_rows(self.graphdef, self.ids, self.state, self.rows, active, window)
         out, n, still, needs = jax.device_get((self.rows.out, self.rows.n, self.rows.live, self.rows.needs_tool))
         self.index += int(n)
+        generated = {}  # the rows whose python block just closed: their tokens, for the tool
         for b, r in enumerate(self.requests):
             if r is None:
                 continue
@@ -346,7 +299,7 @@ class SlotServer:
                 r.first_token_at = time.monotonic()
             finish = None if still[b] else ("stop" if new and new[-1] in self.ids[:2] else "length")
             if needs[b] and not r.cancelled:
-                self._serve_tool(b, r)
+                generated[b] = r.tokens
             with self.lock:
                 self.generated_tokens += len(new)
                 if finish:
@@ -354,12 +307,14 @@ class SlotServer:
                     self.served += 1
             if not r.cancelled:
                 _tell(r, new, finish)
+        if generated:
+            self.rows = queue_tool_outputs(self.rows, generated, self.tool, self.tokenizer, self.ids)
 
     def _admit(self, b, r, prefilled):
         key = tuple(r.prompt)
         if key not in prefilled:
             T = pad_bucket(len(r.prompt), self.context, MIN_BUCKET)
-            tokens = np.full((1, T), self.ids[0], np.int32)
+            tokens = np.full((1, T), self.ids.bos, np.int32)
             tokens[0, T - len(r.prompt):] = r.prompt
             prefilled[key] = _prefill_one(self.graphdef, self.state, jnp.asarray(tokens),
                                           jnp.asarray([T - len(r.prompt)], jnp.int32))
@@ -367,14 +322,3 @@ class SlotServer:
         budget = min(r.max_tokens, self.context - len(r.prompt))
         self.rows = _admit(self.rows, b, logits, k, v, len(r.prompt), float(r.temperature), int(r.top_k),
                            float(r.top_p), int(r.seed) & 0x7FFFFFFF, budget)
-
-    def _serve_tool(self, b, r):
-        """Run the tool on the row's closed python block; queue its output as the row's next tokens."""
-        start = len(r.tokens) - 1 - r.tokens[::-1].index(self.ids[2])  # the last <|python_start|>
-        toks = tool_output_tokens(self.tool, self.tokenizer, r.tokens[start + 1:-1], self.output_ids)
-        forced = np.zeros(MAX_FORCED, np.int32)
-        forced[:len(toks)] = toks
-        self.rows = self.rows.replace(forced=self.rows.forced.at[b].set(forced),
-                                      forced_len=self.rows.forced_len.at[b].set(len(toks)),
-                                      forced_pos=self.rows.forced_pos.at[b].set(0),
-                                      needs_tool=self.rows.needs_tool.at[b].set(False))

@@ -16,6 +16,7 @@ from flax import nnx
 
 from jaxchat.chat_api import ReplyText
 from jaxchat.chat_web import create_app
+from jaxchat.decoding import queue_tool_outputs
 from jaxchat.engine import Engine
 from jaxchat.http_limits import limited_http
 from jaxchat.model import GPT, GPTConfig
@@ -285,10 +286,9 @@ def test_a_failing_tool_is_reported_to_the_model(model_and_tokenizer):
 
     server = SlotServer(model, tok, slots=2, chunk=4, tool=broken)
     special = tok.encode_special
-    request = Request(prompt=[tok.get_bos_token_id()], max_tokens=8, emit=lambda t, f: None)
-    request.tokens = [special("<|python_start|>"), *tok.encode("1+1"), special("<|python_end|>")]
-    server._serve_tool(0, request)
-    forced = server.rows.forced[0, :int(server.rows.forced_len[0])].tolist()
+    generated = [special("<|python_start|>"), *tok.encode("1+1"), special("<|python_end|>")]
+    rows = queue_tool_outputs(server.rows, {1: generated}, server.tool, tok, server.ids)
+    forced = rows.forced[1, :int(rows.forced_len[1])].tolist()
     assert forced[0] == special("<|output_start|>") and forced[-1] == special("<|output_end|>")
     assert tok.decode(forced[1:-1]) .startswith("Error: RuntimeError: tool exploded")
 

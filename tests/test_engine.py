@@ -1,6 +1,8 @@
-"""The engine: jitted prefill + on-device decode equal naive generation; seeds, limits, tools, buckets, chat reuse."""
+"""The engine: jitted prefill + on-device decode equal naive generation; seeds, limits, tools, buckets, chat reuse;
+the server's slots decode the same tokens (one step body)."""
 
 import re
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,7 @@ from jaxchat import engine as E
 from jaxchat.engine import Engine, use_calculator
 from jaxchat.model import GPT, GPTConfig
 from jaxchat.sampling import sample_next_token
+from jaxchat.serving import Request, SlotServer
 from jaxchat.tokenizer import RustBPETokenizer
 
 from test_model import randomize
@@ -50,7 +53,7 @@ def naive_greedy(model, prompt, max_tokens, stop):
 def test_greedy_equals_naive_generation(tok, n_kv_head):
     model = make_model(n_kv_head)
     engine = Engine(model, tok)
-    stop = (engine.bos, engine.assistant_end)
+    stop = (engine.ids.bos, engine.ids.assistant_end)
     prompts = [tok.encode(t, prepend="<|bos|>") for t in ("hello world", "the cat sat on the mat, number 42 + 3 =")]
     results, masks = engine.generate_batch(prompts, max_tokens=64, temperature=0.0)  # two lengths: left padding
     for prompt, result, mask in zip(prompts, results, masks):
@@ -159,6 +162,39 @@ def test_finished_rows_stay_finished(tok):
     assert results[0] == prompt + tok.encode(" ok")
 
 
+def served_greedily(model, tok, prompts, max_tokens):
+    """Each prompt's tokens from the web server's slots (2 rows, so the prompts also wait and share a call)."""
+    server, done = SlotServer(model, tok, slots=2, chunk=4), threading.Semaphore(0)
+    outs = [[] for _ in prompts]
+    server.start()
+    for i, prompt in enumerate(prompts):
+        emit = lambda t, finish, i=i: (outs[i].extend(t), finish and done.release())
+        server.submit(Request(prompt=prompt, max_tokens=max_tokens, emit=emit, temperature=0.0))
+    assert all(done.acquire(timeout=300) for _ in prompts)
+    server.stop()
+    return outs
+
+
+def test_the_server_decodes_what_the_engine_decodes(tok):
+    """The engine's rows and the server's slots run one decode step: the same greedy tokens for the same prompts
+    (the server's include the <|assistant_end|>/<|bos|> that ends a reply), tool output included."""
+    model = make_model(seed=2)
+    prompts = [tok.encode(t, prepend="<|bos|>") for t in ("hello world", "the cat sat on the mat, number 4", "7")]
+    engine_rows, _ = Engine(model, tok).generate_batch(prompts, max_tokens=40, temperature=0.0)
+    ends = (tok.get_bos_token_id(), tok.encode_special("<|assistant_end|>"))
+    for prompt, ours, theirs in zip(prompts, engine_rows, served_greedily(model, tok, prompts, 40)):
+        assert ours[len(prompt):] == (theirs[:-1] if theirs[-1] in ends else theirs)
+    special = tok.encode_special
+    prompt = tok.encode("what is 2+3?", prepend="<|bos|>")
+    call = [special("<|python_start|>"), *tok.encode("2+3"), special("<|python_end|>")]
+    script = prompt + call + tok.encode("hello") * 3 + tok.encode(" done") + [special("<|assistant_end|>")] + [0] * 8
+    config = GPTConfig(sequence_len=64, vocab_size=VOCAB, n_layer=1, n_head=1, n_kv_head=1, n_embd=8)
+    scripted = Scripted(config, script)
+    (result,), _ = Engine(scripted, tok).generate_batch(prompt, max_tokens=40, temperature=0.0)
+    assert result[len(prompt):len(prompt) + len(call) + 1] == call + [special("<|output_start|>")]
+    assert served_greedily(scripted, tok, [prompt], 40)[0] == result[len(prompt):] + [special("<|assistant_end|>")]
+
+
 @pytest.mark.slow
 def test_prefill_compiles_once_per_bucket(tok):
     engine = Engine(make_model(seed=3), tok)
@@ -202,8 +238,7 @@ def test_decode_loop_updates_cache_in_place(tok):
     prompt = tok.encode("hello", prepend="<|bos|>")
     for n_prompts, rows in ((1, 1), (1, 4), (2, 2)):  # one row or prompt is held twice (XLA:CPU copies a batch of 1)
         ds, _ = engine._start([prompt] * n_prompts, rows, 64, 0)
-        ids = (engine.bos, engine.assistant_end, engine.python_start, engine.python_end)
-        hlo = E._decode.lower(engine.graphdef, ids, engine.state, ds, 64, jnp.float32(1.0), None).compile().as_text()
+        hlo = E._decode.lower(engine.graphdef, engine.ids, engine.state, ds, 64).compile().as_text()
         B, K, S, D = ds.cache.k[0].shape
         P, _, Tp, _ = ds.cache.prefix_k[0].shape
         assert B == max(n_prompts * rows, E.MIN_ROWS) and P == max(n_prompts, E.MIN_ROWS)
@@ -244,21 +279,24 @@ def test_prompt_errors(tok):
 
 
 def test_sampling_follows_the_distribution():
-    """Inverse-CDF sampling (blocks of 128 over a 300-token vocab, with top-k and temperature): frequencies over
-    4,096 rows match softmax(logits / T) (restricted to the top k) within 5 standard errors; zero-probability
-    tokens never appear; T=0 is the argmax (first one on ties)."""
+    """Inverse-CDF sampling (blocks of 128 over a 300-token vocab, with top-k, top-p and temperature): frequencies
+    over 4,096 rows match softmax(logits / T) (restricted to the top k or top p) within 5 standard errors;
+    zero-probability tokens never appear; T=0 is the argmax (first one on ties)."""
     logits = jnp.log(jnp.zeros((VOCAB,)).at[jnp.array([3, 130, 131, 299])].set(jnp.array([0.1, 0.2, 0.3, 0.4])))
     logits = jnp.broadcast_to(logits, (4096, VOCAB))
     keys = jax.random.split(jax.random.key(0), 4096)
-    for temperature, top_k, want in [(1.0, None, {3: .1, 130: .2, 131: .3, 299: .4}),
-                                     (1.0, 2, {131: 3 / 7, 299: 4 / 7}),
-                                     (0.5, None, {3: 1 / 30, 130: 4 / 30, 131: 9 / 30, 299: 16 / 30})]:
-        picks = np.asarray(jax.jit(sample_next_token, static_argnums=3)(logits, keys, temperature, top_k))
+    per_row = lambda x: jnp.full((4096,), x)
+    for temperature, top_k, top_p, want in [(1.0, 0, 1.0, {3: .1, 130: .2, 131: .3, 299: .4}),
+                                            (1.0, 2, 1.0, {131: 3 / 7, 299: 4 / 7}),
+                                            (1.0, 0, 0.65, {131: 3 / 7, 299: 4 / 7}),
+                                            (0.5, 0, 1.0, {3: 1 / 30, 130: 4 / 30, 131: 9 / 30, 299: 16 / 30})]:
+        settings = per_row(temperature), per_row(top_k), per_row(top_p)
+        picks = np.asarray(jax.jit(sample_next_token)(logits, keys, *settings))
         assert set(picks.tolist()) == set(want)
         for token, p in want.items():
             assert abs(np.mean(picks == token) - p) < 5 * np.sqrt(p * (1 - p) / 4096), (temperature, top_k, token)
     tie = jnp.zeros((2, VOCAB)).at[:, 7].set(1.0).at[:, 9].set(1.0)
-    assert sample_next_token(tie, keys[:2], 0.0).tolist() == [7, 7]
+    assert sample_next_token(tie, keys[:2], jnp.zeros(2), jnp.zeros(2, int), jnp.ones(2)).tolist() == [7, 7]
 
 
 @pytest.mark.parametrize("expr, value", [
