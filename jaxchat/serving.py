@@ -1,9 +1,9 @@
 """Continuous batching for the web server: `slots` rows of one KV cache decoded together; a request is admitted into
 a free row between device calls and leaves it the moment it ends.
 
-- Cache: B rows × L = 1.25·sequence_len slots of the model's `KVCache`, written at one shared `index`. Row b holds its
-  conversation in slots start[b]..index−1, and its RoPE positions are slot − start[b], so every row can be at a
-  different length and its tokens can sit anywhere.
+- Cache: B rows × L = 1.25·sequence_len slots of one `KVCache` (kv_cache.py), written at one shared `index`. Row b
+  holds its conversation in slots start[b]..index−1, and its RoPE positions are slot − start[b], so every row can be
+  at a different length and its tokens can sit anywhere.
 - Admission: a prompt is prefilled alone in a fresh one-row cache (left-padded to its power-of-two bucket: one
   compile per bucket) and its K/V copied into its row just below `index`. `index` ≥ sequence_len whenever the
   cache is in use, so any prompt fits below it.
