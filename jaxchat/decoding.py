@@ -13,6 +13,7 @@ The loop stops at column `stop`, when no row is live, or when a row closes a pyt
 tool on the block, queues `<|output_start|> result <|output_end|>` as that row's forced tokens and calls again.
 """
 from collections import namedtuple
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -59,16 +60,24 @@ class Rows:
     n: jax.Array  # () columns of `out` filled
 
 
-def empty_rows(cache, logits, out_len):
-    """Rows over `cache` with these next-token logits, none live yet: greedy, no budget, empty buffers. The small
-    arrays are numpy's (the caller moves them to the device in one call)."""
+def empty_rows(cache, logits, out_len, **settings):
+    """Rows over `cache` with these next-token logits, on the devices: none live, greedy, no budget, empty buffers,
+    except for what `settings` gives (per-row numpy arrays by field name: live, temperature, top_k, key, budget…)."""
     B = logits.shape[0]
     zeros = lambda *shape, dtype=np.int32: np.zeros(shape, dtype)
-    return Rows(cache=cache, logits=logits, live=zeros(B, dtype=bool), temperature=zeros(B, dtype=np.float32),
+    rows = Rows(cache=cache, logits=logits, live=zeros(B, dtype=bool), temperature=zeros(B, dtype=np.float32),
                 top_k=zeros(B), top_p=np.ones((B,), np.float32), key=zeros(B, 2, dtype=np.uint32),
                 count=zeros(B), budget=zeros(B), py_open=zeros(B, dtype=bool), needs_tool=zeros(B, dtype=bool),
                 forced=zeros(B, MAX_FORCED), forced_len=zeros(B), forced_pos=zeros(B),
                 out=np.full((B, out_len), -1, np.int32), out_mask=zeros(B, out_len), n=zeros())
+    return _placed(rows.replace(**settings))
+
+
+@partial(jax.jit, donate_argnums=0)
+def _placed(rows):
+    """Every row array with dim 0 over the mesh's batch axes, in one call: the numpy arrays are sent, the cache and
+    logits (on several processes they span devices a plain device_put cannot take) keep their buffers (donated)."""
+    return jax.tree.map(sharding.constrain_rows, rows)
 
 
 def decode_loop(model, ids, rows, stop):

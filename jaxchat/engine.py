@@ -17,7 +17,6 @@ One path serves sampling during training, evaluation, RL rollouts, the CLI and t
 """
 
 import ast
-import dataclasses
 import operator
 from functools import partial
 
@@ -114,14 +113,10 @@ class Engine:
             logits, cache = _prefill(self.graphdef, self.state, jnp.asarray(tokens), jnp.asarray(start), rows, max_len)
         B, n_cols = logits.shape[0], min(max_tokens, cache.max_len - int(cache.index))
         per_row = lambda x, dtype=np.int32: np.full((B,), x, dtype)
-        rows = empty_rows(cache, logits, max(n_cols, 1)).replace(
-            live=np.arange(B) < len(prompts) * num_samples, temperature=per_row(temperature, np.float32),
-            top_k=per_row(top_k or 0), key=_row_keys(jax.random.key(seed), B), budget=per_row(n_cols))
-        # the small per-row arrays go to the device in one call; the cache and logits are there already (on
-        # several processes they span devices a plain device_put cannot take)
-        small = {f.name: getattr(rows, f.name) for f in dataclasses.fields(rows)
-                 if isinstance(getattr(rows, f.name), np.ndarray)}
-        return rows.replace(**jax.device_put(small)), n_cols
+        rows = empty_rows(cache, logits, max(n_cols, 1), live=np.arange(B) < len(prompts) * num_samples,
+                          temperature=per_row(temperature, np.float32), top_k=per_row(top_k or 0),
+                          key=_row_keys(jax.random.key(seed), B), budget=per_row(n_cols))
+        return rows, n_cols
 
     def _reusable(self, prompt):
         """The held single-row cache, if this prompt extends the tokens it holds and there is room to reply."""

@@ -169,9 +169,8 @@ class SlotServer:
     def _empty_rows(self):
         B, config = self.held, self.model.config
         cache = KVCache.create(config, B, self.context + self.room, jnp.dtype(config.compute_dtype))
-        rows = empty_rows(cache.replace(index=jnp.asarray(self.context, jnp.int32)),
+        return empty_rows(cache.replace(index=jnp.asarray(self.context, jnp.int32)),
                           jnp.zeros((B, config.vocab_size), jnp.float32), self.chunk)
-        return jax.jit(lambda r: jax.tree.map(sharding.constrain_rows, r))(rows)
 
     # ---- the HTTP side's view (any thread) ----------------------------------------------------------------
     def submit(self, request):
