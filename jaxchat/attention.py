@@ -62,8 +62,8 @@ def cudnn_problem(q, k, dtype):
     rules are checked here: a GPU, 16-bit inputs, head dim a multiple of 8 up to 256, query heads a multiple of
     kv heads (the sequence and head-dim axes are never sharded in jaxchat)."""
     D, H, K = q.shape[-1], q.shape[2], k.shape[2]
-    if jax.default_backend() != "gpu":
-        return f"it needs a GPU (backend: {jax.default_backend()})"
+    if sharding.platform() != "gpu":
+        return f"it needs a GPU (platform: {sharding.platform()})"
     if jnp.dtype(dtype).itemsize != 2:
         return f"it needs 16-bit inputs (compute dtype {jnp.dtype(dtype).name})"
     if D % 8 or D > 256:
@@ -88,7 +88,7 @@ def causal_attention(q, k, v, dtype, impl="auto"):
     k, v = (jnp.repeat(t, H // t.shape[2], axis=2) for t in (k, v))
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
     local = B // sharding.batch_shards()
-    n = local // ATTN_SEQS if jax.default_backend() == "cpu" and local % ATTN_SEQS == 0 else 1
+    n = local // ATTN_SEQS if sharding.platform() == "cpu" and local % ATTN_SEQS == 0 else 1
     if n == 1:
         return _block_causal(q, k, v, dtype).transpose(0, 2, 1, 3)
     # Interleaved split (row i·n + j -> chunk j): each device keeps its own rows, the mapped axis is unsharded.

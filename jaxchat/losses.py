@@ -19,6 +19,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from jaxchat import sharding
+
 # Rows (batch × positions) per chunk: a chunk's (rows, vocab) fp32 logits are the loss's largest temporary, while
 # fewer rows mean more scan steps of smaller matmuls; tuned per backend.
 CHUNK_ROWS = {"cpu": 512, "gpu": 8192}
@@ -26,7 +28,7 @@ CHUNK_ROWS = {"cpu": 512, "gpu": 8192}
 
 def _chunk_len(B, T):
     """Largest divisor of T that keeps B·chunk within the backend's row budget."""
-    limit = max(1, CHUNK_ROWS.get(jax.default_backend(), 4096) // B)
+    limit = max(1, CHUNK_ROWS.get(sharding.platform(), 4096) // B)
     return max(c for c in range(1, min(T, limit) + 1) if T % c == 0)
 
 

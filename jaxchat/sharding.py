@@ -63,6 +63,14 @@ def constrain_rows(x):
     return constrain(x, ("batch" if x.shape[0] % batch_shards() == 0 else None,) + (None,) * (x.ndim - 1))
 
 
+def platform():
+    """"cpu", "gpu" or "tpu": the platform of the devices the program being traced is built for, i.e. the active
+    mesh's. Kernel choices read this rather than the process's default backend, so that a program compiled ahead of
+    time on this machine for a GPU or TPU mesh is the one that hardware would run. Without a mesh: the default."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return jax.default_backend() if device is None else device.platform
+
+
 def batch_shards():
     """How many ways the batch axis is split under the active mesh (1 without one)."""
     mesh = jax.sharding.get_abstract_mesh()
