@@ -4,9 +4,10 @@ Layouts: q (B, T, H, D), k and v (B, S, K, D) with K | H (GQA: query head h read
 cache is held heads-major, (B, K, S, D), the layout the decode matmuls read without a transposed copy per step.
 Scores, softmax and outputs are fp32; matmul inputs are cast to `dtype` (bf16 matmuls, fp32 accumulation).
 
-Training attention (`causal_attention`) has two implementations, both memory-efficient (no (T, T) tensor is
-kept for the backward pass): cuDNN's flash attention, on GPU in 16-bit where its rules hold (`cudnn_problem`),
-and jaxchat's own flash-style kernel in plain XLA everywhere else. In the latter, queries in blocks of
+Training attention (`causal_attention`) has three implementations (KERNELS), all memory-efficient (no (T, T)
+tensor is kept for the backward pass): cuDNN's flash attention, on GPU in 16-bit where its rules hold
+(`cudnn_problem`); Splash attention, the Pallas flash-attention kernel for TPU (`splash_attention`); and
+jaxchat's own flash-style kernel in plain XLA everywhere else. In the latter, queries in blocks of
 ATTN_BLOCK attend only to keys up to the end of their block (skipping ~half of the masked work), a custom VJP
 keeps the inputs, the output and the log-sum-exp and recomputes probabilities in the backward pass, and on CPU
 sequences go through ATTN_SEQS at a time so one chunk's scores stay in cache. It
@@ -24,6 +25,7 @@ from jaxchat import sharding
 ATTN_BLOCK = 128  # query block size (the causal skipping granularity)
 ATTN_SEQS = 2  # sequences per chunk on CPU
 NEG = -1e30  # masked score: exp underflows to exactly 0, no inf arithmetic
+SPLASH_BLOCKS = (512, 256, 128)  # Splash tile sizes, the largest that divides the (padded) sequence is used
 
 
 def _mm(spec, a, b, dtype):
@@ -73,15 +75,48 @@ def cudnn_problem(q, k, dtype):
     return None
 
 
-def causal_attention(q, k, v, dtype, impl="auto"):
-    """Causal self-attention over the whole sequence (training, evaluation): q (B, T, H, D), k and v (B, T, K, D)
-    -> (B, T, H, D) in q's dtype. impl: "cudnn", "xla" (jaxchat's kernel) or "auto" (cuDNN when it can run)."""
-    problem = cudnn_problem(q, k, dtype) if impl != "xla" else "not asked for"
-    if impl == "cudnn" and problem:
-        raise ValueError(f"cuDNN attention cannot run: {problem}; use attn_impl 'xla' or 'auto'")
-    if problem is None:
-        q, k, v = (t.astype(dtype) for t in (q, k, v))
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn").astype(q.dtype)
+def splash_problem(q, k, dtype):
+    """Why Splash attention cannot run this call (None: it can): it needs a TPU, and the batch split evenly over the
+    devices (each runs the kernel on its own rows)."""
+    if sharding.platform() != "tpu":
+        return f"it needs a TPU (platform: {sharding.platform()})"
+    if q.shape[0] % sharding.batch_shards():
+        return f"batch {q.shape[0]} does not split over {sharding.batch_shards()} devices"
+    return None
+
+
+def _cudnn_attention(q, k, v, dtype):
+    out = jax.nn.dot_product_attention(*(t.astype(dtype) for t in (q, k, v)), is_causal=True, implementation="cudnn")
+    return out.astype(q.dtype)
+
+
+def splash_attention(q, k, v, dtype, interpret=False):
+    """Splash attention (Pallas, TPU): its MHA form takes K kv heads for H query heads itself (GQA). A Pallas kernel
+    sees one device's arrays, so under a mesh it runs per device on its rows (shard_map over the batch axes).
+    interpret: run the kernel in Pallas's interpreter (any backend; slow), to check its numbers without a TPU.
+    Tiles must divide the sequence, so it is padded to a multiple of 128: under the causal mask padded keys come
+    after every real query, which never sees them, and the padded queries' outputs are dropped."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash  # here: only TPU programs load Pallas
+
+    T, H, D = q.shape[1:]
+    pad = -T % 128
+    heads_major = lambda t: jnp.pad(t.astype(dtype), ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    block = next(b for b in SPLASH_BLOCKS if (T + pad) % b == 0)
+    kernel = splash.make_splash_mha(
+        splash.MultiHeadMask([splash.CausalMask((T + pad, T + pad))] * H), head_shards=1, q_seq_shards=1,
+        block_sizes=splash.BlockSizes(block_q=block, block_kv=block, block_q_dkv=block, block_kv_dkv=block,
+                                      block_q_dq=block, block_kv_dq=block), interpret=interpret)
+    attend = jax.vmap(kernel)
+    if not jax.sharding.get_abstract_mesh().empty:
+        spec = sharding.batch_spec(4)
+        # check_vma=False: Splash's pallas_calls declare no per-device variance for their outputs
+        attend = jax.shard_map(attend, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)
+    # The kernel does not scale the scores: q is scaled in fp32, before the cast to `dtype`.
+    out = attend(heads_major(q.astype(jnp.float32) * D**-0.5), heads_major(k), heads_major(v))
+    return out.transpose(0, 2, 1, 3)[:, :T].astype(q.dtype)
+
+
+def _xla_attention(q, k, v, dtype):
     B, T, H, D = q.shape
     # GQA: repeat kv heads for the kernel (autodiff of the repeat sums the groups' gradients back); transpose each
     # tensor once here to the kernel's heads-major layout, rather than once per block and matmul inside.
@@ -95,6 +130,25 @@ def causal_attention(q, k, v, dtype, impl="auto"):
     split = lambda t: t.reshape(B // n, n, *t.shape[1:]).swapaxes(0, 1)
     y = jax.lax.map(lambda c: _block_causal(*c, dtype), (split(q), split(k), split(v)))
     return y.swapaxes(0, 1).reshape(B, H, T, D).transpose(0, 2, 1, 3)
+
+
+# attn_impl -> (why it cannot run a call, or None; the kernel). "auto" takes the first that can run.
+KERNELS = {
+    "cudnn": (cudnn_problem, _cudnn_attention),
+    "splash": (splash_problem, splash_attention),
+    "xla": (lambda q, k, dtype: None, _xla_attention),
+}
+
+
+def causal_attention(q, k, v, dtype, impl="auto"):
+    """Causal self-attention over the whole sequence (training, evaluation): q (B, T, H, D), k and v (B, T, K, D)
+    -> (B, T, H, D) in q's dtype. impl: a key of KERNELS, or "auto" (the first of them that can run)."""
+    if impl == "auto":
+        impl = next(name for name, (problem, _) in KERNELS.items() if problem(q, k, dtype) is None)
+    problem, kernel = KERNELS[impl]
+    if why := problem(q, k, dtype):
+        raise ValueError(f"{impl} attention cannot run: {why}; use attn_impl 'xla' or 'auto'")
+    return kernel(q, k, v, dtype)
 
 
 def _blocks(T):

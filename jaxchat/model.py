@@ -28,7 +28,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxchat import sharding
-from jaxchat.attention import causal_attention
+from jaxchat.attention import KERNELS, causal_attention
 from jaxchat.custom_grads import linear, norm, norm_to, relu2_proj, rope_qk_norm
 from jaxchat.losses import softcap_cross_entropy_per_token, softcap_cross_entropy_sum
 
@@ -48,13 +48,13 @@ class GPTConfig:
     compute_dtype: str = "float32"  # matmul inputs and activations ("bfloat16" on GPU); params, loss stay fp32
     remat: str = "none"  # what each block's backward recomputes: a key of REMAT
     scan_layers: bool = False  # blocks under lax.scan (compiles once) instead of unrolled
-    attn_impl: str = "auto"  # "cudnn" | "xla" | "auto" (cuDNN flash attention where its rules hold): attention.py
+    attn_impl: str = "auto"  # "cudnn" | "splash" | "xla" | "auto" (the first that can run): attention.KERNELS
 
     def __post_init__(self):
         if self.remat not in REMAT:
             raise ValueError(f"remat {self.remat!r}: one of {', '.join(REMAT)}")
-        if self.attn_impl not in ("auto", "cudnn", "xla"):
-            raise ValueError(f"attn_impl {self.attn_impl!r}: one of auto, cudnn, xla")
+        if self.attn_impl not in ("auto", *KERNELS):
+            raise ValueError(f"attn_impl {self.attn_impl!r}: one of auto, {', '.join(KERNELS)}")
 
     def with_execution(self, **options):
         """This config with the given execution fields replaced (None = keep)."""

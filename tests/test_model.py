@@ -289,7 +289,7 @@ def test_bf16_activations_and_attention_choice():
     k = q[:, :, :2]
     if jax.default_backend() != "gpu":
         assert "needs a GPU" in cudnn_problem(q, k, jnp.bfloat16)
-        with pytest.raises(ValueError, match="cuDNN attention cannot run: it needs a GPU"):
+        with pytest.raises(ValueError, match="cudnn attention cannot run: it needs a GPU"):
             causal_attention(q, k, k, jnp.bfloat16, "cudnn")
     np.testing.assert_array_equal(causal_attention(q, k, k, jnp.bfloat16, "auto") if cudnn_problem(q, k, jnp.bfloat16)
                                   else causal_attention(q, k, k, jnp.bfloat16, "xla"),

@@ -1,0 +1,122 @@
+"""The TPU attention kernel (Splash, attention.splash_attention) without a TPU: its numbers in Pallas's interpreter
+against jaxchat's XLA kernel, and programs compiled ahead of time for TPU meshes (needs libtpu, the TPU compiler)."""
+
+import collections
+import importlib.util
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from jaxchat import sharding
+from jaxchat.attention import causal_attention, splash_attention, splash_problem
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu (the TPU compiler) is not installed: cannot compile for a TPU")
+
+
+def qkv(B, T, H, K, D, dtype):
+    keys = jax.random.split(jax.random.key(0), 3)
+    return tuple(jax.random.normal(key, (B, T, h, D), jnp.float32).astype(dtype) for key, h in zip(keys, (H, K, K)))
+
+
+def values_and_grads(attend, q, k, v):
+    """attend(q, k, v) and the gradients (dq, dk, dv) of a fixed random projection of it."""
+    w = jax.random.normal(jax.random.key(9), q.shape, jnp.float32)
+    loss = lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32) * w)
+    return attend(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+
+@pytest.mark.parametrize("T, kv_heads, dtype, atol", [
+    (320, 2, jnp.bfloat16, 1.5e-2),
+    pytest.param(320, 2, jnp.float32, 5e-6, marks=pytest.mark.slow),
+    pytest.param(256, 4, jnp.bfloat16, 1.5e-2, marks=pytest.mark.slow),
+    pytest.param(256, 4, jnp.float32, 5e-6, marks=pytest.mark.slow),
+])
+def test_splash_matches_the_xla_kernel(T, kv_heads, dtype, atol):
+    """Values and dq, dk, dv of Splash (interpreted, per device under a mesh) match the XLA kernel's, relative to
+    the largest entry: GQA and MHA, fp32 and bf16 (the same bf16 matmul inputs, fp32 accumulation); T = 320 is
+    padded to 384 and runs in three tiles."""
+    q, k, v = qkv(2, T, 4, kv_heads, 64, dtype)
+    with jax.set_mesh(sharding.make_mesh((1, 1), devices=jax.devices()[:1])):
+        splash = lambda *a: splash_attention(*a, dtype, interpret=True)
+        got = jax.jit(lambda *a: values_and_grads(splash, *a))(q, k, v)
+    want = jax.jit(lambda *a: values_and_grads(lambda *b: causal_attention(*b, dtype, "xla"), *a))(q, k, v)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert a.dtype == b.dtype == dtype and a.shape == b.shape, name
+        scale = float(jnp.max(jnp.abs(b.astype(jnp.float32))))
+        np.testing.assert_allclose(a.astype(jnp.float32), b.astype(jnp.float32), atol=atol * scale, err_msg=name)
+
+
+def test_splash_refuses_without_a_tpu():
+    q, k, v = qkv(1, 8, 4, 2, 16, jnp.bfloat16)
+    platform = jax.default_backend()
+    if platform == "tpu":
+        pytest.skip("Splash can run here")
+    with pytest.raises(ValueError, match=f"splash attention cannot run: it needs a TPU \\(platform: {platform}\\)"):
+        causal_attention(q, k, v, jnp.bfloat16, "splash")
+
+
+def tpu_mesh(topology, shape=(1, -1)):
+    from jax.experimental import topologies
+    topology = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+    return sharding.make_mesh(shape, devices=topology.devices)
+
+
+def tpu_kernels(compiled):
+    """{kernel name: calls} of the Mosaic (Pallas TPU) custom calls in a compiled program's optimized HLO."""
+    names = re.findall(r"%(\S+) = [^\n]*custom_call_target=\"tpu_custom_call\"", compiled.as_text())
+    return collections.Counter(re.sub(r"\.\d+$", "", name) for name in names)
+
+
+SPLASH_CALLS = {"splash_mha_fwd_residuals": 1, "splash_mha_dq_no_residuals": 1, "splash_mha_dkv_no_residuals": 1}
+
+
+@needs_libtpu
+def test_auto_attention_compiles_to_splash_for_a_tpu_mesh():
+    """On a TPU mesh "auto" attention is Splash, forward and backward (GQA, T no multiple of 128, bf16 and fp32);
+    with a batch that does not split over the devices it falls back to the XLA kernel, and says why."""
+    mesh = tpu_mesh("v5p:2x2x1", (2, 2))
+    with jax.set_mesh(mesh):
+        def compile_grad(B, dtype):
+            loss = lambda q, k, v: jnp.sum(causal_attention(q, k, v, dtype).astype(jnp.float32))
+            args = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, sharding.batch_spec(4)))
+                    for x in jax.eval_shape(lambda: qkv(B, 200, 4, 2, 64, dtype))]
+            return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
+
+        assert tpu_kernels(compile_grad(8, jnp.bfloat16)) == SPLASH_CALLS
+        assert tpu_kernels(compile_grad(8, jnp.float32)) == SPLASH_CALLS
+        q, k, _ = jax.eval_shape(lambda: qkv(6, 8, 4, 2, 16, jnp.bfloat16))
+        assert splash_problem(q, k, jnp.bfloat16) == "batch 6 does not split over 4 devices"
+
+
+@needs_libtpu
+@pytest.mark.slow
+@pytest.mark.parametrize("topology", ["v5p:2x2x1", "v6e:2x4"])
+def test_tiny_train_step_compiles_with_splash_for_tpus(topology):
+    """The tiny config's train step (bf16, 16 rows per device) compiled for a TPU slice runs Splash in every layer,
+    forward and backward: the program a TPU run of it would use."""
+    from jaxchat.model import config_for_depth
+    from jaxchat.optim import OptimConfig, hyperparams
+    from jaxchat.train import abstract_train_state, train_step
+
+    config = config_for_depth(4, 4096, 256, head_dim=64, compute_dtype="bfloat16")
+    mesh = tpu_mesh(topology)
+    with jax.set_mesh(mesh):
+        place = lambda v: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                                         sharding=nnx.get_named_sharding(v, mesh).get_value()))
+        state = jax.tree.map(place, abstract_train_state(config, OptimConfig()),
+                             is_leaf=lambda x: isinstance(x, nnx.Variable))
+        tokens = jax.ShapeDtypeStruct((1, 16 * mesh.size, config.sequence_len), jnp.int32,
+                                      sharding=NamedSharding(mesh, sharding.logical_to_spec((None, "batch", None))))
+        start = time.perf_counter()
+        compiled = train_step.lower(state, {"inputs": tokens, "targets": tokens}, hyperparams()).compile()
+    m = compiled.memory_analysis()
+    print(f"{topology}: compiled in {time.perf_counter() - start:.0f} s; per device: arguments "
+          f"{m.argument_size_in_bytes / 2**20:.1f} MiB, temp {m.temp_size_in_bytes / 2**20:.1f} MiB")
+    assert tpu_kernels(compiled) == {name: config.n_layer for name in SPLASH_CALLS}
