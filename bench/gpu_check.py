@@ -10,9 +10,11 @@ its own time budget; what would start with less than its budget left is skipped 
      holds the fused cuDNN call.
   2. train: the d20 train step in bf16 at device batch 8, 16, 32 (131,072 tokens per step): compile time, step
      time, tok/s, MFU (nanochat's FLOP formula: 6·(N − N_wte) + 12·L·d·T per token), peak device memory beside
-     XLA's own figure for the program and jaxchat.memory's accelerator estimate.
+     XLA's own figure for the program.
   3. train_xla: the same step at device batch 16 with jaxchat's XLA attention kernel instead of cuDNN.
   4. decode: the engine's on-device decode loop (random weights: speed does not depend on them), batch 1 and 32.
+  5. predict: the largest batch's step compiled for the card's shipped description without using the card, as
+     `python -m jaxchat.memory --target=h100` does on a machine with no GPU: its peak beside the measured one.
 Runs from a checkout without installing (PYTHONPATH=.): it needs jax, flax, optax and numpy, not the tokenizer or
 the Rust extension. Where the GPU machine's flax/optax differ from the pins, bring them as wheels made beforehand,
 `pip download --no-deps --only-binary=:all: --python-version 3.12 -d wheels flax==0.12.8 optax==0.2.8`, and
@@ -31,7 +33,7 @@ FULL = dict(depth=20, vocab=65536, seq=2048, tokens=131072, batches=(8, 16, 32),
             prompt=128, new_tokens=256, attn=[(2, 2048, 10, 10, 128), (2, 1000, 8, 2, 128), (1, 777, 4, 4, 64)])
 TOY = dict(depth=2, vocab=512, seq=128, tokens=1024, batches=(2, 4, 8), decode_batches=(1, 4),
            prompt=16, new_tokens=16, attn=[(2, 128, 4, 4, 32), (2, 100, 4, 2, 32)])
-BUDGETS = {"attention": 60, "train": 100, "train_xla": 100, "decode": 60}  # seconds per part (per batch: train)
+BUDGETS = {"attention": 60, "train": 100, "train_xla": 100, "decode": 60, "predict": 90}  # seconds per part (per batch: train)
 
 
 def part_attention(size, _):
@@ -79,7 +81,7 @@ def part_train(size, batch, attn_impl="auto"):
     import jax
     import numpy as np
 
-    from jaxchat import hardware, memory, sharding
+    from jaxchat import hardware, sharding
     from jaxchat.model import config_for_depth
     from jaxchat.optim import OptimConfig, hyperparams
     from jaxchat.train import init_train_state, train_step
@@ -109,14 +111,31 @@ def part_train(size, batch, attn_impl="auto"):
     peak = hardware.peak_flops(device.device_kind)
     arguments = analysis.argument_size_in_bytes
     xla_peak = arguments + analysis.temp_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
-    params = sum(x.nbytes for x in jax.tree.leaves(state.params))
-    estimate = memory.accelerator_estimate({"arguments": arguments, "params": params}, config, batch)["estimate"]
     stats = device.memory_stats() or {}
     return {"device_batch_size": batch, "accum": accum, "attn_impl": attn_impl, "compile_s": compile_s,
             "step_s": step_s, "step_times_s": times, "tok_s": tok_s, "loss": float(metrics["loss"]),
             "mfu": flops_per_token * tok_s / peak if peak else None,
-            "peak_bytes_in_use": stats.get("peak_bytes_in_use"), "xla_program_peak_bytes": xla_peak,
-            "jaxchat_memory_estimate_bytes": estimate}
+            "peak_bytes_in_use": stats.get("peak_bytes_in_use"), "xla_program_peak_bytes": xla_peak}
+
+
+def part_predict(size, batch):
+    """What `python -m jaxchat.memory --target=...` predicts for the train step at this batch: the program compiled
+    for this card's shipped description (aot.py) without touching the card, as on a machine with no GPU."""
+    import jax
+
+    from jaxchat import aot, memory, sharding
+    from jaxchat.model import config_for_depth
+    from jaxchat.optim import OptimConfig
+
+    kind = jax.devices()[0].device_kind
+    target = next((t for name, t in (("H100", "h100"), ("H200", "h200"), ("A100", "a100-80")) if name in kind), "cpu")
+    config = config_for_depth(size["depth"], size["vocab"], size["seq"], compute_dtype="bfloat16")
+    mesh = sharding.make_mesh(devices=aot.target_devices(target, 1))
+    shapes = (size["tokens"] // (batch * size["seq"]), batch, size["seq"], False)
+    compiled, _, compile_s = memory.compile_train_step(config, OptimConfig(), shapes, mesh)
+    stats = aot.analyse(compiled)
+    return {"target": target, "device_batch_size": batch, "compile_s": compile_s, "peak_bytes": stats["peak"],
+            "rematerialized": stats["rematerialized"], "custom_calls": stats["custom_calls"]}
 
 
 def part_decode(size, batch):
@@ -179,7 +198,7 @@ def main():
     if args.part:  # inside a part's process
         from jaxchat.distributed import configure_accelerator
         configure_accelerator()
-        fn = {"attention": part_attention, "train": part_train, "decode": part_decode,
+        fn = {"attention": part_attention, "train": part_train, "decode": part_decode, "predict": part_predict,
               "train_xla": lambda s, b: part_train(s, b, "xla")}[args.part]
         print(json.dumps(fn(size, None if args.arg in (None, "None") else int(args.arg))))
         return
@@ -189,7 +208,7 @@ def main():
               "size": {k: v for k, v in size.items() if k != "attn"}, "parts": {}}
     del jax
     plan = [("attention", None)] + [("train", b) for b in size["batches"]] + [("train_xla", size["batches"][1])] + \
-           [("decode", b) for b in size["decode_batches"]]
+           [("decode", b) for b in size["decode_batches"]] + [("predict", size["batches"][-1])]
     start = time.perf_counter()
     for name, extra in plan:
         key = name if extra is None else f"{name}_{extra}"

@@ -11,7 +11,7 @@ import sys
 import jax
 import numpy as np
 
-from jaxchat import memory, sharding
+from jaxchat import aot, memory, sharding
 from jaxchat.model import config_for_depth
 from jaxchat.optim import OptimConfig, hyperparams
 from jaxchat.train import init_train_state, train_step
@@ -26,7 +26,8 @@ def status(key):
 depth, batch = int(sys.argv[1]), int(sys.argv[2])
 config = config_for_depth(depth, 4096, 256, head_dim=64)
 mesh = sharding.make_mesh()
-figures, _ = memory.train_step_memory(config, OptimConfig(), batch, 1, mesh)
+compiled, figures, _ = memory.compile_train_step(config, OptimConfig(), (1, batch, 256, False), mesh)
+figures.update(aot.analyse(compiled))
 tokens = np.random.default_rng(0).integers(0, 4096, (1, batch, 257), np.int32)
 with jax.set_mesh(mesh):
     state = init_train_state(config, OptimConfig())

@@ -7,6 +7,9 @@ import pytest
 # collected, before any fixture runs): point it at a fresh directory now, so no test reads or writes the user's
 # ~/.cache/huggingface. Tests of the Hub set their own through tests/_hub.py.
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="jaxchat-tests-hf-")
+# The tests run on the CPU. With libtpu or a CUDA plugin installed (to compile for TPUs and GPUs), JAX would first
+# try to start those backends, slowly and noisily, on a machine that has neither.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 @pytest.fixture(autouse=True)

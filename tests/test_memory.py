@@ -1,14 +1,86 @@
-"""jaxchat.memory: its compiled figure against what a CPU run allocates, its estimate's parts, the CLI."""
+"""jaxchat.memory and jaxchat.aot: what the compiler says about a program (read from its HLO), the CPU figure
+against what a CPU run allocates, and programs compiled for GPUs and TPUs this machine does not have."""
+import importlib.util
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from _harness import run_python
+from jaxchat import aot
 
-pytestmark = pytest.mark.slow  # each test compiles a train step or starts a process
+HAS_CUDA_COMPILER = importlib.util.find_spec("jax_cuda12_plugin") is not None
+HAS_TPU_COMPILER = importlib.util.find_spec("libtpu") is not None
+# a 4-layer model on 8 devices: tiny's 4,096 tokens per step are one device's batch
+TINY = ["-m", "jaxchat.memory", "--config=tiny", "--total_batch_size=32768", "--stages=base_train"]
+
+HLO = """HloModule jit_f, entry_computation_layout={(f32[4,16]{1,0})->f32[4,8]{1,0}}
+
+%fused_dot (p0: f32[4,16], p1: f32[16,8]) -> f32[4,8] {
+  %p0 = f32[4,16]{1,0} parameter(0)
+  %p1 = f32[16,8]{1,0} parameter(1)
+  ROOT %dot.2 = f32[4,8]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%body (state: (s32[], f32[4,16])) -> (s32[], f32[4,16]) {
+  %state = (s32[], f32[4,16]{1,0}) parameter(0)
+  %x = f32[4,16]{1,0} get-tuple-element(%state), index=1
+  %w = f32[16,8]{1,0} constant({...})
+  %gemm = f32[4,8]{1,0} fusion(%x, %w), kind=kCustom, calls=%fused_dot, backend_config={"fusion_backend_config":{"kind":"__triton_gemm"}}
+  %ag-start = (f32[1,8]{1,0}, f32[4,8]{1,0}) all-gather-start(%gemm), channel_id=1, dimensions={0}
+  %ag-done = f32[4,8]{1,0} all-gather-done(%ag-start)
+  %attn = (bf16[4,8]{1,0}, u8[0]{0}) custom-call(%ag-done), custom_call_target="__cudnn$fmhaSoftmax"
+  %fusion.7.remat = f32[4,16]{1,0} fusion(%x), kind=kLoop, calls=%fused_dot
+  ROOT %out = (s32[], f32[4,16]{1,0}) tuple(%state, %x)
+}
+
+%cond (state: (s32[], f32[4,16])) -> pred[] {
+  %state = (s32[], f32[4,16]{1,0}) parameter(0)
+  ROOT %lt = pred[] constant(true)
+}
+
+%scan_cond (state: (s32[], f32[4,16])) -> pred[] {
+  %n = s32[] constant(2)
+  %state = (s32[], f32[4,16]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%state), index=0
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (x: f32[4,16]) -> f32[4,8] {
+  %x = f32[4,16]{1,0} parameter(0)
+  %loop = (s32[], f32[4,16]{1,0}) while(%x), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %scan = (s32[], f32[4,16]{1,0}) while(%x), condition=%scan_cond, body=%body
+  %ar = bf16[2,8]{1,0} all-reduce(%x), channel_id=2, to_apply=%cond
+  ROOT %y = f32[4,8]{1,0} dot(%x, %x), lhs_contracting_dims={1}, rhs_contracting_dims={1}
+}
+"""
 
 
+def test_program_stats_multiply_loop_bodies_by_their_trip_counts():
+    s = aot.program_stats(HLO)
+    loop_dot, entry_dot = 2 * 4 * 8 * 16, 2 * 4 * 8 * 16
+    # the body runs 3 times (XLA's annotation) + 2 (the scan's condition i < 2): its fused GEMM and the .remat
+    # fusion (which calls the same GEMM computation) each time
+    assert s["flops"] == 5 * 2 * loop_dot + entry_dot
+    assert s["custom_calls"] == {"__cudnn$fmhaSoftmax": 5}
+    assert s["gemm_fusions"] == {"__triton_gemm": 5}
+    assert s["collectives"] == {"all-gather": (5, 5 * 4 * 8 * 4), "all-reduce": (1, 2 * 8 * 2)}
+    assert s["rematerialized"] == 1  # named once in the program text
+
+
+def test_program_flops_of_a_compiled_scan_are_exact():
+    def f(x, w):
+        return jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), None), x, None, length=5)[0]
+
+    x, w = jax.ShapeDtypeStruct((64, 128), jnp.float32), jax.ShapeDtypeStruct((128, 128), jnp.float32)
+    stats = aot.analyse(jax.jit(f).lower(x, w).compile())
+    assert stats["flops"] == 5 * 2 * 64 * 128 * 128
+    assert stats["peak"] >= 2 * 64 * 128 * 4 + 128 * 128 * 4  # input and output, weights
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc/self/clear_refs")
 @pytest.mark.parametrize("batch", [4, 16])
 def test_compiled_figure_matches_what_the_cpu_run_allocates(batch):
@@ -19,26 +91,62 @@ def test_compiled_figure_matches_what_the_cpu_run_allocates(batch):
     assert abs(r["grown"] - r["predicted"]) < 0.1 * r["predicted"], r
 
 
-def test_cli_reports_and_judges_the_fit():
-    out = run_python(["-m", "jaxchat.memory", "--config=tiny", "--devices=2", "--vocab_size=4096", "--fits=a100-40",
-               "--total_batch_size=8192"])
+def figures(stdout):
+    """{label: line} of the per-device lines `python -m jaxchat.memory` printed."""
+    return {line.split("  ")[1].strip(): line for line in stdout.splitlines() if line.startswith("  ")}
+
+
+@pytest.mark.slow
+def test_cli_every_stage_on_fake_cpu_devices():
+    out = run_python(["-m", "jaxchat.memory", "--config=tiny", "--devices=2", "--total_batch_size=8192"])
     assert out.returncode == 0, out.stderr[-3000:]
-    lines = {l.split("  ")[1].strip(): l for l in out.stdout.splitlines() if l.startswith("  ") and "GiB" in l}
-    assert "mesh {'data': 1, 'fsdp': 2} | device batch 16 × 256 tokens" in out.stdout
-    assert "fits A100 40GB" in out.stdout and "NOT" not in out.stdout
-    assert {"parameters", "optimizer state", "peak of the XLA:CPU program", "accelerator estimate"} <= set(lines)
+    for stage, batch in [("base_train", "16 × 256 tokens × 1"), ("mid_train", "16 × 256 tokens × 1"),
+                         ("chat_sft", "8 × 256 tokens × 1"), ("chat_rl", "16 × 256 tokens × 2")]:
+        assert f"{stage}: d4 float32 | mesh {{'data': 1, 'fsdp': 2}} | device batch {batch} micro-batches" in out.stdout
+    assert "custom calls per step: none" in out.stdout  # jaxchat's own attention kernel: plain XLA on CPU
+    lines = figures(out.stdout)
+    assert {"parameters", "optimizer state", "peak"} <= set(lines)
 
 
-def test_cli_bad_flag_is_one_line():
-    out = run_python(["-m", "jaxchat.memory", "--config=tiny", "--devices=2", "--remat=sometimes"])
-    assert out.returncode != 0 and out.stderr.strip().splitlines() == [
-        "error: base_train.remat='sometimes': expected one of none, block, matmuls, attention"]
+def test_cli_bad_input_is_one_line():
+    for args, error in [(["--remat=sometimes"], "error: base_train.remat='sometimes': expected one of none, block, "
+                                                "matmuls, attention"),
+                        (["--target=h300"], "error: --target=h300: one of " + ", ".join(aot.TARGETS)),
+                        (["--stages=base_eval"], "error: --stages: base_eval not among base_train, mid_train, "
+                                                 "chat_sft, chat_rl")]:
+        out = run_python(["-m", "jaxchat.memory", "--config=tiny", "--devices=2", *args])
+        assert out.returncode != 0 and out.stderr.strip().splitlines() == [error], out.stderr[-2000:]
 
 
-def test_remat_shrinks_the_saved_activations():
-    from jaxchat.memory import saved_activations
-    from jaxchat.model import config_for_depth
-    saved = {remat: saved_activations(config_for_depth(4, 4096, 256, head_dim=64, compute_dtype="bfloat16",
-                                                       remat=remat), 4) for remat in ("none", "attention", "block")}
-    # "block" keeps each block's fp32 input only: 4 blocks × 4 rows × 256 × 256 × 4 bytes, plus what the loss keeps
-    assert saved["block"] < saved["attention"] < saved["none"], saved
+def test_a_missing_compiler_is_one_line_naming_the_extra(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(aot.UserError, match=r"--target=h100 needs XLA's CUDA compiler .*jaxchat\[gpu\]"):
+        aot.check_target("h100")
+    with pytest.raises(aot.UserError, match=r"--target=tpu-v6e needs the TPU compiler, libtpu .*jaxchat\[tpu\]"):
+        aot.check_target("tpu-v6e")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_CUDA_COMPILER, reason="XLA's CUDA compiler is not installed (pip install 'jaxchat[gpu]')")
+def test_h100_program_runs_cudnn_attention_in_bf16_and_xla_attention_in_fp32():
+    bf16 = run_python([*TINY, "--target=h100", "--dtype=bfloat16"])
+    assert bf16.returncode == 0, bf16.stderr[-3000:]
+    assert "h100: 8 × NVIDIA H100 80GB HBM3" in bf16.stdout
+    assert "custom calls per step: 4 × __cudnn$fmhaSoftmax, 4 × __cudnn$fmhaSoftmaxBackward" in bf16.stdout
+    assert "fits H100 80GB (71.7 GiB usable)" in bf16.stdout and "rematerialised" not in bf16.stdout
+    fp32 = run_python([*TINY, "--target=h100", "--dtype=float32"])  # cuDNN's flash attention needs 16 bits
+    assert fp32.returncode == 0, fp32.stderr[-3000:]
+    assert "custom calls per step: none" in fp32.stdout  # jaxchat's own attention kernel
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TPU_COMPILER, reason="the TPU compiler is not installed (pip install 'jaxchat[tpu]')")
+def test_tpu_v5p_program_compiles_and_fits():
+    out = run_python([*TINY, "--total_batch_size=16384", "--target=tpu-v5p", "--dtype=bfloat16"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "tpu-v5p: 4 × TPU v5" in out.stdout and "mesh {'data': 1, 'fsdp': 4}" in out.stdout
+    assert "fits TPU v5p (95.0 GiB usable)" in out.stdout
+    for kernel in ("splash_mha_fwd_residuals", "splash_mha_dq_no_residuals", "splash_mha_dkv_no_residuals"):
+        assert f"4 × {kernel}" in out.stdout  # Splash attention in each of the 4 layers, forward and backward
+    assert "× all-gather" in out.stdout  # FSDP over the 4 chips
+    assert "could not determine TPU" not in out.stderr  # libtpu told it is only compiling
