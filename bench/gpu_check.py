@@ -33,7 +33,8 @@ FULL = dict(depth=20, vocab=65536, seq=2048, tokens=131072, batches=(8, 16, 32),
             prompt=128, new_tokens=256, attn=[(2, 2048, 10, 10, 128), (2, 1000, 8, 2, 128), (1, 777, 4, 4, 64)])
 TOY = dict(depth=2, vocab=512, seq=128, tokens=1024, batches=(2, 4, 8), decode_batches=(1, 4),
            prompt=16, new_tokens=16, attn=[(2, 128, 4, 4, 32), (2, 100, 4, 2, 32)])
-BUDGETS = {"attention": 60, "train": 100, "train_xla": 100, "decode": 60, "predict": 90}  # seconds per part (per batch: train)
+# seconds per part (per batch: train)
+BUDGETS = {"attention": 60, "train": 100, "train_xla": 100, "decode": 60, "predict": 90}
 
 
 def part_attention(size, _):
@@ -81,7 +82,7 @@ def part_train(size, batch, attn_impl="auto"):
     import jax
     import numpy as np
 
-    from jaxchat import hardware, sharding
+    from jaxchat import aot, hardware, sharding
     from jaxchat.model import config_for_depth
     from jaxchat.optim import OptimConfig, hyperparams
     from jaxchat.train import init_train_state, train_step
@@ -98,7 +99,7 @@ def part_train(size, batch, attn_impl="auto"):
         t0 = time.perf_counter()
         compiled = train_step.lower(state, data, hyper).compile()
         compile_s = time.perf_counter() - t0
-        analysis = compiled.memory_analysis()
+        xla_peak_bytes = aot.memory(compiled)["peak"]
         flops_per_token = state.model.estimate_flops()
         times = []
         for _ in range(4):  # the first call warms up and is not counted
@@ -109,13 +110,11 @@ def part_train(size, batch, attn_impl="auto"):
     step_s = sorted(times[1:])[len(times[1:]) // 2]
     tok_s = size["tokens"] / step_s
     peak = hardware.peak_flops(device.device_kind)
-    arguments = analysis.argument_size_in_bytes
-    xla_peak = arguments + analysis.temp_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
     stats = device.memory_stats() or {}
     return {"device_batch_size": batch, "accum": accum, "attn_impl": attn_impl, "compile_s": compile_s,
             "step_s": step_s, "step_times_s": times, "tok_s": tok_s, "loss": float(metrics["loss"]),
             "mfu": flops_per_token * tok_s / peak if peak else None,
-            "peak_bytes_in_use": stats.get("peak_bytes_in_use"), "xla_program_peak_bytes": xla_peak}
+            "peak_bytes_in_use": stats.get("peak_bytes_in_use"), "xla_program_peak_bytes": xla_peak_bytes}
 
 
 def part_predict(size, batch):

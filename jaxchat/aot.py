@@ -184,11 +184,15 @@ def program_stats(hlo_text):
             "rematerialized": len(stats["rematerialized"])}
 
 
-def analyse(compiled):
-    """Per-device figures of a compiled program: memory (arguments, temporaries, outputs not donated, the peak) and
-    what one run does (`program_stats`)."""
+def memory(compiled):
+    """Per-device bytes of a compiled program from XLA's buffer assignment: arguments, temporaries, outputs not
+    donated (aliased to an argument) and the peak, their sum."""
     m = compiled.memory_analysis()
     outputs = m.output_size_in_bytes - m.alias_size_in_bytes
     return {"arguments": m.argument_size_in_bytes, "temp": m.temp_size_in_bytes, "outputs": outputs,
-            "peak": m.argument_size_in_bytes + m.temp_size_in_bytes + outputs,
-            **program_stats(compiled.as_text())}
+            "peak": m.argument_size_in_bytes + m.temp_size_in_bytes + outputs}
+
+
+def analyse(compiled):
+    """Per-device figures of a compiled program: its `memory` and what one run does (`program_stats`)."""
+    return {**memory(compiled), **program_stats(compiled.as_text())}

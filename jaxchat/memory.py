@@ -98,7 +98,7 @@ def _local_bytes(x):
     return math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
 
 
-def report(stage, figures, usable):
+def report(figures, usable):
     """The lines printed for one compiled stage."""
     gib = lambda b: f"{b / GIB:.2f} GiB"
     lines = [f"  {label:<34} {gib(figures[key]):>12}" for key, label in (
@@ -160,7 +160,7 @@ def main(argv=None):
         compiled, figures, compile_s = compile_train_step(model_config, optim, shapes, mesh)
         figures.update(aot.analyse(compiled), compile_s=compile_s)
         print(f"  compiled in {compile_s:.0f} s; per device:")
-        print("\n".join(report(stage, figures, usable)))
+        print("\n".join(report(figures, usable)))
         results[stage] = figures
     return results
 

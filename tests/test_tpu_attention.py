@@ -1,19 +1,15 @@
 """The TPU attention kernel (Splash, attention.splash_attention) without a TPU: its numbers in Pallas's interpreter
 against jaxchat's XLA kernel, and programs compiled ahead of time for TPU meshes (needs libtpu, the TPU compiler)."""
 
-import collections
 import importlib.util
-import re
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from jax.sharding import NamedSharding
 
-from jaxchat import sharding
+from jaxchat import aot, sharding
 from jaxchat.attention import causal_attention, splash_attention, splash_problem
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -62,16 +58,13 @@ def test_splash_refuses_without_a_tpu():
         causal_attention(q, k, v, jnp.bfloat16, "splash")
 
 
-def tpu_mesh(topology, shape=(1, -1)):
-    from jax.experimental import topologies
-    topology = topologies.get_topology_desc(platform="tpu", topology_name=topology)
-    return sharding.make_mesh(shape, devices=topology.devices)
+def tpu_mesh(target, devices, shape=(1, -1)):
+    return sharding.make_mesh(shape, devices=aot.target_devices(target, devices))
 
 
 def tpu_kernels(compiled):
-    """{kernel name: calls} of the Mosaic (Pallas TPU) custom calls in a compiled program's optimized HLO."""
-    names = re.findall(r"%(\S+) = [^\n]*custom_call_target=\"tpu_custom_call\"", compiled.as_text())
-    return collections.Counter(re.sub(r"\.\d+$", "", name) for name in names)
+    """{kernel name: calls} of the Splash (Pallas TPU) kernels in a compiled program."""
+    return {k: n for k, n in aot.analyse(compiled)["custom_calls"].items() if k.startswith("splash")}
 
 
 SPLASH_CALLS = {"splash_mha_fwd_residuals": 1, "splash_mha_dq_no_residuals": 1, "splash_mha_dkv_no_residuals": 1}
@@ -81,7 +74,7 @@ SPLASH_CALLS = {"splash_mha_fwd_residuals": 1, "splash_mha_dq_no_residuals": 1, 
 def test_auto_attention_compiles_to_splash_for_a_tpu_mesh():
     """On a TPU mesh "auto" attention is Splash, forward and backward (GQA, T no multiple of 128, bf16 and fp32);
     with a batch that does not split over the devices it falls back to the XLA kernel, and says why."""
-    mesh = tpu_mesh("v5p:2x2x1", (2, 2))
+    mesh = tpu_mesh("tpu-v5p", 4, (2, 2))
     with jax.set_mesh(mesh):
         def compile_grad(B, dtype):
             loss = lambda q, k, v: jnp.sum(causal_attention(q, k, v, dtype).astype(jnp.float32))
@@ -97,26 +90,18 @@ def test_auto_attention_compiles_to_splash_for_a_tpu_mesh():
 
 @needs_libtpu
 @pytest.mark.slow
-@pytest.mark.parametrize("topology", ["v5p:2x2x1", "v6e:2x4"])
-def test_tiny_train_step_compiles_with_splash_for_tpus(topology):
+@pytest.mark.parametrize("target, devices", [("tpu-v5p", 4), ("tpu-v6e", 8)])
+def test_tiny_train_step_compiles_with_splash_for_tpus(target, devices):
     """The tiny config's train step (bf16, 16 rows per device) compiled for a TPU slice runs Splash in every layer,
     forward and backward: the program a TPU run of it would use."""
+    from jaxchat.memory import compile_train_step
     from jaxchat.model import config_for_depth
-    from jaxchat.optim import OptimConfig, hyperparams
-    from jaxchat.train import abstract_train_state, train_step
+    from jaxchat.optim import OptimConfig
 
     config = config_for_depth(4, 4096, 256, head_dim=64, compute_dtype="bfloat16")
-    mesh = tpu_mesh(topology)
-    with jax.set_mesh(mesh):
-        place = lambda v: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype,
-                                                         sharding=nnx.get_named_sharding(v, mesh).get_value()))
-        state = jax.tree.map(place, abstract_train_state(config, OptimConfig()),
-                             is_leaf=lambda x: isinstance(x, nnx.Variable))
-        tokens = jax.ShapeDtypeStruct((1, 16 * mesh.size, config.sequence_len), jnp.int32,
-                                      sharding=NamedSharding(mesh, sharding.logical_to_spec((None, "batch", None))))
-        start = time.perf_counter()
-        compiled = train_step.lower(state, {"inputs": tokens, "targets": tokens}, hyperparams()).compile()
+    compiled, _, compile_s = compile_train_step(config, OptimConfig(), (1, 16 * devices, config.sequence_len, False),
+                                                tpu_mesh(target, devices))
     m = compiled.memory_analysis()
-    print(f"{topology}: compiled in {time.perf_counter() - start:.0f} s; per device: arguments "
+    print(f"{target}: compiled in {compile_s:.0f} s; per device: arguments "
           f"{m.argument_size_in_bytes / 2**20:.1f} MiB, temp {m.temp_size_in_bytes / 2**20:.1f} MiB")
     assert tpu_kernels(compiled) == {name: config.n_layer for name in SPLASH_CALLS}
