@@ -7,6 +7,7 @@ topology. A jitted function lowered on a mesh of such devices with `jax.ShapeDty
 pipeline (SPMD partitioning, fusion, cuDNN / Mosaic kernels, scheduling, buffer assignment); only autotuning is
 skipped. `--target=cpu` compiles for fake CPU devices instead (XLA_FLAGS=--xla_force_host_platform_device_count).
 """
+import functools
 import importlib.util
 import math
 import os
@@ -65,6 +66,16 @@ def target_devices(target, count):
                        "TPU_ACCELERATOR_TYPE": f"{generation}-{cores}"}.items():
         os.environ.setdefault(key, value)
     return topologies.get_topology_desc(platform="tpu", topology_name=f"{generation}:{shapes[count]}").devices
+
+
+# XLA:GPU sorts a long array of one row (a batch-1 top-k over the vocabulary) with CUB, and asks a real GPU for the
+# scratch that needs while compiling: without a GPU it compiles XLA's own sort instead (neither scratch is counted).
+COMPILE_ONLY_OPTIONS = {"gpu": {"xla_gpu_enable_cub_radix_sort": False}}
+
+
+def compile_options(mesh):
+    """The compiler options a program for `mesh`'s devices needs when they are not there."""
+    return COMPILE_ONLY_OPTIONS.get(mesh.devices.flat[0].platform, {})
 
 
 def usable_memory(target):
@@ -147,41 +158,55 @@ def _trip_count(loop, comps):
 
 
 def program_stats(hlo_text):
-    """What one run of the program does, from its optimized HLO, loop bodies times their known trip counts:
-    matmul FLOPs (dots and convolutions, inside fusions too; kernels behind custom calls such as cuDNN attention
-    are not counted), custom calls by target (cuDNN attention, cuBLAS, Mosaic TPU kernels, ...), GEMM fusions by
-    kind, collectives by kind with their count and result bytes, and rematerialised instructions (XLA copies
-    instructions under a `.remat` name when the program does not fit the device's memory)."""
+    """What one run of the program does, from its optimized HLO, loop bodies times their known trip counts and of
+    a conditional the branch with the most FLOPs: matmul FLOPs (dots and convolutions, inside fusions too; kernels
+    behind custom calls such as cuDNN attention are not counted), custom calls by target (cuDNN attention, cuBLAS,
+    Mosaic TPU kernels, ...), GEMM fusions by kind, collectives by kind with their count and result bytes, and
+    rematerialised instructions (XLA copies instructions under a `.remat` name when the program does not fit the
+    device's memory)."""
     comps, entry = computations(hlo_text)
-    stats = {"flops": 0, "custom_calls": Counter(), "gemm_fusions": Counter(), "collectives": {}, "rematerialized": set()}
+    remat = set()
 
-    def walk(name, times):
+    @functools.cache
+    def run(name):
+        """The stats of one run of computation `name`."""
+        stats = {"flops": 0, "custom_calls": Counter(), "gemm_fusions": Counter(), "collectives": Counter()}
         instructions = comps.get(name, [])
         shapes = {ins.name: ins.shape for ins in instructions}
         for ins in instructions:
             if ".remat" in ins.name:
-                stats["rematerialized"].add(ins.name)
+                remat.add(ins.name)
             if ins.op in ("dot", "convolution"):
-                stats["flops"] += times * (_dot_flops if ins.op == "dot" else _convolution_flops)(ins, shapes)
+                stats["flops"] += (_dot_flops if ins.op == "dot" else _convolution_flops)(ins, shapes)
             elif ins.op == "custom-call":
                 target = re.search(r'custom_call_target="([^"]+)"', ins.rest).group(1)
                 if target == "tpu_custom_call":  # a Pallas (Mosaic) kernel: the instruction is named after it
                     target = re.sub(r"(\.[\d]+|\.clone)+$", "", ins.name)
-                stats["custom_calls"][target] += times
+                stats["custom_calls"][target] += 1
             elif ins.op == "fusion" and (kind := re.search(r'"kind":"(__\w*gemm\w*|__cublas\w*)"', ins.rest)):
-                stats["gemm_fusions"][kind.group(1)] += times
+                stats["gemm_fusions"][kind.group(1)] += 1
             kind = ins.op.removesuffix("-done")  # an async pair counts once, at its end, whose shape is the result
             if kind in COLLECTIVES:
-                n, size = stats["collectives"].get(kind, (0, 0))
-                stats["collectives"][kind] = (n + times, size + times * shape_bytes(ins.shape))
+                stats["collectives"][kind, "n"] += 1
+                stats["collectives"][kind, "bytes"] += shape_bytes(ins.shape)
+            callees = [run(c) for c in re.findall(r"(?:calls|body|to_apply)=%?([\w.\-]+)", ins.rest)]
+            listed = re.search(r"branch_computations=\{([^}]*)\}", ins.rest)
+            branches = re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", ins.rest) + \
+                (re.findall(r"%?([\w.\-]+)", listed.group(1)) if listed else [])
+            if branches:  # one branch runs: count the costliest
+                callees.append(max((run(b) for b in branches), key=lambda s: s["flops"]))
             trips = _trip_count(ins, comps) if ins.op == "while" else 1
-            for callee in re.findall(r"(?:calls|body|branch_computations)=\{?%?([\w.\-]+(?:, %[\w.\-]+)*)", ins.rest):
-                for c in callee.split(", %"):
-                    walk(c, times * trips)
+            for callee in callees:
+                stats["flops"] += trips * callee["flops"]
+                for key in ("custom_calls", "gemm_fusions", "collectives"):
+                    stats[key].update({k: trips * v for k, v in callee[key].items()})
+        return stats
 
-    walk(entry, 1)
-    return {**stats, "custom_calls": dict(stats["custom_calls"]), "gemm_fusions": dict(stats["gemm_fusions"]),
-            "rematerialized": len(stats["rematerialized"])}
+    stats = run(entry)
+    collectives = {kind: (stats["collectives"][kind, "n"], stats["collectives"][kind, "bytes"])
+                   for kind, field in stats["collectives"] if field == "n"}
+    return {"flops": stats["flops"], "custom_calls": dict(stats["custom_calls"]),
+            "gemm_fusions": dict(stats["gemm_fusions"]), "collectives": collectives, "rematerialized": len(remat)}
 
 
 def memory(compiled):

@@ -47,8 +47,10 @@ def linear(x, w, dtype, w_axes=None):
     The backward keeps the cast inputs and accumulates in fp32 too (autodiff of a bf16 matmul gives bf16-output
     matmuls, slow on CPU); gradients come back in the inputs' dtypes. `w_axes`: the kernel's logical names, to
     cast it where it is stored: under FSDP the all-gather then moves 16-bit weights, while the gradient's
-    reduce-scatter stays fp32."""
-    return _linear(x, w, jnp.dtype(dtype), x.dtype, w_axes)
+    reduce-scatter stays fp32. A kernel already in `dtype` (decoding casts them once) keeps the sharding it has:
+    pinned to its FSDP split, a kernel the server replicated would be all-gathered again for every token."""
+    dtype = jnp.dtype(dtype)
+    return _linear(x, w, dtype, x.dtype, w_axes if w.dtype != dtype else None)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))

@@ -149,10 +149,16 @@ def decoding_weights(model, replicate=False):
     matrix per token); with `replicate`, every weight on every device of the caller's mesh (no per-token
     all-gathers; fits models up to a few B), else as the model holds them (FSDP)."""
     graphdef, state = nnx.split(model)
-    dtype = jnp.dtype(model.config.compute_dtype)
-    if dtype.itemsize < 4:
-        cast = lambda path, x: x.astype(dtype) if "kernel" in jax.tree_util.keystr(path) else x
-        state = jax.tree_util.tree_map_with_path(cast, state)
+    state = decoding_dtypes(state, model.config.compute_dtype)
     if replicate and not (mesh := jax.sharding.get_mesh()).empty:
         state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
     return _HashedOnce(graphdef), state
+
+
+def decoding_dtypes(state, compute_dtype):
+    """A model state with its kernels in `compute_dtype` when that is 16-bit (the embedding stays as it is)."""
+    dtype = jnp.dtype(compute_dtype)
+    if dtype.itemsize == 4:
+        return state
+    cast = lambda path, x: x.astype(dtype) if "kernel" in jax.tree_util.keystr(path) else x
+    return jax.tree_util.tree_map_with_path(cast, state)

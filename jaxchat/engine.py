@@ -69,12 +69,23 @@ def _decode(graphdef, ids, state, rows, stop):
     return decode_loop(nnx.merge(graphdef.value, state), ids, rows, stop)
 
 
+def prefill_shape(n_prompts, num_samples, longest):
+    """(prompts P, their bucket length T, decode rows) of a prefill of n_prompts prompts of up to `longest` tokens,
+    num_samples rows each, under the active mesh: P and the rows padded to whole rows per device."""
+    P, T = sharding.round_up_to_shards(n_prompts), pad_bucket(longest, minimum=MIN_BUCKET)
+    rows = max(P * num_samples, sharding.round_up_to_shards(MIN_ROWS))
+    rows += -rows % (P * (MIN_ROWS if P == 1 else 1))  # whole groups of rows per prefix copy
+    return P, T, rows
+
+
 class Engine:
-    def __init__(self, model, tokenizer, tool=None, replicate_weights=False):
+    def __init__(self, model, tokenizer, tool=None, replicate_weights=True):
         """tool(code: str) -> str | None runs a closed python block (default: nanochat's calculator).
-        Calls run under the caller's mesh (`jax.set_mesh`), if any: rows are sharded over its batch axes; weights
-        stay as the model holds them (FSDP), or, with replicate_weights, are replicated on every device of the mesh
-        set when the engine is built (no per-token all-gathers; fits models up to a few B)."""
+        Calls run under the caller's mesh (`jax.set_mesh`), if any: rows are sharded over its batch axes; the
+        weights (16-bit kernels in a 16-bit model) are replicated on every device of the mesh set when the engine is
+        built, or with replicate_weights=False stay as the model holds them (FSDP). Replicated, they are gathered
+        once; sharded, every decode step gathers them all again (a d20 on 8 GPUs: 0.9 GiB per device per token, a
+        rollout's whole time), which only a model too large to hold whole on each device should pay."""
         self.model, self.tokenizer = model, tokenizer
         self.tool = tool or use_calculator
         self.graphdef, self.state = decoding_weights(model, replicate_weights)
@@ -102,9 +113,7 @@ class Engine:
             tokens[:, :len(tail)] = tail  # row 0 is the chat; the others are padding rows, already done
             logits, cache = _extend(self.graphdef, self.state, cache, jnp.asarray(tokens), len(tail))
         else:
-            P, T = sharding.round_up_to_shards(len(prompts)), pad_bucket(longest, minimum=MIN_BUCKET)
-            rows = max(P * num_samples, sharding.round_up_to_shards(MIN_ROWS))
-            rows += -rows % (P * (MIN_ROWS if P == 1 else 1))  # whole groups of rows per prefix copy
+            P, T, rows = prefill_shape(len(prompts), num_samples, longest)
             tokens = np.full((P, T), self.ids.bos, np.int32)
             for i, p in enumerate(prompts):
                 tokens[i, T - len(p):] = p  # left-pad: every row's last prompt token sits at slot T−1

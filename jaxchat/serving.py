@@ -136,6 +136,13 @@ class Stopped(Exception):
     """The server's worker has ended (stopped, or failed): nothing more will be served."""
 
 
+def cache_shape(slots, chunk, context):
+    """(rows, slots per row) of the server's cache under the active mesh. Rows: at least MIN_ROWS (XLA:CPU copies
+    a one-row cache every step) and whole rows per device. Slots: the context and room past it, so that the rows
+    shift left at most every context/4 steps (and never in mid-chunk)."""
+    return sharding.round_up_to_shards(max(slots, MIN_ROWS)), context + max(chunk, context // 4)
+
+
 class SlotServer:
     def __init__(self, model, tokenizer, slots=8, chunk=16, tool=None, max_waiting=64):
         """tool(code) -> str | None runs a closed python block (default: the calculator)."""
@@ -147,12 +154,11 @@ class SlotServer:
         self.mesh = jax.sharding.get_mesh()
         self.graphdef, self.state = decoding_weights(model, replicate=True)
         self.ids = special_tokens(tokenizer)
-        # Rows held: at least MIN_ROWS (XLA:CPU copies a one-row cache every step) and whole rows per device.
         shards = sharding.batch_shards()
-        self.held = sharding.round_up_to_shards(max(slots, MIN_ROWS), shards)
+        self.held, cache_len = cache_shape(slots, chunk, self.context)
         powers = [1 << i for i in range(self.held.bit_length()) if MIN_ROWS <= 1 << i < self.held]
         self.buckets = (powers if shards == 1 else []) + [self.held]  # rows decoded: the first bucket > the last live
-        self.room = max(chunk, self.context // 4)  # slots past the context: a shift every `room` steps at most
+        self.room = cache_len - self.context
         # Slots a call attends to: the longest live conversation plus the chunk, in a few sizes (one compile each).
         self.windows = [w for w in (1 << i for i in range(self.context.bit_length())) if 4 * chunk <= w < self.context]
         self.windows.append(self.context + chunk)

@@ -55,12 +55,17 @@ def constrain(x, names):
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
 
 
-def constrain_rows(x):
-    """Dim 0 over the batch axes when it divides them (decode rows; a shared prefix's prompts), else replicated;
-    a scalar as it is."""
+def row_names(x):
+    """Logical names of a decode-row array (rows; a shared prefix's prompts): dim 0 over the batch axes when it
+    divides them, else replicated; a scalar has none."""
     if not x.ndim:
-        return x
-    return constrain(x, ("batch" if x.shape[0] % batch_shards() == 0 else None,) + (None,) * (x.ndim - 1))
+        return ()
+    return ("batch" if x.shape[0] % batch_shards() == 0 else None,) + (None,) * (x.ndim - 1)
+
+
+def constrain_rows(x):
+    """Pin a decode-row array as `row_names` says."""
+    return constrain(x, row_names(x)) if x.ndim else x
 
 
 def platform():

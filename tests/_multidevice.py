@@ -300,6 +300,44 @@ def check_server_sharded():
     return out
 
 
+def check_decoding_programs():
+    """The programs `jaxchat.memory` compiles from shapes alone for the engine's decode loop and the server's decode
+    step, on a (1, 8) mesh in bf16, against the arrays the engine and the server really build: every argument's
+    shape, dtype and sharding; and the bytes the server's step all-gathers per token beside its weights'."""
+    import jax
+    from flax import nnx
+    from jaxchat import aot, engine as E, memory, sharding
+    from jaxchat.model import GPT, GPTConfig
+    from jaxchat.serving import SlotServer
+    from jaxchat.tokenizer import RustBPETokenizer
+
+    tok = RustBPETokenizer.train_from_iterator([" ".join(f"the cat sat {i}" for i in range(200))], 300)
+    config = GPTConfig(**{**TINY, "vocab_size": 300, "compute_dtype": "bfloat16"})
+    mesh = sharding.make_mesh((1, 8))
+    prompts = [tok.encode(t, prepend="<|bos|>") for t in ("the cat", "the cat sat on", "sat")]
+    with jax.set_mesh(mesh):
+        model = sharding.create_sharded(lambda: GPT(config, rngs=nnx.Rngs(0)))
+        shape = (*E.prefill_shape(len(prompts), 2, max(map(len, prompts))), 24)
+        engine = E.Engine(model, tok)
+        engine_rows = engine._start(prompts, 2, 24, 0)[0]
+        server = SlotServer(model, tok, slots=8, chunk=4)
+    programs = {"engine": (memory.compile_engine(config, shape, mesh)[1][1], (engine.state, engine_rows)),
+                "server": (memory.compile_server(config, 8, 4, mesh)[1][1], (server.state, server.rows))}
+    out = {}
+    for name, (compiled, real) in programs.items():  # the arguments (weights, rows, ...), static ones left out
+        (*args_info,), _ = compiled.args_info
+        (*args_where,), _ = compiled.input_shardings
+        args_info, args_where = args_info[:2], args_where[:2]  # the engine's decode loop also takes `stop`
+        differences = [f"{x.shape} {x.dtype} {x.sharding} != {i.shape} {i.dtype} {w}" for x, i, w in
+                       zip(jax.tree.leaves(real), jax.tree.leaves(args_info), jax.tree.leaves(args_where))
+                       if (x.shape, x.dtype) != (i.shape, i.dtype) or not w.is_equivalent_to(x.sharding, x.ndim)]
+        stats = aot.program_stats(compiled.as_text())
+        out[name] = {"arrays": len(jax.tree.leaves(real)), "compiled_arrays": len(jax.tree.leaves(args_info)),
+                     "differences": differences, "all_gather_bytes": stats["collectives"].get("all-gather", (0, 0))[1]}
+    out["server"]["weights_bytes"] = sum(x.nbytes for x in jax.tree.leaves(server.state))
+    return out
+
+
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ against what a CPU run allocates, and programs compiled for GPUs and TPUs this m
 import importlib.util
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -48,11 +49,24 @@ HLO = """HloModule jit_f, entry_computation_layout={(f32[4,16]{1,0})->f32[4,8]{1
   ROOT %lt = pred[] compare(%i, %n), direction=LT
 }
 
+%cheap (p: f32[4,16]) -> f32[4,16] {
+  ROOT %p = f32[4,16]{1,0} parameter(0)
+}
+
+%costly (p: f32[4,16]) -> f32[4,8] {
+  %p = f32[4,16]{1,0} parameter(0)
+  %w = f32[16,8]{1,0} constant({...})
+  ROOT %gemm = f32[4,8]{1,0} fusion(%p, %w), kind=kCustom, calls=%fused_dot, backend_config={"fusion_backend_config":{"kind":"__triton_gemm"}}
+}
+
 ENTRY %main (x: f32[4,16]) -> f32[4,8] {
   %x = f32[4,16]{1,0} parameter(0)
   %loop = (s32[], f32[4,16]{1,0}) while(%x), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
   %scan = (s32[], f32[4,16]{1,0}) while(%x), condition=%scan_cond, body=%body
   %ar = bf16[2,8]{1,0} all-reduce(%x), channel_id=2, to_apply=%cond
+  %p = pred[] constant(true)
+  %if = f32[4,8]{1,0} conditional(%p, %x, %x), true_computation=%costly, false_computation=%cheap
+  %switch = f32[4,8]{1,0} conditional(%p, %x, %x), branch_computations={%cheap, %costly}
   ROOT %y = f32[4,8]{1,0} dot(%x, %x), lhs_contracting_dims={1}, rhs_contracting_dims={1}
 }
 """
@@ -62,10 +76,10 @@ def test_program_stats_multiply_loop_bodies_by_their_trip_counts():
     s = aot.program_stats(HLO)
     loop_dot, entry_dot = 2 * 4 * 8 * 16, 2 * 4 * 8 * 16
     # the body runs 3 times (XLA's annotation) + 2 (the scan's condition i < 2): its fused GEMM and the .remat
-    # fusion (which calls the same GEMM computation) each time
-    assert s["flops"] == 5 * 2 * loop_dot + entry_dot
+    # fusion (which calls the same GEMM computation) each time; of each conditional, the costly branch once
+    assert s["flops"] == 5 * 2 * loop_dot + entry_dot + 2 * loop_dot
     assert s["custom_calls"] == {"__cudnn$fmhaSoftmax": 5}
-    assert s["gemm_fusions"] == {"__triton_gemm": 5}
+    assert s["gemm_fusions"] == {"__triton_gemm": 5 + 2}
     assert s["collectives"] == {"all-gather": (5, 5 * 4 * 8 * 4), "all-reduce": (1, 2 * 8 * 2)}
     assert s["rematerialized"] == 1  # named once in the program text
 
@@ -105,7 +119,19 @@ def test_cli_every_stage_on_fake_cpu_devices():
         assert f"{stage}: d4 float32 | mesh {{'data': 1, 'fsdp': 2}} | device batch {batch} micro-batches" in out.stdout
     assert "custom calls per step: none" in out.stdout  # jaxchat's own attention kernel: plain XLA on CPU
     lines = figures(out.stdout)
-    assert {"parameters", "optimizer state", "peak"} <= set(lines)
+    assert {"parameters", "optimizer state", "peak", "weights", "KV cache"} <= set(lines)
+    # the decoders as chat_rl (8 problems × 8 samples, 48 new tokens after prompts filling the rest of the 256
+    # context) and the server (8 slots, chunk 16) size them
+    assert "engine: d4 float32 | mesh {'data': 1, 'fsdp': 2} | 8 prompts × 256 tokens, 64 rows × 48 new tokens" \
+        in out.stdout
+    assert "server: d4 float32 | mesh {'data': 1, 'fsdp': 2} | 8 slots, chunk 16, context 256" in out.stdout
+    assert "decode loop: compiled" in out.stdout and "decode call (8 rows × up to 16 tokens): compiled" in out.stdout
+
+
+def gathered_mib(stdout, unit):
+    """MiB all-gathered per `unit` by each program that printed collectives per `unit`."""
+    return [float(m) for line in stdout.splitlines() if line.startswith(f"  collectives per {unit}:")
+            for m in re.findall(r"all-gather \(([\d.,]+) MiB\)", line) or ["0"]]
 
 
 def test_cli_bad_input_is_one_line():
@@ -113,7 +139,7 @@ def test_cli_bad_input_is_one_line():
                                                 "matmuls, attention"),
                         (["--target=h300"], "error: --target=h300: one of " + ", ".join(aot.TARGETS)),
                         (["--stages=base_eval"], "error: --stages: base_eval not among base_train, mid_train, "
-                                                 "chat_sft, chat_rl")]:
+                                                 "chat_sft, chat_rl, engine, server")]:
         out = run_python(["-m", "jaxchat.memory", "--config=tiny", "--devices=2", *args])
         assert out.returncode != 0 and out.stderr.strip().splitlines() == [error], out.stderr[-2000:]
 
@@ -150,3 +176,27 @@ def test_tpu_v5p_program_compiles_and_fits():
         assert f"4 × {kernel}" in out.stdout  # Splash attention in each of the 4 layers, forward and backward
     assert "× all-gather" in out.stdout  # FSDP over the 4 chips
     assert "could not determine TPU" not in out.stderr  # libtpu told it is only compiling
+
+
+DECODERS = ["-m", "jaxchat.memory", "--config=tiny", "--stages=engine,server", "--dtype=bfloat16"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_CUDA_COMPILER, reason="XLA's CUDA compiler is not installed (pip install 'jaxchat[gpu]')")
+def test_h100_decoders_compile_and_gather_no_weights():
+    out = run_python([*DECODERS, "--target=h100"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("fits H100 80GB") == 4  # the engine's prefill and loop, the server's prefill and call
+    assert "__triton_nested_gemm_fusion" in out.stdout  # the rows' matmuls as GEMMs (8 rows per device)
+    assert "cudnn" not in out.stdout  # attention over the cache is jaxchat's own (XLA), not the training kernel
+    # the weights are replicated: a decode step moves at most a few per-row scalars between the 8 GPUs
+    assert max(gathered_mib(out.stdout, "token") + gathered_mib(out.stdout, "call")) < 0.1, out.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TPU_COMPILER, reason="the TPU compiler is not installed (pip install 'jaxchat[tpu]')")
+def test_tpu_v5p_decoders_compile_and_gather_no_weights():
+    out = run_python([*DECODERS, "--target=tpu-v5p"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("fits TPU v5p") == 4
+    assert max(gathered_mib(out.stdout, "token") + gathered_mib(out.stdout, "call")) < 0.1, out.stdout

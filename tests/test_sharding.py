@@ -158,3 +158,15 @@ def test_server_slots_sharded_equal_one_device(results):
     for name, run in result(results, "server_sharded").items():
         assert run["same_tokens"], name
         assert "data" in run["cache_spec"] or "fsdp" in run["cache_spec"], (name, run["cache_spec"])
+
+
+@pytest.mark.slow
+def test_memory_compiles_the_decoders_the_engine_and_server_run(results):
+    """`jaxchat.memory`'s engine and server programs, built from shapes alone, take exactly the arrays (shape, dtype,
+    sharding) the real engine and server hold on a (1, 8) mesh; their weights are replicated, so a decode step
+    gathers none of them."""
+    out = result(results, "decoding_programs")
+    for name in ("engine", "server"):
+        assert out[name]["arrays"] == out[name]["compiled_arrays"] > 10, out[name]
+        assert out[name]["differences"] == [], out[name]["differences"]
+        assert out[name]["all_gather_bytes"] < 0.01 * out["server"]["weights_bytes"], out
