@@ -7,7 +7,9 @@ inverse scales is the product of the original operands, up to the rounding. Acti
 float8_e4m3fn (3 mantissa bits, ±448), gradients float8_e5m2 (2 mantissa bits, ±57344: range for their spread).
 
 `linear` is a layer's three matmuls in fp8: forward x·W (e4m3 × e4m3), backward dx = g·Wᵀ and dW = xᵀ·g with the
-output gradient g in e5m2. Its backward keeps only the fp8 operands and their scales.
+output gradient g in e5m2. Its backward keeps x (in the compute dtype), the weight and their two scales, and
+quantises them again: the same scales give the same fp8 values. (nanochat keeps the fp8 copies; here x is what the
+layer before keeps anyway, a norm's or the attention's output, so an fp8 copy would add bytes in every layer.)
 
 The dots take the fp8 arrays themselves and the scales multiply their fp32 results: XLA:GPU (Hopper and newer)
 then runs them as fp8 tensor-core GEMMs, Triton GEMM fusions with fp8 operands or cuBLASLt's fp8 GEMM
@@ -31,13 +33,16 @@ def eligible(d_in, d_out):
     return d_in % 16 == 0 and d_out % 16 == 0 and min(d_in, d_out) >= 128
 
 
-def quantize(x, fp8_dtype):
-    """(q, inverse scale): q = clip(x·scale, ±fp8_max) in `fp8_dtype`, scale = fp8_max / max(amax, floor), amax =
-    max |x| over the whole tensor, all in fp32."""
+def scale_of(x, fp8_dtype):
+    """fp8_max / max(amax, floor), amax = max |x| over the whole tensor, in fp32."""
+    return float(jnp.finfo(fp8_dtype).max) / jnp.maximum(jnp.max(jnp.abs(x.astype(jnp.float32))), AMAX_FLOOR)
+
+
+def quantize(x, fp8_dtype, scale=None):
+    """(q, inverse scale): q = clip(x·scale, ±fp8_max) in `fp8_dtype`, in fp32 arithmetic; scale: scale_of(x)."""
+    scale = scale_of(x, fp8_dtype) if scale is None else scale
     fp8_max = float(jnp.finfo(fp8_dtype).max)
-    x = x.astype(jnp.float32)
-    scale = fp8_max / jnp.maximum(jnp.max(jnp.abs(x)), AMAX_FLOOR)
-    return jnp.clip(x * scale, -fp8_max, fp8_max).astype(fp8_dtype), 1.0 / scale
+    return jnp.clip(x.astype(jnp.float32) * scale, -fp8_max, fp8_max).astype(fp8_dtype), 1.0 / scale
 
 
 def matmul(spec, a, b):
@@ -47,10 +52,15 @@ def matmul(spec, a, b):
 
 
 def linear(x, w, dtype, w_axes=None):
-    """x (B, T, in) @ w (in, out) with fp8 operands, result in `dtype` (the compute dtype, bf16); dx comes back in
-    x's dtype, dw in fp32. `w_axes`: the kernel's logical names, to quantise it where it is stored: under FSDP the
-    all-gather then moves 8-bit weights."""
+    """x (B, T, in) @ w (in, out) with fp8 operands: x cast to `dtype` (the compute dtype, bf16) and w quantised
+    from its fp32 values, result in `dtype`; dx comes back in x's dtype, dw in fp32. `w_axes`: the kernel's logical
+    names, to quantise it where it is stored: under FSDP the all-gather then moves 8-bit weights."""
     return _linear(x, w, jnp.dtype(dtype), x.dtype, w_axes)
+
+
+def _operands(x, x_scale, w, w_scale, w_axes):
+    (xq, x_inv), (wq, w_inv) = quantize(x, E4M3, x_scale), quantize(w, E4M3, w_scale)
+    return (xq, x_inv), (wq if w_axes is None else sharding.constrain(wq, w_axes), w_inv)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -59,14 +69,17 @@ def _linear(x, w, dtype, x_dtype, w_axes):
 
 
 def _linear_fwd(x, w, dtype, x_dtype, w_axes):
-    xq, (wq, w_inv) = quantize(x, E4M3), quantize(w, E4M3)
-    if w_axes is not None:
-        wq = sharding.constrain(wq, w_axes)
-    return matmul("bti,io->bto", xq, (wq, w_inv)).astype(dtype), (xq, (wq, w_inv))
+    # The barriers keep XLA to the bytes the backward is meant to keep: here, quantise x itself (XLA:GPU, allowed
+    # excess precision, would read the fp32 value x was rounded from, and keep that); in the backward, quantise
+    # again (XLA would merge the two quantisations and keep the forward's fp8 copy beside x).
+    x = jax.lax.optimization_barrier(x.astype(dtype))
+    x_scale, w_scale = scale_of(x, E4M3), scale_of(w, E4M3)
+    y = matmul("bti,io->bto", *_operands(x, x_scale, w, w_scale, w_axes)).astype(dtype)
+    return y, (x, x_scale, w, w_scale)
 
 
 def _linear_bwd(dtype, x_dtype, w_axes, res, g):
-    xq, wq = res
+    xq, wq = _operands(*jax.lax.optimization_barrier(res), w_axes)
     gq = quantize(g, E5M2)
     return matmul("bto,io->bti", gq, wq).astype(x_dtype), matmul("bti,bto->io", xq, gq)
 
