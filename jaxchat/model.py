@@ -4,8 +4,10 @@ Token embedding -> parameter-free RMSNorm -> n_layer pre-norm blocks (rotary + Q
 optional grouped-query heads, ReLU² MLP) -> RMSNorm -> untied lm_head -> logit softcap 15·tanh(x/15).
 Weights, the residual stream, norms' statistics, softmax, logits and the loss are fp32; matmuls take inputs in
 `config.compute_dtype` and return it (bf16 activations on the accelerator path, as torch's autocast), so what the
-backward pass keeps is 16-bit. Kernels are stored (in, out) as in JAX, i.e. transposed w.r.t. torch's weights.
-Every parameter carries logical axis names; `sharding.py` alone maps them onto the mesh.
+backward pass keeps is 16-bit; `config.fp8` (training on Hopper GPUs, nanochat's --fp8) gives the layers that
+fp8.eligible takes fp8 operands (fp8.py), and evaluations run the same weights without it (TrainState.eval_model).
+Kernels are stored (in, out) as in JAX, i.e. transposed w.r.t. torch's weights. Every parameter carries logical
+axis names; `sharding.py` alone maps them onto the mesh.
 
 Memory of the backward pass: the norms, RoPE + QK-norm and relu² + the MLP's output projection keep only 16-bit
 tensors and recompute the rest (their backward passes are written out in custom_grads.py); `config.remat`

