@@ -36,6 +36,7 @@ def parse_args():
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--remat", default="none", help="none | block | matmuls | attention")
     p.add_argument("--scan-layers", type=int, default=0, help="1: the blocks under one lax.scan")
+    p.add_argument("--fp8", type=int, default=0, help="1: the large matmuls in fp8 (needs --dtype bfloat16)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--peak-tflops", type=float, default=None, help="per device; default from the device name")
     return p.parse_args()
@@ -46,7 +47,8 @@ def main():
     devices = jax.devices()
     mesh = sharding.make_mesh()
     config = config_for_depth(args.depth, args.vocab_size, args.seq_len, head_dim=args.head_dim,
-                              compute_dtype=args.dtype, remat=args.remat, scan_layers=bool(args.scan_layers))
+                              compute_dtype=args.dtype, remat=args.remat, scan_layers=bool(args.scan_layers),
+                              fp8=bool(args.fp8))
     rows = args.device_batch_size * len(devices)
     accum, rem = divmod(args.total_batch_size, rows * args.seq_len)
     assert accum >= 1 and rem == 0, "total batch size must be a multiple of device batch × seq len × devices"

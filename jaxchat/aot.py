@@ -157,13 +157,21 @@ def _trip_count(loop, comps):
     return 1
 
 
+def _fp8_gemm(fusion, comps):
+    """Whether a GEMM fusion's dot multiplies fp8 operands (what XLA:GPU makes of fp8.matmul on Hopper)."""
+    body = comps.get(re.search(r"calls=%?([\w.\-]+)", fusion.rest).group(1), [])
+    shapes = {ins.name: ins.shape for ins in body}
+    return any(ins.op == "dot" and all(shapes.get(name, "").startswith("f8")
+                                       for name in re.findall(r"%([\w.\-]+)", ins.rest)[:2]) for ins in body)
+
+
 def program_stats(hlo_text):
     """What one run of the program does, from its optimized HLO, loop bodies times their known trip counts and of
     a conditional the branch with the most FLOPs: matmul FLOPs (dots and convolutions, inside fusions too; kernels
     behind custom calls such as cuDNN attention are not counted), custom calls by target (cuDNN attention, cuBLAS,
-    Mosaic TPU kernels, ...), GEMM fusions by kind, collectives by kind with their count and result bytes, and
-    rematerialised instructions (XLA copies instructions under a `.remat` name when the program does not fit the
-    device's memory)."""
+    Mosaic TPU kernels, ...), GEMM fusions by kind (" (fp8)" when the dot's operands are fp8), collectives by kind
+    with their count and result bytes, and rematerialised instructions (XLA copies instructions under a `.remat`
+    name when the program does not fit the device's memory)."""
     comps, entry = computations(hlo_text)
     remat = set()
 
@@ -184,7 +192,7 @@ def program_stats(hlo_text):
                     target = re.sub(r"(\.[\d]+|\.clone)+$", "", ins.name)
                 stats["custom_calls"][target] += 1
             elif ins.op == "fusion" and (kind := re.search(r'"kind":"(__\w*gemm\w*|__cublas\w*)"', ins.rest)):
-                stats["gemm_fusions"][kind.group(1)] += 1
+                stats["gemm_fusions"][kind.group(1) + (" (fp8)" if _fp8_gemm(ins, comps) else "")] += 1
             kind = ins.op.removesuffix("-done")  # an async pair counts once, at its end, whose shape is the result
             if kind in COLLECTIVES:
                 stats["collectives"][kind, "n"] += 1

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxchat import sharding
+from jaxchat.fp8 import linear as fp8_linear
 
 NORM_EPS = float(jnp.finfo(jnp.float32).eps)  # every RMSNorm's: torch's F.rms_norm(eps=None) on fp32, as nanochat
 
@@ -123,7 +124,7 @@ def _rope_qk_norm_bwd(res, dy):
 rope_qk_norm.defvjp(_rope_qk_norm_fwd, _rope_qk_norm_bwd)
 
 
-@partial(jax.checkpoint, static_argnums=(2, 3))  # keep only h: relu²(h), 4·d wide, is recomputed for the backward
-def relu2_proj(h, kernel, dtype, axes):
-    """linear(relu(h)², kernel): the MLP's activation and output projection."""
-    return linear(jnp.square(jax.nn.relu(h)), kernel, dtype, axes)
+@partial(jax.checkpoint, static_argnums=(2, 3, 4))  # keep only h: relu²(h), 4·d wide, is recomputed for the backward
+def relu2_proj(h, kernel, dtype, axes, fp8=False):
+    """linear(relu(h)², kernel): the MLP's activation and output projection (in fp8 with `fp8`: fp8.linear)."""
+    return (fp8_linear if fp8 else linear)(jnp.square(jax.nn.relu(h)), kernel, dtype, axes)

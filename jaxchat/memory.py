@@ -298,7 +298,8 @@ def main(argv=None):
         model_config = config_for_depth(base.depth, vocab_size, base.max_seq_len, n_kv_head=base.n_kv_head or None,
                                         head_dim=base.head_dim, **model_execution(stage_flags))
         mesh = make_mesh(stage_flags, devices=target_devices)
-        head = f"\n{stage}: d{base.depth} {model_config.compute_dtype} | mesh {dict(mesh.shape)} | "
+        fp8 = " fp8" if model_config.fp8 else ""
+        head = f"\n{stage}: d{base.depth} {model_config.compute_dtype}{fp8} | mesh {dict(mesh.shape)} | "
         if stage == "engine":
             with jax.set_mesh(mesh):
                 P, T, rows, new = shape = engine_shape(stage_flags, base.max_seq_len)

@@ -4,8 +4,10 @@ Token embedding -> parameter-free RMSNorm -> n_layer pre-norm blocks (rotary + Q
 optional grouped-query heads, ReLU² MLP) -> RMSNorm -> untied lm_head -> logit softcap 15·tanh(x/15).
 Weights, the residual stream, norms' statistics, softmax, logits and the loss are fp32; matmuls take inputs in
 `config.compute_dtype` and return it (bf16 activations on the accelerator path, as torch's autocast), so what the
-backward pass keeps is 16-bit. Kernels are stored (in, out) as in JAX, i.e. transposed w.r.t. torch's weights.
-Every parameter carries logical axis names; `sharding.py` alone maps them onto the mesh.
+backward pass keeps is 16-bit; `config.fp8` (training on Hopper GPUs, nanochat's --fp8) gives the layers that
+fp8.eligible takes fp8 operands (fp8.py), and evaluations run the same weights without it (TrainState.eval_model).
+Kernels are stored (in, out) as in JAX, i.e. transposed w.r.t. torch's weights. Every parameter carries logical
+axis names; `sharding.py` alone maps them onto the mesh.
 
 Memory of the backward pass: the norms, RoPE + QK-norm and relu² + the MLP's output projection keep only 16-bit
 tensors and recompute the rest (their backward passes are written out in custom_grads.py); `config.remat`
@@ -21,6 +23,7 @@ logits); `model.decode(idx, kv_cache)` -> (logits, kv_cache), the cache a kv_cac
 
 import dataclasses
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +33,8 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxchat import sharding
 from jaxchat.attention import KERNELS, causal_attention
 from jaxchat.custom_grads import linear, norm, norm_to, relu2_proj, rope_qk_norm
+from jaxchat.fp8 import eligible as fp8_eligible
+from jaxchat.fp8 import linear as fp8_linear
 from jaxchat.losses import softcap_cross_entropy_per_token, softcap_cross_entropy_sum
 
 SOFTCAP = 15.0
@@ -49,12 +54,16 @@ class GPTConfig:
     remat: str = "none"  # what each block's backward recomputes: a key of REMAT
     scan_layers: bool = False  # blocks under lax.scan (compiles once) instead of unrolled
     attn_impl: str = "auto"  # "cudnn" | "splash" | "xla" | "auto" (the first that can run): attention.KERNELS
+    fp8: bool = False  # training matmuls of the layers fp8.eligible takes in fp8 (Hopper); evaluations run without
 
     def __post_init__(self):
         if self.remat not in REMAT:
             raise ValueError(f"remat {self.remat!r}: one of {', '.join(REMAT)}")
         if self.attn_impl not in ("auto", *KERNELS):
             raise ValueError(f"attn_impl {self.attn_impl!r}: one of auto, {', '.join(KERNELS)}")
+        if self.fp8 and self.compute_dtype != "bfloat16":
+            raise ValueError(f"fp8 needs compute_dtype 'bfloat16' (its matmuls take bf16 activations), not "
+                             f"{self.compute_dtype!r}")
 
     def with_execution(self, **options):
         """This config with the given execution fields replaced (None = keep)."""
@@ -63,7 +72,7 @@ class GPTConfig:
         return dataclasses.replace(self, **{k: v for k, v in options.items() if v is not None})
 
 
-EXECUTION_FIELDS = ("compute_dtype", "remat", "scan_layers", "attn_impl")
+EXECUTION_FIELDS = ("compute_dtype", "remat", "scan_layers", "attn_impl", "fp8")
 
 # Rematerialisation of a training block: the jax.checkpoint policy its backward runs under, None = no checkpoint.
 # "block" keeps only each block's input (the least memory, one more forward of the blocks); "matmuls" keeps the
@@ -104,16 +113,17 @@ def _param(init, key, shape, axes):
 
 
 class Linear(nnx.Module):
-    """Bias-free linear layer, kernel (in, out) ~ N(0, 1/√in · min(1, √(out/in))) (arXiv 2310.17813) or zero."""
+    """Bias-free linear layer, kernel (in, out) ~ N(0, 1/√in · min(1, √(out/in))) (arXiv 2310.17813) or zero.
+    With `fp8` its matmuls run in fp8 when its shape is one fp8.eligible takes (nanochat's filter)."""
 
-    def __init__(self, d_in, d_out, axes, *, dtype, rngs, zero=False):
+    def __init__(self, d_in, d_out, axes, *, dtype, rngs, fp8=False, zero=False):
         std = d_in**-0.5 * min(1.0, math.sqrt(d_out / d_in))
         init = jax.nn.initializers.zeros if zero else jax.nn.initializers.normal(std)
         self.kernel = _param(init, rngs.params(), (d_in, d_out), axes)
-        self.dtype, self.axes = dtype, axes
+        self.dtype, self.axes, self.fp8 = dtype, axes, fp8 and fp8_eligible(d_in, d_out)
 
     def __call__(self, x):
-        return linear(x, self.kernel[...], self.dtype, self.axes)
+        return (fp8_linear if self.fp8 else linear)(x, self.kernel[...], self.dtype, self.axes)
 
 
 class CausalSelfAttention(nnx.Module):
@@ -122,10 +132,11 @@ class CausalSelfAttention(nnx.Module):
         self.head_dim = config.n_embd // config.n_head
         assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
         d, hd = config.n_embd, self.head_dim
-        self.c_q = Linear(d, self.n_head * hd, ("embed", "heads"), dtype=dtype, rngs=rngs)
-        self.c_k = Linear(d, self.n_kv_head * hd, ("embed", "kv_heads"), dtype=dtype, rngs=rngs)
-        self.c_v = Linear(d, self.n_kv_head * hd, ("embed", "kv_heads"), dtype=dtype, rngs=rngs)
-        self.c_proj = Linear(self.n_head * hd, d, ("heads", "embed"), dtype=dtype, rngs=rngs, zero=True)
+        dense = partial(Linear, dtype=dtype, fp8=config.fp8, rngs=rngs)
+        self.c_q = dense(d, self.n_head * hd, ("embed", "heads"))
+        self.c_k = dense(d, self.n_kv_head * hd, ("embed", "kv_heads"))
+        self.c_v = dense(d, self.n_kv_head * hd, ("embed", "kv_heads"))
+        self.c_proj = dense(self.n_head * hd, d, ("heads", "embed"), zero=True)
         self.dtype, self.attn_impl = dtype, config.attn_impl
 
     def __call__(self, x, cos, sin, cache=None, layer=0):
@@ -146,12 +157,14 @@ class CausalSelfAttention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, config, *, dtype, rngs):
         d = config.n_embd
-        self.c_fc = Linear(d, 4 * d, ("embed", "mlp"), dtype=dtype, rngs=rngs)
-        self.c_proj = Linear(4 * d, d, ("mlp", "embed"), dtype=dtype, rngs=rngs, zero=True)
+        dense = partial(Linear, dtype=dtype, fp8=config.fp8, rngs=rngs)
+        self.c_fc = dense(d, 4 * d, ("embed", "mlp"))
+        self.c_proj = dense(4 * d, d, ("mlp", "embed"), zero=True)
 
     def __call__(self, x):
         h = checkpoint_name(self.c_fc(x), "mlp_hidden")
-        return relu2_proj(h, self.c_proj.kernel[...], self.c_proj.dtype, self.c_proj.axes)
+        p = self.c_proj
+        return relu2_proj(h, p.kernel[...], p.dtype, p.axes, p.fp8)
 
 
 class Block(nnx.Module):
@@ -174,8 +187,8 @@ class GPT(nnx.Module):
         self.wte = _param(jax.nn.initializers.normal(1.0), rngs.params(), (config.vocab_size, config.n_embd),
                           ("vocab", "embed"))
         self.h = nnx.List([Block(config, dtype=dtype, rngs=rngs) for _ in range(config.n_layer)])
-        self.lm_head = Linear(config.n_embd, config.vocab_size, ("embed", "vocab"), dtype=dtype, rngs=rngs,
-                              zero=True)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, ("embed", "vocab"), dtype=dtype, fp8=config.fp8,
+                              rngs=rngs, zero=True)
 
     def __call__(self, idx, targets=None):
         """idx (B, T) int -> logits (B, T, V) fp32, softcapped; with `targets` (B, T) (−1 = ignore), the mean loss
@@ -190,8 +203,9 @@ class GPT(nnx.Module):
         reduction "mean": over supervised tokens (0 if none; weights do not change the count); "sum"."""
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction {reduction!r}: one of 'mean', 'sum' (per token: token_losses)")
-        x, kernel, dtype = self.hidden(idx), self.lm_head.kernel[...], self.lm_head.dtype
-        loss_sum = softcap_cross_entropy_sum(x, kernel, targets, SOFTCAP, dtype, weights)
+        head = self.lm_head
+        loss_sum = softcap_cross_entropy_sum(self.hidden(idx), head.kernel[...], targets, SOFTCAP, head.dtype, weights,
+                                             head.fp8)
         if reduction == "sum":
             return loss_sum
         return loss_sum / jnp.maximum(jnp.sum(targets != -1), 1)

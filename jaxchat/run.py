@@ -62,6 +62,8 @@ def add_training_flags(p, **defaults):
     add("dtype", default="float32", choices=["float32", "bfloat16"], help="matmul dtype (params stay fp32)")
     add("remat", default="none", choices=list(REMAT), help="what each block's backward recomputes (less memory)")
     add("scan_layers", **SWITCH, default=0, help="1: the blocks under one lax.scan (faster compile)")
+    add("fp8", **SWITCH, default=0, help="1: train the large matmuls in fp8 (Hopper GPUs; needs --dtype=bfloat16); "
+                                         "evaluations stay bf16")
     add("mesh_data", type=positive_int, default=1,
         help="size of the mesh's data axis; the rest of the devices go to fsdp")
     add("device_batch_size", type=positive_int, default=d["device_batch_size"], help="rows per device per micro-batch")
@@ -107,8 +109,11 @@ def eval_tokens(requested, total_batch_size, num_iterations):
 
 
 def model_execution(args):
-    """The model's execution fields (how to compute it: dtype, remat, scan) from a training stage's flags."""
-    return {"compute_dtype": args.dtype, "remat": args.remat, "scan_layers": bool(args.scan_layers)}
+    """The model's execution fields (how to compute it: dtype, remat, scan, fp8) from a training stage's flags."""
+    if args.fp8 and args.dtype != "bfloat16":
+        raise UserError(f"--fp8=1 needs --dtype=bfloat16 (fp8 matmuls take bf16 activations), not --dtype={args.dtype}")
+    return {"compute_dtype": args.dtype, "remat": args.remat, "scan_layers": bool(args.scan_layers),
+            "fp8": bool(args.fp8)}
 
 
 def optim_config(args, **extra):
@@ -285,7 +290,8 @@ class TrainingRun:
 
     @property
     def model(self):
-        return self.state.model
+        """The model the stage evaluates, samples from and saves the config of: the state's, without fp8."""
+        return self.state.eval_model
 
     def steps(self, last, data_state, flops_per_token=None, peak_flops=None):
         """The stage's loop: yields each step from the run's next one to its last, that one with `run.last` set (at

@@ -10,7 +10,7 @@ step, so micro-batches weigh by their token counts and one with none adds exactl
 """
 
 import math
-from functools import partial
+from functools import cache, partial
 
 import jax
 import jax.numpy as jnp
@@ -42,8 +42,21 @@ class TrainState:
         return nnx.merge(self.model_graph, self.params)
 
     @property
+    def eval_model(self):
+        """`model` computed without fp8, as evaluations, sampling and saved configs want it (nanochat's
+        disable_fp8): the same parameters, only the execution field differs."""
+        config = self.model.config
+        return nnx.merge(model_graph(config.with_execution(fp8=False)), self.params) if config.fp8 else self.model
+
+    @property
     def optimizer(self):
         return nnx.merge(self.optimizer_graph, self.opt_state)
+
+
+@cache
+def model_graph(config):
+    """The graph of a GPT of `config` (its structure and static fields, no arrays)."""
+    return nnx.graphdef(nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0))))
 
 
 def model_and_optimizer(model_config, optim_config=OptimConfig(), seed=0):

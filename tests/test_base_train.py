@@ -241,6 +241,28 @@ def test_final_save_comes_before_the_final_evaluation(env, monkeypatch):
     assert Checkpointer(os.path.join(get_base_dir(), "base_checkpoints", "crash")).all_steps() == [2]
 
 
+@pytest.mark.slow
+def test_fp8_trains_in_fp8_and_evaluates_and_saves_without(env, monkeypatch):
+    """--fp8=1: the train step runs fp8, val bpb and samples run the same weights without it (nanochat's
+    disable_fp8), and the checkpoint is an ordinary one (its config says fp8 off; a resumed run may drop --fp8)."""
+    seen = {"train": set(), "eval": set()}
+    train_step, evaluate_bpb, sample_greedy = base_train.train_step, base_train.evaluate_bpb, base_train.sample_greedy
+    monkeypatch.setattr(base_train, "train_step", lambda state, *a: seen["train"].add(state.model.config.fp8)
+                        or train_step(state, *a))
+    monkeypatch.setattr(base_train, "evaluate_bpb", lambda model, *a, **k: seen["eval"].add(model.config.fp8)
+                        or evaluate_bpb(model, *a, **k))
+    monkeypatch.setattr(base_train, "sample_greedy", lambda model, *a, **k: seen["eval"].add(model.config.fp8)
+                        or sample_greedy(model, *a, **k))
+    fp8 = TINY + ["--depth=2", "--head_dim=128", "--dtype=bfloat16", "--sample_every=2", "--model_tag=fp8"]  # 128 wide
+    base_train.main(fp8 + ["--num_iterations=2", "--save_every=1", "--fp8=1"])
+    assert seen == {"train": {True}, "eval": {False}}
+    _, meta = params_of("fp8")
+    assert meta["model_config"]["fp8"] is False and meta["model_config"]["compute_dtype"] == "bfloat16"
+    shutil.rmtree(os.path.join(get_base_dir(), "base_checkpoints", "fp8", "000002"))  # as if stopped after step 1
+    resumed = base_train.main(fp8 + ["--num_iterations=2", "--save_every=1", "--resume=1", "--fp8=0"])
+    assert sorted(resumed["losses"]) == [1] and seen["train"] == {True, False}
+
+
 def test_default_eval_tokens_are_proportionate():
     from jaxchat.run import NANOCHAT_EVAL_TOKENS, eval_tokens
     assert eval_tokens(-1, 524288, 30) == 3 * 524288  # a tenth of a 30-step run, not nanochat's 20 steps' worth
