@@ -8,18 +8,19 @@
 Each stage's train step is lowered with the config's model, batch and mesh, and so are the two decoders: `engine`,
 the engine's prefill and decode loop at one RL step's rollouts (chat_rl's examples_per_step × num_samples rows,
 max_new_tokens each: the engine's largest use); `server`, the web server's prompt prefill and decode step at its
---slots and --chunk, over the whole context. Both decode with the weights replicated on every device.
+--slots and --chunk, over the whole context. Both decode the model of the config's last training stage (its
+dtype, never fp8), with the weights replicated on every device.
 All are compiled by the target's own compiler (aot.py): XLA:GPU for GPUs (the CUDA plugin, `pip install
 'jaxchat[gpu]'`), libtpu for TPUs (`jaxchat[tpu]`), XLA:CPU on fake devices for `--target=cpu`.
 
 Per device it prints what the compiler assigned (parameters or weights, optimizer state, batch or KV cache,
 temporaries, outputs not donated, the peak) and whether that fits the card at the memory fraction the stages set;
 the kernels the program runs (fused attention, GEMMs, collectives with their bytes) per step, per call, or per
-token (the engine's decode loop runs until its rows end: counted once, a token of each row); its matmul FLOPs beside the model's formula (attention behind a custom call is not counted, nor a
-product of one row that XLA computes as a reduction); the compile time. If XLA had to rematerialise to stay under
-the card's memory, the program as written does not fit, and it says so. What a compile without the hardware cannot
-see: autotuning (GEMM and fusion choices may differ a little on the card) and cuDNN's workspaces, which are not in
-the buffer sizes.
+token (the engine's decode loop runs until its rows end: counted once, a token of each row); its matmul FLOPs
+beside the model's formula (attention behind a custom call is not counted, nor a product of one row that XLA
+computes as a reduction); the compile time. If XLA had to rematerialise to stay under the card's memory, the
+program as written does not fit, and it says so. What a compile without the hardware cannot see: autotuning (GEMM
+and fusion choices may differ a little on the card) and cuDNN's workspaces, which are not in the buffer sizes.
 
 Flags after the memory flags are the stages' own, as the launcher takes them: `--device_batch_size=16` (every
 stage with that flag), `--chat_sft.device_batch_size=8` (one stage).
@@ -53,12 +54,16 @@ def build_parser():
     return p
 
 
-def stage_args(config_name, stages, overrides):
-    """{stage: its parsed flags} as the launcher would pass them for `config_name` and the `--key=value` overrides;
-    base_train's are always there (they define the model)."""
-    config = pipeline.load_config(config_name) if config_name else {}
-    config["stages"] = list(dict.fromkeys(("base_train", *stages)))
-    return config, {stage: pipeline.stage_parser(stage).parse_args(argv) for stage, argv in pipeline.plan(config, overrides)}
+def stage_args(config, stages, overrides):
+    """{stage: its parsed flags} as the launcher would pass them for a loaded `config` and the `--key=value`
+    overrides; base_train's are always there (they define the model)."""
+    plan = pipeline.plan({**config, "stages": list(dict.fromkeys(("base_train", *stages)))}, overrides)
+    return {stage: pipeline.stage_parser(stage).parse_args(argv) for stage, argv in plan}
+
+
+def served_stage(config):
+    """The training stage whose model a config ends with: the one its decoders run (dtype, remat)."""
+    return next((s for s in reversed(config.get("stages", [])) if s in TRAINING_STAGES), "base_train")
 
 
 def step_shapes(stage, args, sequence_len, device_count):
@@ -221,7 +226,8 @@ def _rows_placed(rows, mesh):
 def _replicated(mesh, *shapes):
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
-    return [jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, PartitionSpec())) for shape, dtype in shapes]
+    everywhere = NamedSharding(mesh, PartitionSpec())
+    return [jax.ShapeDtypeStruct(shape, dtype, sharding=everywhere) for shape, dtype in shapes]
 
 
 def _decode_parts(weights, rows):
@@ -285,8 +291,10 @@ def main(argv=None):
     from jaxchat.model import config_for_depth
     from jaxchat.run import make_mesh, model_execution, optim_config
 
-    flag_stages = [s if s in TRAINING_STAGES else "chat_rl" for s in stages]  # the decoders run chat_rl's model
-    config, parsed = stage_args(args.config, flag_stages, overrides)
+    config = pipeline.load_config(args.config) if args.config else {}
+    # the decoders are sized by chat_rl's flags (its rollouts) and compute as the config's last training stage does
+    flag_stages = [s if s in TRAINING_STAGES else "chat_rl" for s in stages]
+    parsed = stage_args(config, [*flag_stages, served_stage(config)], overrides)
     base = parsed["base_train"]
     vocab_size = args.vocab_size or config.get("tok_train", {}).get("vocab_size", 65536)
     target_devices = aot.target_devices(args.target, devices)
@@ -295,8 +303,11 @@ def main(argv=None):
     results = {}
     for stage, flag_stage in zip(stages, flag_stages):
         stage_flags = parsed[flag_stage]
+        execution = model_execution(stage_flags)
+        if stage in DECODERS:  # never in fp8 (evaluations and samples leave it out too)
+            execution = {**model_execution(parsed[served_stage(config)]), "fp8": False}
         model_config = config_for_depth(base.depth, vocab_size, base.max_seq_len, n_kv_head=base.n_kv_head or None,
-                                        head_dim=base.head_dim, **model_execution(stage_flags))
+                                        head_dim=base.head_dim, **execution)
         mesh = make_mesh(stage_flags, devices=target_devices)
         fp8 = " fp8" if model_config.fp8 else ""
         head = f"\n{stage}: d{base.depth} {model_config.compute_dtype}{fp8} | mesh {dict(mesh.shape)} | "
