@@ -354,7 +354,7 @@ class GPT(nnx.Module):
         x = sharding.constrain(norm(jnp.take(self.wte[...], idx, axis=0)), ("batch", None, None))
         if c.smear:
             x, kv_cache = self._smear(x, positions, kv_cache)
-        if c.scan_layers:
+        if c.scan_layers and kv_cache is None:
             return self._scan_blocks(x, cos, sin), None
         policy = REMAT[c.remat]
 
@@ -410,8 +410,8 @@ class GPT(nnx.Module):
 
     def num_scaling_params(self):
         """nanochat's parameter counts by group (scaling laws use transformer_matrices + lm_head)."""
-        size = lambda *names: sum(x.size for name in names if hasattr(self, name)
-                                  for x in jax.tree.leaves(nnx.state(getattr(self, name), nnx.Param)))
+        params = nnx.to_flat_state(nnx.state(self, nnx.Param))
+        size = lambda *names: sum(p.size for path, p in params if path[0] in names)
         counts = dict(wte=size("wte"), value_embeds=size("value_embeds"), lm_head=size("lm_head"),
                       transformer_matrices=size("h"),
                       scalars=size("resid_lambdas", "x0_lambdas", "smear_gate", "smear_lambda", "backout_lambda"))
