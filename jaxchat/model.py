@@ -321,8 +321,12 @@ class GPT(nnx.Module):
     def decode(self, idx, kv_cache, at=None):
         """Feed idx (B, T) at the cache's next slot (each row's positions continue from `kv_cache.pos`):
         (logits (B, T, V) fp32, the cache holding them); with `at` (an int, may be traced), only column at's
-        logits (B, V) — a prefill then never builds (B, T, V) logits."""
+        logits (B, V) — a prefill then never builds (B, T, V) logits. With smear the cache keeps the normed
+        embedding of the last column (of column `at`: the last real one, where right-padding follows)."""
         x, kv_cache = self._trunk(idx, kv_cache.pos[:, None] + jnp.arange(idx.shape[1])[None], kv_cache)
+        if self.config.smear:
+            last = idx[:, -1] if at is None else jax.lax.dynamic_index_in_dim(idx, at, axis=1, keepdims=False)
+            kv_cache = kv_cache.replace(embed=norm(jnp.take(self.wte[...], last, axis=0)))
         if at is not None:
             x = jax.lax.dynamic_index_in_dim(x, at, axis=1, keepdims=False)[:, None]
         logits = self.logits(x)
@@ -353,7 +357,7 @@ class GPT(nnx.Module):
         cos, sin = rotary(positions, c.n_embd // c.n_head, c.rope_base)
         x = sharding.constrain(norm(jnp.take(self.wte[...], idx, axis=0)), ("batch", None, None))
         if c.smear:
-            x, kv_cache = self._smear(x, positions, kv_cache)
+            x = self._smear(x, positions, None if kv_cache is None else kv_cache.embed)
         if c.scan_layers and kv_cache is None:
             return self._scan_blocks(x, cos, sin), None
         policy = REMAT[c.remat]
@@ -378,15 +382,14 @@ class GPT(nnx.Module):
             x = x - self.backout_lambda[...] * x_mid
         return norm(x), kv_cache
 
-    def _smear(self, x, positions, kv_cache):
-        """x[t] += λ·σ(gate(x[t]))·x[t−1] over the normed embeddings x: a cheap bigram feature. A sequence's first
-        token has no previous one; decoding continues from the last embedding the cache holds, and keeps this
-        chunk's last."""
-        prev = jnp.zeros_like(x[:, :1]) if kv_cache is None else kv_cache.embed[:, None].astype(x.dtype)
+    def _smear(self, x, positions, last=None):
+        """x[t] += λ·σ(gate(x[t]))·x[t−1] over the normed embeddings x (B, T, D): a cheap bigram feature. A
+        sequence's first token (position 0) has no previous one; `last` (B, D), decoding's cached embedding,
+        precedes column 0."""
+        prev = jnp.zeros_like(x[:, :1]) if last is None else last[:, None]
         prev = jnp.where(positions[..., None] > 0, jnp.concatenate([prev, x[:, :-1]], axis=1), 0.0)
         gate = jax.nn.sigmoid(self.smear_gate(x[..., :SMEAR_GATE_CHANNELS]).astype(jnp.float32))
-        x_smeared = x + self.smear_lambda[...] * gate * prev
-        return x_smeared, None if kv_cache is None else kv_cache.replace(embed=x[:, -1].astype(kv_cache.embed.dtype))
+        return x + self.smear_lambda[...] * gate * prev
 
     def _scan_blocks(self, x, cos, sin):
         """The blocks under one lax.scan (identical blocks: GPTConfig checks), their parameters stacked."""

@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from jaxchat import attention as A
+from jaxchat.kv_cache import KVCache
 from jaxchat.model import GPT, NANOCHAT_2026, GPTConfig, config_for_depth
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "nanochat2026", "model.npz")
@@ -160,3 +161,38 @@ def test_flops_and_scaling_params_2026():
     counts = model.num_scaling_params()
     assert counts == dict(wte=V * d, value_embeds=2 * V * kv, lm_head=d * V, transformer_matrices=4 * block + 24,
                           scalars=4 + 4 + 24 + 1 + 1, total=model.num_params())
+
+
+def test_decoding_matches_full_forward(reference):
+    """Prefill, a second chunk and single tokens through the cache give the full forward's logits: smear reads the
+    cached last embedding, windows (128 of 256 here) drop the keys a query has left behind. Row 1 is left-padded
+    (start 5): it gives the logits of its tokens alone."""
+    model, data = reference
+    idx, pad = jnp.asarray(data["idx"])[:, :170], 5
+    full, alone = model(idx), model(idx[1:, pad:])
+    step = nnx.jit(lambda model, tokens, cache: model.decode(tokens, cache))
+    cache = KVCache.create(REFERENCE, batch_size=2, max_len=176, start=jnp.array([0, pad]))
+    chunk = idx.at[1, :pad].set(3)  # junk in row 1's padding slots
+    logits, cache = step(model, chunk[:, :100], cache)
+    logits2, cache = step(model, idx[:, 100:140], cache)
+    logits = jnp.concatenate([logits, logits2], axis=1)
+    for t in range(140, 170):
+        logits_t, cache = step(model, idx[:, t:t + 1], cache)
+        logits = jnp.concatenate([logits, logits_t], axis=1)
+    np.testing.assert_allclose(logits[0], full[0], atol=1e-4)
+    np.testing.assert_allclose(logits[1, pad:], alone[0], atol=1e-4)
+
+
+def test_decoding_with_a_shared_prefix_matches_full_forward(reference):
+    """Two rows continue one 140-token prompt held once as the cache's shared prefix: the window also masks the
+    prompt's keys that a query has left behind."""
+    model, data = reference
+    prompt, rest = jnp.asarray(data["idx"])[:1, :140], jnp.asarray(data["idx"])[:, 140:160]
+    cache = KVCache.create(REFERENCE, batch_size=1, max_len=140)
+    _, cache = nnx.jit(lambda model, tokens, cache: model.decode(tokens, cache))(model, prompt, cache)
+    cache = cache.as_prefix(2, 24)
+    step = nnx.jit(lambda model, tokens, cache: model.decode(tokens, cache))
+    for t in range(rest.shape[1]):
+        logits, cache = step(model, rest[:, t:t + 1], cache)
+    full = model(jnp.concatenate([jnp.repeat(prompt, 2, axis=0), rest], axis=1))
+    np.testing.assert_allclose(logits[:, 0], full[:, -1], atol=1e-4)
