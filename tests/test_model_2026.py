@@ -5,6 +5,7 @@ The reference, tests/fixtures/nanochat2026/model.npz, is what nanochat's torch c
 weights (tests/fixtures/make_nanochat2026_model.py, which says what the file holds).
 """
 
+import importlib.util
 import math
 import os
 
@@ -13,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxchat import attention as A
 from jaxchat.kv_cache import KVCache
@@ -196,3 +199,21 @@ def test_decoding_with_a_shared_prefix_matches_full_forward(reference):
         logits, cache = step(model, rest[:, t:t + 1], cache)
     full = model(jnp.concatenate([jnp.repeat(prompt, 2, axis=0), rest], axis=1))
     np.testing.assert_allclose(logits[:, 0], full[:, -1], atol=1e-4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax_cuda12_plugin") is None,
+                    reason="XLA's CUDA compiler is not installed (pip install 'jaxchat[gpu]'): cannot compile for a GPU")
+def test_cudnn_attention_compiles_with_the_window_for_an_h100():
+    """cuDNN's flash attention, forward and backward, takes the window itself: W + 1 keys per query (nanochat's
+    (W, 0)), no mask tensor."""
+    from jaxchat import aot, sharding
+
+    mesh = sharding.make_mesh((1, 1), devices=aot.target_devices("h100", 1))
+    with jax.set_mesh(mesh):
+        args = [jax.ShapeDtypeStruct((2, 512, h, 64), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
+                for h in (4, 2, 2)]
+        loss = lambda q, k, v: jnp.sum(A.causal_attention(q, k, v, jnp.bfloat16, "cudnn", 128).astype(jnp.float32))
+        hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(*args).compile().as_text()
+    calls = [line for line in hlo.splitlines() if 'custom_call_target="__cudnn$fmha' in line]
+    assert len(calls) == 2 and all('"sliding_window_length": 129' in line and '"mask_type": "CAUSAL"' in line
+                                   for line in calls)

@@ -49,6 +49,18 @@ def test_splash_matches_the_xla_kernel(T, kv_heads, dtype, atol):
         np.testing.assert_allclose(a.astype(jnp.float32), b.astype(jnp.float32), atol=atol * scale, err_msg=name)
 
 
+def test_windowed_splash_matches_the_windowed_xla_kernel():
+    """A sliding window (W = 100: keys i − 100..i) in Splash is a LocalMask; T = 320 runs in three 128-tiles, the
+    first of which the last query tile skips; GQA, fp32."""
+    q, k, v = qkv(1, 320, 4, 2, 32, jnp.float32)
+    with jax.set_mesh(sharding.make_mesh((1, 1), devices=jax.devices()[:1])):
+        splash = lambda *a: splash_attention(*a, jnp.float32, 100, interpret=True)
+        got = jax.jit(lambda *a: values_and_grads(splash, *a))(q, k, v)
+    want = jax.jit(lambda *a: values_and_grads(lambda *b: causal_attention(*b, jnp.float32, "xla", 100), *a))(q, k, v)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, atol=5e-6 * float(jnp.max(jnp.abs(b))), err_msg=name)
+
+
 def test_splash_refuses_without_a_tpu():
     q, k, v = qkv(1, 8, 4, 2, 16, jnp.bfloat16)
     platform = jax.default_backend()
