@@ -73,7 +73,7 @@ class GPTConfig:
     qk_scale: float = 1.0  # q and k times this after QK-norm
     rope_base: int = ROPE_BASE
     vocab_multiple: int = 1  # wte, lm_head and value embeddings padded to a multiple of it
-    init: str = "2025"  # "2025" | "2026": see INITS
+    init: str = "2025"  # "2025" | "2026": see _inits
 
     def __post_init__(self):
         if self.remat not in REMAT:

@@ -261,13 +261,16 @@ def check_model_2026_sharded():
     """nanochat's 2026 model (value embeddings, lambdas, smear, backout, windows) on meshes: every parameter placed
     as its logical names say (the specs of the new ones), the loss and gradients on (2, 4) vs one device, and the
     engine's greedy tokens (smear's cached embedding through the shared prefix) on (2, 4), on one device and from
-    full forward passes."""
+    full forward passes, and the web server's (its rows admit prefilled prompts and decode in windows of slots)."""
+    import threading
+
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
     from jaxchat import engine as E, sharding
     from jaxchat.model import GPT, NANOCHAT_2026, GPTConfig
+    from jaxchat.serving import Request, SlotServer
     from jaxchat.tokenizer import RustBPETokenizer
 
     text = " ".join(f"hello world {i} the cat sat on the mat, number {i * 7}" for i in range(300))
@@ -308,7 +311,20 @@ def check_model_2026_sharded():
         predicted = jnp.argmax(model(jnp.asarray([row[:-1]]))[0], axis=-1)[len(prompt) - 1:]
         return len(row) > len(prompt) and predicted.tolist() == row[len(prompt):]
 
-    return {"mismatches": mismatches, "specs": specs, "loss_diff": abs(float(loss) - float(ref_loss)),
+    def serve(m):
+        server = SlotServer(m, tok, slots=8, chunk=4)
+        server.start()
+        outs, done = [[] for _ in prompts], [threading.Event() for _ in prompts]
+        for i, p in enumerate(prompts):
+            emit = lambda t, f, i=i: (outs[i].extend(t), f and done[i].set())
+            server.submit(Request(prompt=p, max_tokens=12, emit=emit, temperature=0.0))
+        assert all(d.wait(300) for d in done)
+        server.stop()
+        return outs
+
+    served = serve(model)
+    return {"server_equals_full_forward": all(greedy(p, p + out) for p, out in zip(prompts, served)),
+            "mismatches": mismatches, "specs": specs, "loss_diff": abs(float(loss) - float(ref_loss)),
             "grad_diff": grad_diff, "same_tokens_on_mesh": on_mesh == one_device,
             "engine_equals_full_forward": all(greedy(prompts[i // 2], r) for i, r in enumerate(one_device)),
             "finite": bool(np.isfinite(float(loss)))}
