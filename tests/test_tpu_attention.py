@@ -101,6 +101,18 @@ def test_auto_attention_compiles_to_splash_for_a_tpu_mesh():
 
 
 @needs_libtpu
+def test_windowed_attention_compiles_to_splash_for_a_tpu_mesh():
+    """A sliding window on a TPU mesh is Splash too (its LocalMask), forward and backward."""
+    mesh = tpu_mesh("tpu-v5p", 4, (2, 2))
+    with jax.set_mesh(mesh):
+        loss = lambda q, k, v: jnp.sum(causal_attention(q, k, v, jnp.bfloat16, "auto", 128).astype(jnp.float32))
+        args = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, sharding.batch_spec(4)))
+                for x in jax.eval_shape(lambda: qkv(8, 512, 4, 2, 64, jnp.bfloat16))]
+        compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
+    assert tpu_kernels(compiled) == SPLASH_CALLS
+
+
+@needs_libtpu
 @pytest.mark.slow
 @pytest.mark.parametrize("target, devices", [("tpu-v5p", 4), ("tpu-v6e", 8)])
 def test_tiny_train_step_compiles_with_splash_for_tpus(target, devices):
