@@ -148,7 +148,8 @@ def train(args):
             if run.last:
                 break
             batch = sharding.shard_batch(loader.next_stacked(accum), batch_axis=1, global_rows=rows)
-            lrm = get_lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+            lrm = get_lr_multiplier(step, num_iterations, round(args.warmup_ratio * num_iterations), args.warmdown_ratio,
+                                    args.final_lr_frac)
             run.state, metrics = train_step(run.state, batch, hyperparams(lrm, get_muon_momentum(step)))
             run.log(step, metrics, args.total_batch_size, {
                 "train/lrm": lrm, "train/grad_norm": metrics["grad_norm"], "train/epoch": loader.epoch,
