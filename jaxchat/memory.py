@@ -288,6 +288,7 @@ def main(argv=None):
                                        f"scheduler=false --xla_force_host_platform_device_count={devices}").strip()
     import jax
 
+    from jaxchat.base_train import optimizer_config
     from jaxchat.model import config_for_depth
     from jaxchat.run import make_mesh, model_execution, optim_config
 
@@ -322,7 +323,7 @@ def main(argv=None):
             programs = compile_server(model_config, args.slots, args.chunk, mesh)
         else:
             shapes = step_shapes(stage, stage_flags, base.max_seq_len, devices)
-            optim = optim_config(stage_flags, **({"grad_clip": base.grad_clip} if stage == "base_train" else {}))
+            optim = optimizer_config(stage_flags) if stage == "base_train" else optim_config(stage_flags)
             accum, rows, T, _ = shapes
             print(head + f"device batch {rows // devices} × {T} tokens × {accum} micro-batches | compiling ...",
                   flush=True)

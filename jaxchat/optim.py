@@ -1,8 +1,9 @@
 """nanochat's optimizers from Optax parts, and their schedules: October 2025's (the default) and 2026's (`MuonAdamW`).
 
-October 2025 (`OptimConfig()`). Groups: Muon for every 2-D block matrix (`h.*`), AdamW for `wte` (embedding_lr) and `lm_head` (unembedding_lr),
-both AdamW LRs × (model_dim/768)^−0.5, betas (0.8, 0.95), eps 1e-10. The LR multiplier and Muon momentum are
-*extra args* of `tx.update` (traced scalars: changing them never recompiles).
+October 2025 (`OptimConfig()`). Groups: Muon for every 2-D block matrix (`h.*`), AdamW for `wte` (embedding_lr)
+and `lm_head` (unembedding_lr), both AdamW LRs × (model_dim/768)^−0.5, betas (0.8, 0.95), eps 1e-10. The LR
+multiplier, Muon momentum and (2026) Muon weight decay are *extra args* of `tx.update` (traced scalars: changing them
+never recompiles; `hyperparams`).
 
 Where Optax's `contrib.muon` differs from nanochat and what is used instead:
 - momentum: optax bias-corrects and mixes the corrected terms for Nesterov; nanochat does no bias correction,
@@ -69,11 +70,11 @@ class OptimConfig:
     embedding_lr: float = 0.2
     unembedding_lr: float = 0.004
     matrix_lr: float = 0.02
-    weight_decay: float = 0.0  # AdamW groups only, as nanochat
+    weight_decay: float = 0.0  # the 2025 AdamW groups' (2026: per group, and Muon's is the extra arg)
     adam_betas: tuple = (0.8, 0.95)
     adam_eps: float = 1e-10
     ns_steps: int = 5
-    ns_dtype: str = "bfloat16"  # Newton–Schulz dtype, as nanochat
+    ns_dtype: str = "bfloat16"  # the orthogonaliser's, as nanochat on GPUs (on CPU it runs fp32)
     grad_clip: float = 1.0  # global-norm clip over all gradients; 0 = off (nanochat OCT base_train: 1.0)
     # 2026 (see the header); the defaults are October's
     orthogonalizer: str = "newton_schulz"  # | "polar_express"
@@ -296,7 +297,8 @@ def adamw_groups_2025(c, model_dim):
 def adamw_groups_2026(c, model_dim):
     """nanochat's setup_optimizer (lr, betas, weight decay); embedding and unembedding LRs × (d/768)^−½, every LR
     but the smear group's (smear gate, smear and backout lambdas) × batch_lr_scale."""
-    s, embedding_lr, scalar_lr = (model_dim / 768) ** -0.5, c.embedding_lr * c.batch_lr_scale, c.scalar_lr * c.batch_lr_scale
+    s = (model_dim / 768) ** -0.5
+    embedding_lr, scalar_lr = c.embedding_lr * c.batch_lr_scale, c.scalar_lr * c.batch_lr_scale
     return {"lm_head": (c.unembedding_lr * c.batch_lr_scale * s, (0.8, 0.96), 0.01),
             "embedding": (embedding_lr * s, (0.8, 0.995), 0.001),
             "value_embeds": (embedding_lr * s * 0.5, (0.8, 0.995), 0.01),
@@ -337,21 +339,23 @@ def get_lr_multiplier(it, num_iterations, warmup_steps=0, warmdown_ratio=0.2, fi
     return progress + (1 - progress) * final_lr_frac
 
 
-def get_muon_momentum(it, ramp_steps=300, peak=0.95, warmdown=None):
-    """0.85 -> `peak` linearly over the first `ramp_steps` (October: 0.95 over 300; 2026: 0.97 over 400). 2026:
-    warmdown = (num_iterations, warmdown_ratio): after the ramp, from the LR warmdown's start down to 0.90 at the
-    end (a warmdown that starts within the ramp leaves the ramp alone)."""
+def get_muon_momentum(it, ramp_steps=300, peak=0.95, final=None, num_iterations=None, warmdown_ratio=0.0):
+    """0.85 -> `peak` linearly over the first `ramp_steps`; with `final` (2026), after the ramp, from the LR
+    warmdown's start linearly to `final` at the end of the run (a warmdown that starts within the ramp leaves
+    the ramp alone, as nanochat). MUON_MOMENTUM holds each recipe's."""
     frac = min(it / ramp_steps, 1.0)
     momentum = (1 - frac) * 0.85 + frac * peak
-    if warmdown is None or it < ramp_steps:
+    if final is None or it < ramp_steps:
         return momentum
-    num_iterations, warmdown_ratio = warmdown
     warmdown_iters = round(warmdown_ratio * num_iterations)
     start = num_iterations - warmdown_iters
     if it < start:
         return momentum
     progress = (it - start) / warmdown_iters
-    return peak * (1 - progress) + 0.90 * progress
+    return peak * (1 - progress) + final * progress
+
+
+MUON_MOMENTUM = {"2025": dict(ramp_steps=300, peak=0.95), "2026": dict(ramp_steps=400, peak=0.97, final=0.90)}
 
 
 def get_muon_weight_decay(it, num_iterations, weight_decay):

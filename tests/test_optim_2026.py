@@ -10,9 +10,9 @@ import numpy as np
 import optax
 import pytest
 
-from jaxchat.optim import (ADAMW_GROUPS, GROUPS, OptimConfig, batch_lr_scale, build_optimizer, get_lr_multiplier,
-                           get_muon_momentum, get_muon_weight_decay, hyperparams, muon, normuon_axis, param_labels,
-                           polar_express, scaled_weight_decay)
+from jaxchat.optim import (ADAMW_GROUPS, GROUPS, MUON_MOMENTUM, OptimConfig, batch_lr_scale, build_optimizer,
+                           get_lr_multiplier, get_muon_momentum, get_muon_weight_decay, hyperparams, muon,
+                           normuon_axis, param_labels, polar_express, scaled_weight_decay)
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "nanochat2026")
 META = json.load(open(os.path.join(HERE, "optimizer.json")))
@@ -54,7 +54,7 @@ def fixture():
 
 
 def config_2026(**fields):
-    return OptimConfig.recipe("2026", **META["lrs"], batch_lr_scale=META["batch_lr_scale"], **fields)
+    return OptimConfig.recipe("2026", **{**META["lrs"], "batch_lr_scale": META["batch_lr_scale"], **fields})
 
 
 def test_groups_are_nanochats(fixture):
@@ -154,7 +154,9 @@ def test_schedules_match_base_train(run):
     steps = range(n + 1)
     assert [get_lr_multiplier(s, n, flags["warmup_steps"], flags["warmdown_ratio"], flags["final_lr_frac"])
             for s in steps] == ref["lr_multiplier"]
-    assert [get_muon_momentum(s, 400, 0.97, (n, flags["warmdown_ratio"])) for s in steps] == ref["muon_momentum"]
+    momentum = [get_muon_momentum(s, **MUON_MOMENTUM["2026"], num_iterations=n, warmdown_ratio=flags["warmdown_ratio"])
+                for s in steps]
+    assert momentum == ref["muon_momentum"]
     assert [get_muon_weight_decay(s, n, ref["weight_decay_scaled"]) for s in steps] == ref["weight_decay"]
 
 
@@ -163,3 +165,33 @@ def test_batch_and_weight_decay_scaling():
         assert batch_lr_scale(ref["total_batch_size"]) == ref["batch_lr_scale"]
         assert scaled_weight_decay(ref["weight_decay"], ref["total_batch_size"], ref["target_tokens"],
                                    ref["D_REF"]) == ref["weight_decay_scaled"]
+
+
+def test_base_train_flags_follow_the_recipe():
+    """--optimizer picks the recipe's flag defaults (nanochat's names, dashes or underscores); a flag given wins,
+    before or after it; the 2026 OptimConfig scales every LR by √(B/2¹⁹)."""
+    from jaxchat import base_train
+
+    parse = base_train.build_parser().parse_args
+    october, recipe = parse([]), parse(["--warmup-steps=7", "--optimizer=2026", "--total_batch_size=1048576"])
+    assert (october.embedding_lr, october.weight_decay, october.grad_clip, october.warmup_steps) == (0.2, 0.0, 1.0, 0)
+    assert (recipe.embedding_lr, recipe.unembedding_lr, recipe.weight_decay, recipe.grad_clip) == (0.3, 0.008, 0.28, 0)
+    assert (recipe.warmup_steps, recipe.warmdown_ratio, recipe.final_lr_frac) == (7, 0.65, 0.05)
+    assert base_train.optimizer_config(october) == OptimConfig()
+    config = base_train.optimizer_config(recipe)
+    assert config == config_2026(weight_decay=0.28)  # the fixture's LRs and batch (2²⁰: √2)
+
+
+def test_base_train_schedule_is_nanochats():
+    """base_train's per-step hyperparams (2026) are nanochat's schedules of the 500-step horizon, in fp32."""
+    from jaxchat import base_train
+
+    ref = SCHEDULES["schedules"][1]
+    flags = [f"--{k}={v}" for k, v in ref["flags"].items()]
+    args = base_train.build_parser().parse_args(["--optimizer=2026", *flags])
+    hyper = base_train.schedule(args, ref["num_iterations"], ref["weight_decay_scaled"])
+    for step in range(ref["num_iterations"]):
+        got = hyper(step)
+        for key, name in (("lr_multiplier", "lr_multiplier"), ("muon_momentum", "muon_momentum"),
+                          ("muon_weight_decay", "weight_decay")):
+            assert got[key] == np.float32(ref[name][step]), (step, key)
