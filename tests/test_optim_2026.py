@@ -99,11 +99,12 @@ def compare_step(got, ref, old):
 def test_optimizer_matches_nanochat(fixture):
     """Three steps of given gradients with base_train's per-step lr multiplier, momentum and weight decay, every
     orthogonaliser in fp32 (as nanochat on CPU): every parameter entry within 1e-6 × max(1, |p|) of nanochat's after
-    every step (the embeddings, |p| up to ~6 after AdamW steps of 2.08 = 0.3·√2·(32/768)^−½, differ by a few fp32
-    ulps) and within 1e-5 of the step's largest change (+ 2 ulps of p). Exception, as it must be: an entry whose
+    every step (the embeddings, |p| up to ~7.5 after AdamW steps of 2.08 = 0.3·√2·(32/768)^−½, differ by a few fp32
+    ulps: on wte nanochat's own fp32 result is 4.1e-6 from the same steps in float64, jaxchat's 2.9e-6) and within
+    1e-5 of the step's largest change (+ 2 ulps of p). Exception, as it must be: an entry whose
     Muon update is 0 to rounding (|g| ~1e-8 of 1e-2), where the cautious mask g·p ≥ 0 may go either way; there
     one side took exactly the decay lr·wd·|p| and the other nothing (one such entry in the 3 steps).
-    Measured (-s prints each): Muon ≤ 9e-8 (≤ 8e-6 of the step), AdamW ≤ 3e-6 (≤ 6e-7 of max(1, |p|))."""
+    Measured (-s prints each): Muon ≤ 9e-8 (≤ 7.5e-6 of the step), AdamW ≤ 3.8e-6 (≤ 6e-7 of max(1, |p|))."""
     config = config_2026(ns_dtype="float32")
     tx = build_optimizer(META["config"]["n_embd"], config)
     params, state = fixture["init"], tx.init(fixture["init"])
