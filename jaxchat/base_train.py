@@ -8,6 +8,7 @@ losses equal the uninterrupted run's bit for bit.
 import argparse
 
 import jax
+from flax import nnx
 from tqdm import tqdm
 
 from jaxchat import core_eval, sharding
@@ -18,22 +19,49 @@ from jaxchat.distributed import run_main
 from jaxchat.engine import SAMPLE_PROMPTS, sample_greedy
 from jaxchat.hardware import peak_flops
 from jaxchat.loss_eval import evaluate_bpb
-from jaxchat.model import config_for_depth
-from jaxchat.optim import get_lr_multiplier, get_muon_momentum, hyperparams
+from jaxchat.model import GPT, config_for_depth
+from jaxchat.optim import (MUON_MOMENTUM, get_lr_multiplier, get_muon_momentum, get_muon_weight_decay, hyperparams,
+                           scaled_weight_decay)
 from jaxchat.run import (NANOCHAT_EVAL_TOKENS, TrainingRun, add_training_flags, batch_rows, devices_line, eval_tokens,
                          model_execution, optim_config, stage_main)
 from jaxchat.tokenizer import get_tokenizer
 from jaxchat.train import init_train_state, train_step
 
 # flags a resumed run must share with the run it continues (anything else, e.g. eval_every, may change)
-RESUME_KEYS = ("dtype", "num_iterations", "target_flops", "target_param_data_ratio", "embedding_lr",
-               "unembedding_lr", "matrix_lr", "weight_decay", "grad_clip", "warmup_ratio", "warmdown_ratio",
-               "final_lr_frac", "data_dir")
+RESUME_KEYS = ("dtype", "num_iterations", "target_flops", "target_param_data_ratio", "optimizer", "embedding_lr",
+               "unembedding_lr", "matrix_lr", "scalar_lr", "weight_decay", "grad_clip", "warmup_steps",
+               "warmdown_ratio", "final_lr_frac", "data_dir")
+# what a run saved before these flags existed trained with (its warmup_ratio was 0 in every jaxchat config)
+PREDATES = {"optimizer": "2025", "scalar_lr": 0.5, "warmup_steps": 0}
+# The defaults of the flags that differ between --optimizer recipes: nanochat's base_train of October 2025 and of
+# 2026. --weight_decay is the AdamW groups' in 2025, Muon's (cautious, scaled, cosine-scheduled) in 2026.
+RECIPE_DEFAULTS = {
+    "2025": dict(embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0, grad_clip=1.0, warmup_steps=0,
+                 warmdown_ratio=0.2, final_lr_frac=0.0),
+    "2026": dict(embedding_lr=0.3, unembedding_lr=0.008, weight_decay=0.28, grad_clip=0.0, warmup_steps=40,
+                 warmdown_ratio=0.65, final_lr_frac=0.05),
+}
+
+
+class RecipeParser(argparse.ArgumentParser):
+    """Flags not given take the defaults of the --optimizer recipe (RECIPE_DEFAULTS)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args, rest = super().parse_known_args(args, namespace)
+        for name, default in RECIPE_DEFAULTS[args.optimizer].items():
+            if getattr(args, name) is None:
+                setattr(args, name, default)
+        return args, rest
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Pretrain a jaxchat base model.")
+    p = RecipeParser(description="Pretrain a jaxchat base model.")
     add = add_training_flags(p, device_batch_size=32, eval_every=250)
+    add("optimizer", default="2025", choices=list(RECIPE_DEFAULTS),
+        help="nanochat's optimizer and schedules of October 2025 (Muon, 2 AdamW groups, clipping) or 2026 "
+             "(MuonAdamW: Polar Express, NorMuon, cautious weight decay, 6 AdamW groups, batch-scaled LRs)")
+    p.set_defaults(**dict.fromkeys(RECIPE_DEFAULTS["2025"]))  # unset: the recipe's
+    add("scalar_lr", type=non_negative_float, default=0.5, help="2026: the residual and x0 lambdas' AdamW LR")
     add("depth", type=positive_int, default=20, help="the one dial: model_dim = 64·depth")
     add("head_dim", type=positive_int, default=128)
     add("n_kv_head", type=non_negative_int, default=0, help="key/value heads (GQA); 0 = as many as query heads")
@@ -43,10 +71,10 @@ def build_parser():
     add("target_param_data_ratio", type=count_or_unset, default=20,
         help="Chinchilla: tokens = ratio × params (the default horizon; -1: unset)")
     add("total_batch_size", type=positive_int, default=524288, help="tokens per optimizer step")
-    add("grad_clip", type=non_negative_float, default=1.0, help="0: off")
-    add("warmup_ratio", type=fraction, default=0.0)
-    add("warmdown_ratio", type=fraction, default=0.2)
-    add("final_lr_frac", type=fraction, default=0.0)
+    add("grad_clip", type=non_negative_float, help="0: off (default: the recipe's, 1.0 / 0)")
+    add("warmup_steps", type=non_negative_int, help="LR warmup (default: the recipe's, 0 / 40)")
+    add("warmdown_ratio", type=fraction, help="LR warmdown, a fraction of the run (default: 0.2 / 0.65)")
+    add("final_lr_frac", type=fraction, help="LR multiplier at the end of the warmdown (default: 0 / 0.05)")
     add("eval_tokens", type=count_or_unset, default=-1, help="val tokens per bpb evaluation (-1: a tenth of the "
                                                              f"run's training tokens, at most {NANOCHAT_EVAL_TOKENS:,})")
     add("sample_every", type=count_or_unset, default=2000, help="-1: never")
@@ -89,15 +117,44 @@ def core_during_training(args):
         return None
 
 
+def scaling_params(config):
+    """nanochat's scaling parameters, the transformer matrices and the unembedding (abstract: no arrays)."""
+    model = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0)))
+    params = nnx.state(model, nnx.Param)
+    return sum(x.size for name in ("h", "lm_head") for x in jax.tree.leaves(params[name]))
+
+
+def muon_weight_decay(args, config, reference_config):
+    """Muon's weight decay before its cosine schedule: 2026, --weight_decay × √(B/2¹⁹) × (D_REF/D), D the run's
+    target tokens (target_param_data_ratio × scaling parameters) and D_REF the d12 reference's; 2025: none."""
+    if args.optimizer != "2026":
+        return 0.0
+    ratio = args.target_param_data_ratio
+    target_tokens = int(ratio * scaling_params(config))
+    return scaled_weight_decay(args.weight_decay, args.total_batch_size, target_tokens,
+                               ratio * scaling_params(reference_config))
+
+
+def schedule(args, num_iterations, weight_decay):
+    """step -> its hyperparams: the LR multiplier, Muon momentum and Muon weight decay of --optimizer's recipe."""
+    return lambda step: hyperparams(
+        get_lr_multiplier(step, num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac),
+        get_muon_momentum(step, **MUON_MOMENTUM[args.optimizer], num_iterations=num_iterations,
+                          warmdown_ratio=args.warmdown_ratio),
+        get_muon_weight_decay(step, num_iterations, weight_decay))
+
+
 def main(argv=None):
     return stage_main(build_parser, train, argv)
 
 
 def train(args):
     tokenizer = get_tokenizer()
-    config = config_for_depth(args.depth, tokenizer.get_vocab_size(), args.max_seq_len, n_kv_head=args.n_kv_head or None,
-                              head_dim=args.head_dim, **model_execution(args))
-    optim = optim_config(args, grad_clip=args.grad_clip)
+    config_at = lambda depth: config_for_depth(depth, tokenizer.get_vocab_size(), args.max_seq_len,
+                                               n_kv_head=args.n_kv_head or None, head_dim=args.head_dim,
+                                               **model_execution(args))
+    config = config_at(args.depth)
+    optim = optim_config(args)
     T = args.max_seq_len
     rows, accum = batch_rows(args, args.total_batch_size, row_len=T)
     model_tag = args.model_tag or f"d{args.depth}"
@@ -106,11 +163,12 @@ def train(args):
     loop_state = {"min_val_bpb": float("inf"), "val_bpb": None, "core_metric": []}
     fresh = lambda: (init_train_state(config, optim, args.seed), tokenizer, {})
     with TrainingRun("base", model_tag, args, settings, loop_state, optim=optim, resume_keys=RESUME_KEYS, fresh=fresh,
-                     model_config=config, tokenizer=tokenizer) as run:
+                     model_config=config, tokenizer=tokenizer, predates=PREDATES) as run:
         loop = run.loop_state
         num_params, flops_per_token = run.model.num_params(), run.model.estimate_flops()
         num_iterations = horizon(args, num_params, flops_per_token)
         run.meta["num_iterations"] = num_iterations
+        hyper = schedule(args, num_iterations, muon_weight_decay(args, config, config_at(12)))
         loader = DistributedDataLoader(tokenizer, rows, T, "train", args.data_dir or None,
                                        state=run.dataloader_state_dict)
         val_steps = max(1, eval_tokens(args.eval_tokens, args.total_batch_size, num_iterations) // (rows * T))
@@ -148,10 +206,12 @@ def train(args):
             if run.last:
                 break
             batch = sharding.shard_batch(loader.next_stacked(accum), batch_axis=1, global_rows=rows)
-            lrm = get_lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-            run.state, metrics = train_step(run.state, batch, hyperparams(lrm, get_muon_momentum(step)))
+            step_hyper = hyper(step)
+            run.state, metrics = train_step(run.state, batch, step_hyper)
             run.log(step, metrics, args.total_batch_size, {
-                "train/lrm": lrm, "train/grad_norm": metrics["grad_norm"], "train/epoch": loader.epoch,
+                "train/lrm": float(step_hyper["lr_multiplier"]), "train/grad_norm": metrics["grad_norm"],
+                "train/muon_momentum": float(step_hyper["muon_momentum"]),
+                "train/muon_weight_decay": float(step_hyper["muon_weight_decay"]), "train/epoch": loader.epoch,
                 "total_training_flops": (step + 1) * args.total_batch_size * flops_per_token})
         loader.close()
 

@@ -322,7 +322,7 @@ def main(argv=None):
             programs = compile_server(model_config, args.slots, args.chunk, mesh)
         else:
             shapes = step_shapes(stage, stage_flags, base.max_seq_len, devices)
-            optim = optim_config(stage_flags, **({"grad_clip": base.grad_clip} if stage == "base_train" else {}))
+            optim = optim_config(stage_flags)
             accum, rows, T, _ = shapes
             print(head + f"device batch {rows // devices} × {T} tokens × {accum} micro-batches | compiling ...",
                   flush=True)

@@ -40,7 +40,7 @@ from jaxchat.common import (SWITCH, UserError, count_or_unset, flag_adder, get_b
                             positive_int, random_seed, step_or_last)
 from jaxchat.hardware import peak_memory
 from jaxchat.model import REMAT, GPTConfig
-from jaxchat.optim import OptimConfig
+from jaxchat.optim import OptimConfig, batch_lr_scale
 from jaxchat.report_card import get_report
 from jaxchat.train import abstract_train_state, check_finite, init_train_state
 
@@ -116,9 +116,17 @@ def model_execution(args):
             "fp8": bool(args.fp8)}
 
 
-def optim_config(args, **extra):
-    return OptimConfig(embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr,
-                       matrix_lr=args.matrix_lr, weight_decay=args.weight_decay, **extra)
+def optim_config(args):
+    """The OptimConfig of a training stage's flags. base_train picks nanochat's recipe (--optimizer; 2026 scales
+    every LR by √(B/2¹⁹), its batch rule) and the clipping; the chat stages train with October's."""
+    recipe = getattr(args, "optimizer", "2025")
+    fields = dict(embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr, matrix_lr=args.matrix_lr,
+                  weight_decay=args.weight_decay)
+    if recipe == "2026":
+        fields.update(scalar_lr=args.scalar_lr, batch_lr_scale=batch_lr_scale(args.total_batch_size))
+    if getattr(args, "grad_clip", None) is not None:
+        fields["grad_clip"] = args.grad_clip
+    return OptimConfig.recipe(recipe, **fields)
 
 
 def make_mesh(args, devices=None):
@@ -227,15 +235,17 @@ class TrainingRun:
 
     stage: "base" | "mid" | "sft" | "rl". settings: what shapes a step, saved as top-level meta keys
     (device_batch_size, max_seq_len, total_batch_size, ...). resume_keys: the flags a resumed run must share with
-    the saved run (with every key of `settings`). optim: the OptimConfig (a resumed state gets its optimizer).
+    the saved run (with every key of `settings`); `predates` gives the value of a resume key that a run saved
+    before the flag existed had. optim: the OptimConfig (a resumed state gets its optimizer).
     fresh(): (TrainState, tokenizer, the stage's own meta keys) of a new run.
     Resumed from the final checkpoint of a finished run, it raises RunFinished: the stage has nothing to do.
     On resume the model config comes from the checkpoint (checked against `model_config` when given) and the
     tokenizer from the run's own copy (checked against `tokenizer` when given)."""
 
     def __init__(self, stage, model_tag, args, settings, loop_state, *, optim, resume_keys, fresh, model_config=None,
-                 tokenizer=None):
+                 tokenizer=None, predates=None):
         self.stage, self.model_tag, self.args, self.settings = stage, model_tag, args, settings
+        self.predates = predates or {}  # flags newer than some checkpoints: {flag: the value those runs had}
         self.ckpt = Checkpointer(checkpoint_dir(stage, model_tag), max_to_keep=args.keep)
         self.ckpt.lock()
         try:
@@ -269,7 +279,7 @@ class TrainingRun:
         if model_config is not None:
             check_model_config(saved, model_config, self.ckpt.directory)
         now = {**vars(self.args), **self.settings}
-        was = {**saved["user_config"], **{k: saved.get(k) for k in self.settings}}
+        was = {**self.predates, **saved["user_config"], **{k: saved.get(k) for k in self.settings}}
         if changed := {k: (was.get(k), now[k]) for k in (*resume_keys, *self.settings) if was.get(k) != now[k]}:
             raise UserError(f"--resume: {self.ckpt.directory} was trained with other settings: " + ", ".join(
                 f"{k} saved {a} vs now {b}" for k, (a, b) in changed.items()) + " (resume with the same ones)")

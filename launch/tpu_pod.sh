@@ -9,6 +9,9 @@
 # orbax writes each checkpoint from every worker into one path, and process 0 alone writes data, tokenizer, logs.
 # --coordinator=auto: on a pod slice jax.distributed.initialize() finds the other workers itself. The configs are
 # sized for 8 devices: with more, lower device_batch_size where a stage says the step is not a multiple of it.
+# Check first, on any machine with `pip install 'jaxchat[tpu]'` (no TPU needed), that every stage fits the slice:
+#   python -m jaxchat.memory --config=d20 --target=tpu-v5p --devices=4      (a v5p-8: 4 chips; v5p-32: 16)
+# it compiles exactly the programs this launch runs (Splash attention included) with libtpu.
 set -euo pipefail
 
 TPU_NAME=${TPU_NAME:?set TPU_NAME to the TPU VM}

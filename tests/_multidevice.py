@@ -13,19 +13,21 @@ MESHES = [(1, 8), (2, 4), (8, 1)]
 
 
 def check_param_shardings():
-    """Every parameter and optimizer buffer of a state built on a (1, 8) mesh is sharded as the table says."""
+    """Every parameter and optimizer buffer of a state built on a (1, 8) mesh is sharded as the table says, with
+    the October optimizer and (its NorMuon state has a reduced axis of size 1) the 2026 one."""
     import jax
     from flax import nnx
     from jaxchat import sharding
     from jaxchat.model import GPTConfig
+    from jaxchat.optim import OptimConfig
     from jaxchat.train import init_train_state
 
     mesh = sharding.make_mesh((1, 8))
     with jax.set_mesh(mesh):
-        state = init_train_state(GPTConfig(**TINY))
+        states = [init_train_state(GPTConfig(**TINY), optim) for optim in (OptimConfig(), OptimConfig.recipe("2026"))]
     is_var = lambda x: isinstance(x, nnx.Variable)
     mismatches, checked = [], 0
-    arrays = (state.params, state.opt_state)
+    arrays = [(state.params, state.opt_state) for state in states]
     for path, v in jax.tree_util.tree_flatten_with_path(arrays, is_leaf=is_var)[0]:
         want = nnx.get_named_sharding(v, mesh).get_value()  # as Flax resolves the logical names
         checked += 1
@@ -93,7 +95,8 @@ def check_fsdp_fraction():
 
 
 def check_mesh_equivalence():
-    """5 steps of AdamW+Muon on 1 device and on each 8-device mesh: per-step losses and final parameters."""
+    """5 steps of AdamW+Muon on 1 device and on each 8-device mesh: per-step losses and final parameters; the
+    2026 optimizer (with a Muon weight decay) on (1, 8) and (2, 4), keyed "2026 <mesh>"."""
     import jax
     import numpy as np
     from flax import nnx
@@ -107,32 +110,43 @@ def check_mesh_equivalence():
     def params_of(state):
         return jax.device_get(nnx.to_pure_dict(nnx.state(state.model, nnx.Param)))
 
-    def run(mesh):
+    def run(mesh, recipe="2025"):
         with jax.set_mesh(mesh):
-            state = init_train_state(GPTConfig(**TINY), OptimConfig(ns_dtype="float32"))  # fp32 throughout
+            state = init_train_state(GPTConfig(**TINY), OptimConfig.recipe(recipe, ns_dtype="float32"))  # fp32
             init = params_of(state)
             losses = []
             for step in range(5):
                 batch = {"inputs": tokens[step, ..., :-1], "targets": tokens[step, ..., 1:]}
-                hyper = hyperparams(1.0 - 0.1 * step, get_muon_momentum(step))
+                hyper = hyperparams(1.0 - 0.1 * step, get_muon_momentum(step), 0.1 * (recipe == "2026"))
                 state, metrics = train_step(state, sharding.shard_batch(batch, batch_axis=1), hyper)
                 losses.append(float(metrics["loss"]))
         return losses, init, params_of(state)
 
-    ref_losses, init, ref_params = run(sharding.make_mesh((1, 1), jax.devices()[:1]))
-    out = {"reference_losses": ref_losses}
-    for shape in MESHES:
-        losses, _, params = run(sharding.make_mesh(shape))
-        stats = lambda a, b, a0: {"max": float(np.abs(a - b).max()),  # vs the reference run, and vs its change
-                                  "relative": float(np.linalg.norm(a - b) / np.linalg.norm(b - a0)),
-                                  "frac_over_1e-5": float(np.mean(np.abs(a - b) > 1e-5))}
-        diff = jax.tree_util.tree_flatten_with_path(jax.tree.map(stats, params, ref_params, init,
-                                                                 is_leaf=lambda x: isinstance(x, np.ndarray)))[0]
-        out[str(shape)] = {"loss_diff": float(np.abs(np.subtract(losses, ref_losses)).max()),
-                           "param_diff": {jax.tree_util.keystr(p[:-1]): {} for p, _ in diff}}
-        for p, d in diff:
-            out[str(shape)]["param_diff"][jax.tree_util.keystr(p[:-1])][p[-1].key] = d
+    one_device = sharding.make_mesh((1, 1), jax.devices()[:1])
+    out = {}
+    for recipe, meshes in (("2025", MESHES), ("2026", MESHES[:2])):
+        ref_losses, init, ref_params = run(one_device, recipe)
+        prefix = "" if recipe == "2025" else "2026 "
+        out[f"{prefix}reference_losses"] = ref_losses
+        for shape in meshes:
+            compare(out, f"{prefix}{shape}", *run(sharding.make_mesh(shape), recipe), ref_losses, init, ref_params)
     return out
+
+
+def compare(out, key, losses, _, params, ref_losses, init, ref_params):
+    """out[key]: the run's largest loss difference and per-parameter differences from the one-device run."""
+    import jax
+    import numpy as np
+
+    stats = lambda a, b, a0: {"max": float(np.abs(a - b).max()),  # vs the reference run, and vs its change
+                              "relative": float(np.linalg.norm(a - b) / np.linalg.norm(b - a0)),
+                              "frac_over_1e-5": float(np.mean(np.abs(a - b) > 1e-5))}
+    diff = jax.tree_util.tree_flatten_with_path(jax.tree.map(stats, params, ref_params, init,
+                                                             is_leaf=lambda x: isinstance(x, np.ndarray)))[0]
+    out[key] = {"loss_diff": float(np.abs(np.subtract(losses, ref_losses)).max()),
+                "param_diff": {jax.tree_util.keystr(p[:-1]): {} for p, _ in diff}}
+    for p, d in diff:
+        out[key]["param_diff"][jax.tree_util.keystr(p[:-1])][p[-1].key] = d
 
 
 def muon_grads(mesh, n_layer=2, seed=0):
@@ -153,34 +167,46 @@ def muon_grads(mesh, n_layer=2, seed=0):
 
 
 def check_muon_sharded():
-    """A Muon step (NS in bf16 on (1, 8) and (2, 4), in fp32 on (2, 4)) on gradients sharded as a 2-layer GPT's
-    matrices (stacks of 4) plus a square and a tall matrix sharded otherwise (joining two of the stacks, padded to
-    8), vs one device (no mesh): the largest difference and the largest update entry."""
+    """Muon (NS in bf16 on (1, 8) and (2, 4), in fp32 on (2, 4); the 2026 Muon, "2026" keys, as well) on gradients
+    sharded as a 2-layer GPT's matrices (stacks of 4) plus a square and a tall matrix sharded otherwise (joining two
+    of the stacks, padded to 8), vs one device (no mesh): the largest difference and the largest update entry. Two
+    steps, the second from the first's state (NorMuon's second moment), with parameters (cautious decay)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
     from jaxchat import sharding
-    from jaxchat.optim import muon
+    from jaxchat.optim import RECIPES, muon
 
     extra = {"both_axes": ((64, 64), P("fsdp", "data")), "tall_rows": ((256, 64), P(("data", "fsdp"), None))}
     grads = {"h": muon_grads(None),
              "extra": {k: jax.random.normal(jax.random.key(1), s) for k, (s, _) in extra.items()}}
+    params = jax.tree.map(lambda g: 0.1 * jnp.roll(g, 1, axis=0), grads)
+    fields_2026 = {k: RECIPES["2026"][k] for k in ("orthogonalizer", "muon_eq", "muon_plus", "normuon_beta2",
+                                                    "cautious_weight_decay")}
     out = {}
-    for dtype, meshes in (("bfloat16", MESHES[:2]), ("float32", MESHES[1:2])):
-        tx = muon(0.02, ns_dtype=jnp.dtype(dtype))
-        step = jax.jit(lambda g: tx.update(g, tx.init(g), muon_momentum=0.9)[0])
-        local = step(grads)
-        for shape in meshes:
-            mesh = sharding.make_mesh(shape)
-            specs = {"h": jax.tree.map(lambda g: g.sharding.spec, muon_grads(mesh)),
-                     "extra": {k: s for k, (_, s) in extra.items()}}
-            sharded_grads = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), grads, specs)
-            with jax.set_mesh(mesh):
-                sharded = step(sharded_grads)
-            diffs = [float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(local))]
-            out[f"{shape} {dtype}"] = {"diff": max(diffs),
-                                       "scale": max(float(jnp.abs(u).max()) for u in jax.tree.leaves(local)),
-                                       "n_shards": len(sharded_grads["extra"]["both_axes"].addressable_shards)}
+    for recipe, fields in (("", {}), ("2026 ", fields_2026)):
+        for dtype, meshes in (("bfloat16", MESHES[:2]), ("float32", MESHES[1:2])):
+            tx = muon(0.02, ns_dtype=jnp.dtype(dtype), **fields)
+
+            def step(g, p):
+                hyper = dict(muon_momentum=0.9, muon_weight_decay=0.2)
+                first, state = tx.update(g, tx.init(g), p, **hyper)
+                return first, tx.update(jax.tree.map(jnp.flip, g), state, p, **hyper)[0]
+
+            step = jax.jit(step)
+            local = step(grads, params)
+            for shape in meshes:
+                mesh = sharding.make_mesh(shape)
+                specs = {"h": jax.tree.map(lambda g: g.sharding.spec, muon_grads(mesh)),
+                         "extra": {k: s for k, (_, s) in extra.items()}}
+                put = lambda tree: jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), tree, specs)
+                sharded_grads = put(grads)
+                with jax.set_mesh(mesh):
+                    sharded = step(sharded_grads, put(params))
+                diffs = [float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(local))]
+                out[f"{recipe}{shape} {dtype}"] = {
+                    "diff": max(diffs), "scale": max(float(jnp.abs(u).max()) for u in jax.tree.leaves(local)),
+                    "n_shards": len(sharded_grads["extra"]["both_axes"].addressable_shards)}
     return out
 
 

@@ -14,6 +14,7 @@ from jaxchat.checkpoint_manager import Checkpointer, load_model
 from jaxchat.common import UserError, get_base_dir
 from jaxchat.download import DownloadError
 from jaxchat.loss_eval import evaluate_bpb
+from jaxchat.model import config_for_depth
 from jaxchat.report_card import get_report, read_scalars
 from test_core_eval import make_bundle
 
@@ -227,6 +228,35 @@ def test_resuming_a_finished_run_says_so_and_exits_0(straight):
     assert sorted(os.listdir(directory)) == before
     assert base_train.main(TINY + ["--num_iterations=6", "--save_every=3", "--model_tag=finished",
                                    "--resume=1"]) is None  # in a process (the launcher): returns, for the next stage
+
+
+@pytest.mark.slow
+def test_optimizer_2026_trains_and_resumes_exactly(env, monkeypatch):
+    """--optimizer=2026 end to end: the train step gets the 2026 schedules (warmup, momentum ramp, cosine Muon weight
+    decay scaled by the batch and the d12 reference), it learns, and a run stopped at step 2 and resumed (NorMuon's
+    state and the Adam groups' restored) ends bitwise where the straight run does."""
+    hypers = []
+    train_step = base_train.train_step
+    monkeypatch.setattr(base_train, "train_step", lambda state, batch, hyper: hypers.append(hyper)
+                        or train_step(state, batch, hyper))
+    flags = TINY + ["--optimizer=2026", "--num_iterations=4", "--save_every=2", "--warmup_steps=2", "--eval_every=-1"]
+    straight = base_train.main(flags + ["--model_tag=o26", "--overwrite=1"])
+    warmdown = [2 / 3 + 0.05 / 3, 1 / 3 + 0.05 * 2 / 3]  # the last round(0.65·4) = 3 steps, down to 0.05
+    assert [h["lr_multiplier"] for h in hypers] == [np.float32(x) for x in [0.5, 1.0, *warmdown]]
+    assert [h["muon_momentum"] for h in hypers] == [np.float32(0.85 + 0.12 * s / 400) for s in range(4)]
+    d12, d1 = (base_train.scaling_params(config_for_depth(d, 512, 32, head_dim=32)) for d in (12, 1))
+    decay = 0.28 * (256 / 2**19) ** 0.5 * d12 / d1  # × √(B/2¹⁹) × D_REF/D, then cosine over the 4 steps
+    assert [h["muon_weight_decay"] for h in hypers] == pytest.approx(
+        [decay * (1 + np.cos(np.pi * s / 4)) / 2 for s in range(4)], rel=1e-6)
+    assert straight["losses"][3] < straight["losses"][0]
+    directory = os.path.join(get_base_dir(), "base_checkpoints", "o26")
+    shutil.copytree(directory, directory + "_resumed")
+    shutil.rmtree(os.path.join(directory + "_resumed", "000004"))
+    resumed = base_train.main(flags + ["--model_tag=o26_resumed", "--resume=1"])
+    assert sorted(resumed["losses"]) == [2, 3] and all(resumed["losses"][s] == straight["losses"][s] for s in (2, 3))
+    a, _ = params_of("o26", 4)
+    b, _ = params_of("o26_resumed", 4)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 @pytest.mark.slow

@@ -170,8 +170,8 @@ def test_lr_multiplier_schedule():
     assert get_lr_multiplier(90, n) == pytest.approx(0.5)
     assert get_lr_multiplier(100, n) == pytest.approx(0.0)
     assert get_lr_multiplier(90, n, final_lr_frac=0.1) == pytest.approx(0.55)
-    assert get_lr_multiplier(0, n, warmup_ratio=0.1) == pytest.approx(0.1)
-    assert get_lr_multiplier(9, n, warmup_ratio=0.1) == pytest.approx(1.0)
+    assert get_lr_multiplier(0, n, warmup_steps=10) == pytest.approx(0.1)
+    assert get_lr_multiplier(9, n, warmup_steps=10) == pytest.approx(1.0)
 
 
 def test_muon_momentum_schedule():
