@@ -217,3 +217,19 @@ def test_cudnn_attention_compiles_with_the_window_for_an_h100():
     calls = [line for line in hlo.splitlines() if 'custom_call_target="__cudnn$fmha' in line]
     assert len(calls) == 2 and all('"sliding_window_length": 129' in line and '"mask_type": "CAUSAL"' in line
                                    for line in calls)
+
+
+def test_parameters_fall_in_nanochats_optimizer_groups():
+    """The 2026 optimizer groups parameters by the top of their path (optim.GROUPS): nanochat's setup_optimizer
+    groups, the value embeddings' gates inside the blocks (Muon)."""
+    from jaxchat.optim import GROUPS
+
+    model = nnx.eval_shape(lambda: GPT(REFERENCE, rngs=nnx.Rngs(0)))
+    groups = {}
+    for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        groups.setdefault(GROUPS[path[0]], set()).add(".".join(map(str, path)))
+    assert groups["value_embeds"] == {"value_embeds.1", "value_embeds.3"}
+    assert groups["smear"] == {"smear_gate.kernel", "smear_lambda", "backout_lambda"}
+    assert (groups["resid"], groups["x0"], groups["embedding"], groups["lm_head"]) == (
+        {"resid_lambdas"}, {"x0_lambdas"}, {"wte"}, {"lm_head.kernel"})
+    assert {"h.1.attn.ve_gate.kernel", "h.3.attn.ve_gate.kernel"} < groups["matrix"] and len(groups["matrix"]) == 26
