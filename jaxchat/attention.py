@@ -8,11 +8,16 @@ Training attention (`causal_attention`) has three implementations (KERNELS), all
 tensor is kept for the backward pass): cuDNN's flash attention, on GPU in 16-bit where its rules hold
 (`cudnn_problem`); Splash attention, the Pallas flash-attention kernel for TPU (`splash_attention`); and
 jaxchat's own flash-style kernel in plain XLA everywhere else. In the latter, queries in blocks of
-ATTN_BLOCK attend only to keys up to the end of their block (skipping ~half of the masked work), a custom VJP
+ATTN_BLOCK attend only to keys up to the end of their block (skipping ~half of the masked work) and, under a sliding
+window, from the first key the block's first query sees (skipping the keys every query has left behind), a custom VJP
 keeps the inputs, the output and the log-sum-exp and recomputes probabilities in the backward pass, and on CPU
 sequences go through ATTN_SEQS at a time so one chunk's scores stay in cache. It
 works heads-major, (B, H, T, D), and its backward on transposed scores (keys × queries), so XLA:CPU inserts no
 transposed copy per block (in the sequence-major layout it would copy `k` once per block and matmul).
+
+Sliding window `window` = W (nanochat's (W, 0)): the query at position i sees keys i − W..i (W + 1 keys); None
+sees every earlier key. Every kernel takes it natively (cuDNN's local_window_size, Splash's LocalMask, the XLA
+kernel's key ranges).
 """
 
 from functools import partial
@@ -85,25 +90,29 @@ def splash_problem(q, k, dtype):
     return None
 
 
-def _cudnn_attention(q, k, v, dtype):
-    out = jax.nn.dot_product_attention(*(t.astype(dtype) for t in (q, k, v)), is_causal=True, implementation="cudnn")
+def _cudnn_attention(q, k, v, dtype, window=None):
+    out = jax.nn.dot_product_attention(*(t.astype(dtype) for t in (q, k, v)), is_causal=True, implementation="cudnn",
+                                       local_window_size=None if window is None else (window, 0))
     return out.astype(q.dtype)
 
 
-def splash_attention(q, k, v, dtype, interpret=False):
+def splash_attention(q, k, v, dtype, window=None, interpret=False):
     """Splash attention (Pallas, TPU): its MHA form takes K kv heads for H query heads itself (GQA). A Pallas kernel
     sees one device's arrays, so under a mesh it runs per device on its rows (shard_map over the batch axes).
     interpret: run the kernel in Pallas's interpreter (any backend; slow), to check its numbers without a TPU.
     Tiles must divide the sequence, so it is padded to a multiple of 128: under the causal mask padded keys come
-    after every real query, which never sees them, and the padded queries' outputs are dropped."""
+    after every real query, which never sees them, and the padded queries' outputs are dropped. A window is a
+    LocalMask (W, 0): causal, and no key more than W behind; Splash skips the tiles it masks entirely."""
     from jax.experimental.pallas.ops.tpu import splash_attention as splash  # here: only TPU programs load Pallas
 
     T, H, D = q.shape[1:]
     pad = -T % 128
     heads_major = lambda t: jnp.pad(t.astype(dtype), ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
     block = next(b for b in SPLASH_BLOCKS if (T + pad) % b == 0)
+    shape = (T + pad, T + pad)
+    mask = splash.CausalMask(shape) if window is None else splash.LocalMask(shape, (window, 0), offset=0)
     kernel = splash.make_splash_mha(
-        splash.MultiHeadMask([splash.CausalMask((T + pad, T + pad))] * H), head_shards=1, q_seq_shards=1,
+        splash.MultiHeadMask([mask] * H), head_shards=1, q_seq_shards=1,
         block_sizes=splash.BlockSizes(block_q=block, block_kv=block, block_q_dkv=block, block_kv_dkv=block,
                                       block_q_dq=block, block_kv_dq=block), interpret=interpret)
     attend = jax.vmap(kernel)
@@ -116,7 +125,7 @@ def splash_attention(q, k, v, dtype, interpret=False):
     return out.transpose(0, 2, 1, 3)[:, :T].astype(q.dtype)
 
 
-def _xla_attention(q, k, v, dtype):
+def _xla_attention(q, k, v, dtype, window=None):
     B, T, H, D = q.shape
     # GQA: repeat kv heads for the kernel (autodiff of the repeat sums the groups' gradients back); transpose each
     # tensor once here to the kernel's heads-major layout, rather than once per block and matmul inside.
@@ -125,10 +134,10 @@ def _xla_attention(q, k, v, dtype):
     local = B // sharding.batch_shards()
     n = local // ATTN_SEQS if sharding.platform() == "cpu" and local % ATTN_SEQS == 0 else 1
     if n == 1:
-        return _block_causal(q, k, v, dtype).transpose(0, 2, 1, 3)
+        return _block_causal(q, k, v, dtype, window).transpose(0, 2, 1, 3)
     # Interleaved split (row i·n + j -> chunk j): each device keeps its own rows, the mapped axis is unsharded.
     split = lambda t: t.reshape(B // n, n, *t.shape[1:]).swapaxes(0, 1)
-    y = jax.lax.map(lambda c: _block_causal(*c, dtype), (split(q), split(k), split(v)))
+    y = jax.lax.map(lambda c: _block_causal(*c, dtype, window), (split(q), split(k), split(v)))
     return y.swapaxes(0, 1).reshape(B, H, T, D).transpose(0, 2, 1, 3)
 
 
@@ -140,45 +149,56 @@ KERNELS = {
 }
 
 
-def causal_attention(q, k, v, dtype, impl="auto"):
+def causal_attention(q, k, v, dtype, impl="auto", window=None):
     """Causal self-attention over the whole sequence (training, evaluation): q (B, T, H, D), k and v (B, T, K, D)
-    -> (B, T, H, D) in q's dtype. impl: a key of KERNELS, or "auto" (the first of them that can run)."""
+    -> (B, T, H, D) in q's dtype. impl: a key of KERNELS, or "auto" (the first of them that can run). window: the
+    sliding window W (keys i − W..i), None = all earlier keys."""
     if impl == "auto":
         impl = next(name for name, (problem, _) in KERNELS.items() if problem(q, k, dtype) is None)
     problem, kernel = KERNELS[impl]
     if why := problem(q, k, dtype):
         raise ValueError(f"{impl} attention cannot run: {why}; use attn_impl 'xla' or 'auto'")
-    return kernel(q, k, v, dtype)
+    if window is not None and window >= q.shape[1] - 1:  # the window holds every earlier key
+        window = None
+    return kernel(q, k, v, dtype, window)
 
 
-def _blocks(T):
-    """(start, end) per query block: queries s..e−1 see keys 0..e−1 (causally within the block)."""
-    return [(s, min(s + ATTN_BLOCK, T)) for s in range(0, T, ATTN_BLOCK)]
+def _blocks(T, window):
+    """(start, end, first key) per query block: queries s..e−1 see keys lo..e−1, lo = s − window (0 without one),
+    under `_visible`'s mask."""
+    return [(s, min(s + ATTN_BLOCK, T), 0 if window is None else max(0, s - window)) for s in range(0, T, ATTN_BLOCK)]
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _block_causal(q, k, v, dtype):
-    return _block_causal_fwd(q, k, v, dtype)[0]
+def _visible(s, e, lo, window):
+    """(e − s, e − lo) mask of a block: query s + i sees key lo + j when it is not later and (under a window) at
+    most `window` positions earlier."""
+    gap = (s + jnp.arange(e - s))[:, None] - (lo + jnp.arange(e - lo))[None]
+    return (gap >= 0) if window is None else (gap >= 0) & (gap <= window)
 
 
-def _block_causal_fwd(q, k, v, dtype):
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _block_causal(q, k, v, dtype, window=None):
+    return _block_causal_fwd(q, k, v, dtype, window)[0]
+
+
+def _block_causal_fwd(q, k, v, dtype, window):
     """q, k, v (B, H, T, D) -> o (B, H, T, D) in q's dtype; residuals: inputs, o, per-block log-sum-exp
     (B, H, block, 1). Scores are scaled in fp32, so 16-bit inputs are kept as they are."""
     scale = q.shape[-1] ** -0.5
     outs, lses = [], []
-    for s, e in _blocks(q.shape[2]):
-        mask = jnp.tril(jnp.ones((e - s, e), bool), k=s)
-        scores = jnp.where(mask, _mm("bhtd,bhsd->bhts", q[:, :, s:e], k[:, :, :e], dtype) * scale, NEG)
+    for s, e, lo in _blocks(q.shape[2], window):
+        mask = _visible(s, e, lo, window)
+        scores = jnp.where(mask, _mm("bhtd,bhsd->bhts", q[:, :, s:e], k[:, :, lo:e], dtype) * scale, NEG)
         m = jnp.max(scores, axis=-1, keepdims=True)
         p = jnp.exp(scores - m)
         l = jnp.sum(p, axis=-1, keepdims=True)
-        outs.append(_mm("bhts,bhsd->bhtd", p, v[:, :, :e], dtype) / l)
+        outs.append(_mm("bhts,bhsd->bhtd", p, v[:, :, lo:e], dtype) / l)
         lses.append(m + jnp.log(l))
     o = jnp.concatenate(outs, axis=2).astype(q.dtype)
     return o, (q, k, v, o, lses)
 
 
-def _block_causal_bwd(dtype, res, do):
+def _block_causal_bwd(dtype, window, res, do):
     """Flash-attention backward per block, on transposed scores Sᵀ = K Qᵀ (keys × queries), so that
     dV = Pᵀ dO and dK = dSᵀ Q are plain matmuls (no transposed copy of the block): Pᵀ = exp(Sᵀ − lse),
     dSᵀ = Pᵀ ∘ (V dOᵀ − rowsum(dO ∘ O)), dQ = dSᵀᵀ K (the scale applied to dS once)."""
@@ -187,14 +207,14 @@ def _block_causal_bwd(dtype, res, do):
     do = do.astype(jnp.float32)
     delta = jnp.sum(do * o, axis=-1)[:, :, None, :]  # (B, H, 1, T)
     dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
-    for (s, e), lse in zip(_blocks(q.shape[2]), lses):
-        mask = jnp.triu(jnp.ones((e, e - s), bool), k=-s)  # key j sees query s + i when j <= s + i
-        p = jnp.exp(jnp.where(mask, _mm("bhsd,bhtd->bhst", k[:, :, :e], q[:, :, s:e], dtype) * scale, NEG)
+    for (s, e, lo), lse in zip(_blocks(q.shape[2], window), lses):
+        mask = _visible(s, e, lo, window).T  # (keys, queries)
+        p = jnp.exp(jnp.where(mask, _mm("bhsd,bhtd->bhst", k[:, :, lo:e], q[:, :, s:e], dtype) * scale, NEG)
                     - jnp.swapaxes(lse, 2, 3))
-        dv = dv.at[:, :, :e].add(_mm("bhst,bhtd->bhsd", p, do[:, :, s:e], dtype))
-        ds = p * (_mm("bhsd,bhtd->bhst", v[:, :, :e], do[:, :, s:e], dtype) - delta[..., s:e]) * scale
-        dk = dk.at[:, :, :e].add(_mm("bhst,bhtd->bhsd", ds, q[:, :, s:e], dtype))
-        dq.append(_mm("bhst,bhsd->bhtd", ds, k[:, :, :e], dtype))
+        dv = dv.at[:, :, lo:e].add(_mm("bhst,bhtd->bhsd", p, do[:, :, s:e], dtype))
+        ds = p * (_mm("bhsd,bhtd->bhst", v[:, :, lo:e], do[:, :, s:e], dtype) - delta[..., s:e]) * scale
+        dk = dk.at[:, :, lo:e].add(_mm("bhst,bhtd->bhsd", ds, q[:, :, s:e], dtype))
+        dq.append(_mm("bhst,bhsd->bhtd", ds, k[:, :, lo:e], dtype))
     return jnp.concatenate(dq, axis=2).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 

@@ -28,11 +28,11 @@ from jaxchat.tokenizer import get_tokenizer
 from jaxchat.train import init_train_state, train_step
 
 # flags a resumed run must share with the run it continues (anything else, e.g. eval_every, may change)
-RESUME_KEYS = ("dtype", "num_iterations", "target_flops", "target_param_data_ratio", "optimizer", "embedding_lr",
+RESUME_KEYS = ("model", "dtype", "num_iterations", "target_flops", "target_param_data_ratio", "optimizer", "embedding_lr",
                "unembedding_lr", "matrix_lr", "scalar_lr", "weight_decay", "grad_clip", "warmup_steps",
                "warmdown_ratio", "final_lr_frac", "data_dir")
 # what a run saved before these flags existed trained with (its warmup_ratio was 0 in every jaxchat config)
-PREDATES = {"optimizer": "2025", "scalar_lr": 0.5, "warmup_steps": 0}
+PREDATES = {"model": "2025", "optimizer": "2025", "scalar_lr": 0.5, "warmup_steps": 0}
 # The defaults of the flags that differ between --optimizer recipes: nanochat's base_train of October 2025 and of
 # 2026. --weight_decay is the AdamW groups' in 2025, Muon's (cautious, scaled, cosine-scheduled) in 2026.
 RECIPE_DEFAULTS = {
@@ -62,7 +62,11 @@ def build_parser():
              "(MuonAdamW: Polar Express, NorMuon, cautious weight decay, 6 AdamW groups, batch-scaled LRs)")
     p.set_defaults(**dict.fromkeys(RECIPE_DEFAULTS["2025"]))  # unset: the recipe's
     add("scalar_lr", type=non_negative_float, default=0.5, help="2026: the residual and x0 lambdas' AdamW LR")
-    add("depth", type=positive_int, default=20, help="the one dial: model_dim = 64·depth")
+    add("model", default="2025", choices=("2025", "2026"),
+        help="nanochat's GPT of October 2025 or of 2026 (value embeddings, sliding windows SSSL, smear, backout, "
+             "residual and x0 lambdas, q·k ×1.2, RoPE base 100K, vocab padded to 64, its init and width rule)")
+    add("depth", type=positive_int, default=20, help="the one dial: model_dim = 64·depth (2026: rounded up to a "
+                                                      "multiple of head_dim)")
     add("head_dim", type=positive_int, default=128)
     add("n_kv_head", type=non_negative_int, default=0, help="key/value heads (GQA); 0 = as many as query heads")
     add("max_seq_len", type=positive_int, default=2048)
@@ -152,7 +156,7 @@ def train(args):
     tokenizer = get_tokenizer()
     config_at = lambda depth: config_for_depth(depth, tokenizer.get_vocab_size(), args.max_seq_len,
                                                n_kv_head=args.n_kv_head or None, head_dim=args.head_dim,
-                                               **model_execution(args))
+                                               recipe=args.model, **model_execution(args))
     config = config_at(args.depth)
     optim = optim_config(args)
     T = args.max_seq_len

@@ -38,9 +38,10 @@ def _norm_and_scale(x):
     return x * r, r
 
 
-def _norm_grad(y, r, dy):
+def _norm_grad(y, r, dy, scale=1.0):
+    """dx of y = scale·norm(x), from y and r: with ŷ = y/scale, dx = r·scale·(dy − ŷ·mean(ŷ·dy))."""
     y, dy = y.astype(jnp.float32), dy.astype(jnp.float32)
-    return r * (dy - y * jnp.mean(y * dy, axis=-1, keepdims=True))
+    return r * scale * (dy - y * jnp.mean(y * dy, axis=-1, keepdims=True) / scale**2)
 
 
 def linear(x, w, dtype, w_axes=None):
@@ -102,22 +103,22 @@ def _norm_to_bwd(dtype, x_dtype, res, dy):
 _norm_to.defvjp(_norm_to_fwd, _norm_to_bwd)
 
 
-@jax.custom_vjp
-def rope_qk_norm(x, cos, sin):
-    """RoPE, then QK-norm, computed in fp32; the result in x's dtype."""
-    return _rope_qk_norm_fwd(x, cos, sin)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def rope_qk_norm(x, cos, sin, scale=1.0):
+    """RoPE, then QK-norm, then times `scale`, computed in fp32; the result in x's dtype."""
+    return _rope_qk_norm_fwd(x, cos, sin, scale)[0]
 
 
-def _rope_qk_norm_fwd(x, cos, sin):
+def _rope_qk_norm_fwd(x, cos, sin, scale):
     y, r = _norm_and_scale(apply_rotary(x.astype(jnp.float32), cos, sin))
-    y = y.astype(x.dtype)
+    y = (y * scale).astype(x.dtype)
     return y, (y, r, cos, sin)
 
 
-def _rope_qk_norm_bwd(res, dy):
+def _rope_qk_norm_bwd(scale, res, dy):
     y, r, cos, sin = res
     # the rotation is orthogonal: its transpose rotates by −θ (sin negated)
-    dx = apply_rotary(_norm_grad(y, r, dy), cos, -sin).astype(y.dtype)
+    dx = apply_rotary(_norm_grad(y, r, dy, scale), cos, -sin).astype(y.dtype)
     return dx, jnp.zeros_like(cos), jnp.zeros_like(sin)
 
 

@@ -44,7 +44,8 @@ def _prefill(graphdef, state, tokens, start, rows, max_len):
     logits, cache = model.decode(tokens, cache, at=T - 1)
     if P == 1:  # as with rows, a prefix of one prompt makes XLA:CPU copy it every step: hold it twice
         twice = lambda t: tuple(jnp.repeat(x, MIN_ROWS, axis=0) for x in t)
-        cache = cache.replace(k=twice(cache.k), v=twice(cache.v), start=twice((cache.start,))[0])
+        cache = cache.replace(k=twice(cache.k), v=twice(cache.v), start=twice((cache.start,))[0],
+                              embed=None if cache.embed is None else twice((cache.embed,))[0])
     logits = jnp.repeat(logits, rows // P, axis=0)
     return jax.tree.map(sharding.constrain_rows, (logits, cache.as_prefix(rows, max_len)))
 

@@ -307,7 +307,7 @@ def main(argv=None):
         if stage in DECODERS:  # never in fp8 (evaluations and samples leave it out too)
             execution = {**model_execution(parsed[served_stage(config)]), "fp8": False}
         model_config = config_for_depth(base.depth, vocab_size, base.max_seq_len, n_kv_head=base.n_kv_head or None,
-                                        head_dim=base.head_dim, **execution)
+                                        head_dim=base.head_dim, recipe=base.model, **execution)
         mesh = make_mesh(stage_flags, devices=target_devices)
         fp8 = " fp8" if model_config.fp8 else ""
         head = f"\n{stage}: d{base.depth} {model_config.compute_dtype}{fp8} | mesh {dict(mesh.shape)} | "

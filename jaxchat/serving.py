@@ -42,21 +42,25 @@ STOPPED = "the server is shutting down"  # SlotServer.failure after stop(); anyt
 
 @partial(jax.jit, static_argnames=("graphdef",))
 def _prefill_one(graphdef, state, tokens, start):
-    """A left-padded prompt (1, T) alone: its last logits (V,) and K/V per layer (n_kv_head, T, head_dim)."""
+    """A left-padded prompt (1, T) alone: its last logits (V,), K/V per layer (n_kv_head, T, head_dim) and last
+    embedding (n_embd,) for smear (None without)."""
     model = nnx.merge(graphdef.value, state)
     cache = KVCache.create(model.config, 1, tokens.shape[1], jnp.dtype(model.config.compute_dtype), start)
     logits, cache = model.decode(tokens, cache, at=tokens.shape[1] - 1)
-    return logits[0], tuple(k[0] for k in cache.k), tuple(v[0] for v in cache.v)
+    embed = None if cache.embed is None else cache.embed[0]
+    return logits[0], tuple(k[0] for k in cache.k), tuple(v[0] for v in cache.v), embed
 
 
 @partial(jax.jit, donate_argnames=("rows",))
-def _admit(rows, row, logits, k, v, prompt_len, temperature, top_k, top_p, seed, budget):
-    """Copy a prefilled prompt's K/V into `row` just below the shared index and make the row live."""
+def _admit(rows, row, logits, k, v, embed, prompt_len, temperature, top_k, top_p, seed, budget):
+    """Copy a prefilled prompt's K/V (and last embedding) into `row` just below the shared index and make the row
+    live."""
     T = k[0].shape[1]
     put = lambda cache, x: jax.lax.dynamic_update_slice(cache, x[None].astype(cache.dtype),
                                                          (row, 0, rows.cache.index - T, 0))
     cache = rows.cache.replace(k=tuple(map(put, rows.cache.k, k)), v=tuple(map(put, rows.cache.v, v)),
-                               start=rows.cache.start.at[row].set(rows.cache.index - prompt_len))
+                               start=rows.cache.start.at[row].set(rows.cache.index - prompt_len),
+                               embed=None if embed is None else rows.cache.embed.at[row].set(embed))
     at = lambda x, value: x.at[row].set(value)
     return rows.replace(cache=cache, logits=at(rows.logits, logits), live=at(rows.live, True),
                         temperature=at(rows.temperature, temperature), top_k=at(rows.top_k, top_k),
@@ -88,14 +92,15 @@ def _decode_rows(graphdef, ids, state, rows, active, window):
     cut = lambda x: jax.lax.dynamic_slice(x, (0, 0, lo, 0), (active, x.shape[1], window, x.shape[3]))
     head = jax.tree.map(lambda x: x[:active] if x.ndim else x, rows.replace(cache=None))  # the rest is per row
     window_cache = c.replace(k=tuple(map(cut, c.k)), v=tuple(map(cut, c.v)), start=c.start[:active] - lo,
-                             index=c.index - lo)
+                             index=c.index - lo, embed=None if c.embed is None else c.embed[:active])
     head = head.replace(cache=window_cache, out=jnp.full_like(head.out, -1), out_mask=jnp.zeros_like(head.out_mask),
                         n=jnp.zeros((), jnp.int32))
     head = decode_loop(model, ids, head, head.out.shape[1])
     paste = lambda x, w: jax.lax.dynamic_update_slice(x, w, (0, 0, lo, 0))
     h = head.cache
     cache = c.replace(k=tuple(map(paste, c.k, h.k)), v=tuple(map(paste, c.v, h.v)),
-                      start=c.start.at[:active].set(h.start + lo), index=h.index + lo)
+                      start=c.start.at[:active].set(h.start + lo), index=h.index + lo,
+                      embed=None if c.embed is None else c.embed.at[:active].set(h.embed))
     rest = jax.tree.map(lambda x, y: x.at[:active].set(y) if x.ndim else y, rows.replace(cache=None),
                         head.replace(cache=None))
     return rest.replace(cache=cache)
@@ -323,7 +328,7 @@ class SlotServer:
             tokens[0, T - len(r.prompt):] = r.prompt
             prefilled[key] = _prefill_one(self.graphdef, self.state, jnp.asarray(tokens),
                                           jnp.asarray([T - len(r.prompt)], jnp.int32))
-        logits, k, v = prefilled[key]
+        logits, k, v, embed = prefilled[key]
         budget = min(r.max_tokens, self.context - len(r.prompt))
-        self.rows = _admit(self.rows, b, logits, k, v, len(r.prompt), float(r.temperature), int(r.top_k),
+        self.rows = _admit(self.rows, b, logits, k, v, embed, len(r.prompt), float(r.temperature), int(r.top_k),
                            float(r.top_p), int(r.seed) & 0x7FFFFFFF, budget)

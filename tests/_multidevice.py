@@ -283,6 +283,79 @@ def check_engine_sharded():
     return out
 
 
+def check_model_2026_sharded():
+    """nanochat's 2026 model (value embeddings, lambdas, smear, backout, windows) on meshes: every parameter placed
+    as its logical names say (the specs of the new ones), the loss and gradients on (2, 4) vs one device, and the
+    engine's greedy tokens (smear's cached embedding through the shared prefix) on (2, 4), on one device and from
+    full forward passes, and the web server's (its rows admit prefilled prompts and decode in windows of slots)."""
+    import threading
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+    from jaxchat import engine as E, sharding
+    from jaxchat.model import GPT, NANOCHAT_2026, GPTConfig
+    from jaxchat.serving import Request, SlotServer
+    from jaxchat.tokenizer import RustBPETokenizer
+
+    text = " ".join(f"hello world {i} the cat sat on the mat, number {i * 7}" for i in range(300))
+    tok = RustBPETokenizer.train_from_iterator([text], 300)
+    # 4 layers: with 2 the backout layer (n_layer // 2) is the last one, and its lambda's gradient exactly 0
+    config = GPTConfig(**{**TINY, "sequence_len": 512, "vocab_size": 300, "n_layer": 4}, **NANOCHAT_2026)
+    make = lambda: GPT(config, rngs=nnx.Rngs(0))
+    with jax.set_mesh(sharding.make_mesh((1, 8))):
+        placed = sharding.create_sharded(make)
+    specs, mismatches = {}, []
+    for path, v in nnx.to_flat_state(nnx.state(placed, nnx.Param)):
+        name = ".".join(map(str, path))
+        specs[name] = str(v[...].sharding.spec)
+        if not v[...].sharding.is_equivalent_to(nnx.get_named_sharding(v, v[...].sharding.mesh).get_value(), v.ndim):
+            mismatches.append(name)
+    model = make()
+    leaves, treedef = jax.tree.flatten(nnx.state(model, nnx.Param))
+    keys = jax.random.split(jax.random.key(0), len(leaves))
+    nnx.update(model, jax.tree.unflatten(treedef, [x + 0.1 * jax.random.normal(k, x.shape)
+                                                   for k, x in zip(keys, leaves)]))
+    idx = jax.random.randint(jax.random.key(1), (8, 257), 0, 300)
+    graphdef, params = nnx.split(model, nnx.Param)
+    grad = jax.jit(jax.value_and_grad(lambda p, x: nnx.merge(graphdef, p)(x[:, :-1], x[:, 1:])))
+    ref_loss, ref_grads = grad(params, idx)
+    mesh = sharding.make_mesh((2, 4))
+    with jax.set_mesh(mesh):
+        sharded = jax.device_put(params, sharding.state_shardings(params, mesh))
+        loss, grads = grad(sharded, jax.device_put(idx, jax.NamedSharding(mesh, sharding.batch_spec(2))))
+    grad_diff = max(float(jnp.abs(a - b).max() / jnp.abs(b).max())
+                    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)))
+    prompts = [tok.encode(t, prepend="<|bos|>") for t in ("hello", "the cat sat on the mat", "number 7")]
+    generate = lambda m: E.Engine(m, tok).generate_batch(prompts, num_samples=2, max_tokens=12, temperature=0.0)[0]
+    one_device = generate(model)
+    state = nnx.state(model)
+    with jax.set_mesh(mesh):
+        on_mesh = generate(nnx.merge(nnx.graphdef(model), jax.device_put(state, sharding.state_shardings(state, mesh))))
+    def greedy(prompt, row):  # each generated token is the argmax of a full forward pass (no cache) over the row
+        predicted = jnp.argmax(model(jnp.asarray([row[:-1]]))[0], axis=-1)[len(prompt) - 1:]
+        return len(row) > len(prompt) and predicted.tolist() == row[len(prompt):]
+
+    def serve(m):
+        server = SlotServer(m, tok, slots=8, chunk=4)
+        server.start()
+        outs, done = [[] for _ in prompts], [threading.Event() for _ in prompts]
+        for i, p in enumerate(prompts):
+            emit = lambda t, f, i=i: (outs[i].extend(t), f and done[i].set())
+            server.submit(Request(prompt=p, max_tokens=12, emit=emit, temperature=0.0))
+        assert all(d.wait(300) for d in done)
+        server.stop()
+        return outs
+
+    served = serve(model)
+    return {"server_equals_full_forward": all(greedy(p, p + out) for p, out in zip(prompts, served)),
+            "mismatches": mismatches, "specs": specs, "loss_diff": abs(float(loss) - float(ref_loss)),
+            "grad_diff": grad_diff, "same_tokens_on_mesh": on_mesh == one_device,
+            "engine_equals_full_forward": all(greedy(prompts[i // 2], r) for i, r in enumerate(one_device)),
+            "finite": bool(np.isfinite(float(loss)))}
+
+
 def check_server_sharded():
     """The web server's slots (8 rows) on 1 device and on each mesh, its worker thread decoding 10 prompts greedily:
     the tokens of every request, and how the cache rows are placed."""

@@ -260,6 +260,22 @@ def test_optimizer_2026_trains_and_resumes_exactly(env, monkeypatch):
 
 
 @pytest.mark.slow
+def test_model_2026_trains_saves_and_loads(env):
+    """--model=2026 (with --optimizer=2026): the saved config has nanochat's 2026 architecture, the checkpoint loads
+    as that model, it learns, and a resume that asks for the October model is refused."""
+    flags = TINY + ["--model=2026", "--optimizer=2026", "--num_iterations=3", "--warmup_steps=0", "--eval_every=-1"]
+    result = base_train.main(flags + ["--model_tag=m26"])
+    assert result["losses"][2] < result["losses"][0]
+    model, _, meta = load_model("base", "m26")
+    c = model.config
+    assert (c.n_embd, c.window_pattern, c.value_embeds, c.smear, c.init, c.padded_vocab) == (64, "SSSL", True, True,
+                                                                                             "2026", 512)
+    assert meta["model_config"]["qk_scale"] == 1.2 and hasattr(model, "backout_lambda")
+    with pytest.raises(UserError, match="window_pattern saved SSSL vs requested None, value_embeds saved True"):
+        base_train.main(TINY + ["--optimizer=2026", "--num_iterations=3", "--warmup_steps=0", "--eval_every=-1",
+                                "--model_tag=m26", "--resume=1"])
+
+
 def test_final_save_comes_before_the_final_evaluation(env, monkeypatch):
     """A crash in the last evaluation loses nothing: the last step is already on disk."""
     def interrupted(*args, **kwargs):

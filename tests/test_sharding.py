@@ -176,3 +176,19 @@ def test_memory_compiles_the_decoders_the_engine_and_server_run(results):
         assert out[name]["arrays"] == out[name]["compiled_arrays"] > 10, out[name]
         assert out[name]["differences"] == [], out[name]["differences"]
         assert out[name]["all_gather_bytes"] < 0.01 * out["server"]["weights_bytes"], out
+
+
+@pytest.mark.slow
+def test_model_2026_on_meshes():
+    """nanochat's 2026 model: value tables split like wte, gates and lambdas replicated; loss and gradients on a
+    (2, 4) mesh as on one device (fp32 reduction order only); the engine's greedy tokens equal on the mesh, on one
+    device and from full forward passes (smear's cached embedding, through the engine's shared prefix), and the
+    web server's tokens too."""
+    out = result(run_checks(["model_2026_sharded"]), "model_2026_sharded")
+    assert out["mismatches"] == []
+    specs = out["specs"]
+    assert specs["value_embeds.1"] == specs["wte"] == "P(None, 'fsdp')"
+    assert specs["h.1.attn.ve_gate.kernel"] == specs["smear_gate.kernel"] == "P(None, None)"
+    assert {specs[n] for n in ("resid_lambdas", "x0_lambdas", "smear_lambda", "backout_lambda")} == {"P(None,)"}
+    assert out["loss_diff"] <= 1e-5 and out["grad_diff"] <= 1e-4
+    assert out["same_tokens_on_mesh"] and out["engine_equals_full_forward"] and out["server_equals_full_forward"]

@@ -49,6 +49,18 @@ def test_splash_matches_the_xla_kernel(T, kv_heads, dtype, atol):
         np.testing.assert_allclose(a.astype(jnp.float32), b.astype(jnp.float32), atol=atol * scale, err_msg=name)
 
 
+def test_windowed_splash_matches_the_windowed_xla_kernel():
+    """A sliding window (W = 100: keys i − 100..i) in Splash is a LocalMask; T = 320 runs in three 128-tiles, the
+    first of which the last query tile skips; GQA, fp32."""
+    q, k, v = qkv(1, 320, 4, 2, 32, jnp.float32)
+    with jax.set_mesh(sharding.make_mesh((1, 1), devices=jax.devices()[:1])):
+        splash = lambda *a: splash_attention(*a, jnp.float32, 100, interpret=True)
+        got = jax.jit(lambda *a: values_and_grads(splash, *a))(q, k, v)
+    want = jax.jit(lambda *a: values_and_grads(lambda *b: causal_attention(*b, jnp.float32, "xla", 100), *a))(q, k, v)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, atol=5e-6 * float(jnp.max(jnp.abs(b))), err_msg=name)
+
+
 def test_splash_refuses_without_a_tpu():
     q, k, v = qkv(1, 8, 4, 2, 16, jnp.bfloat16)
     platform = jax.default_backend()
@@ -86,6 +98,18 @@ def test_auto_attention_compiles_to_splash_for_a_tpu_mesh():
         assert tpu_kernels(compile_grad(8, jnp.float32)) == SPLASH_CALLS
         q, k, _ = jax.eval_shape(lambda: qkv(6, 8, 4, 2, 16, jnp.bfloat16))
         assert splash_problem(q, k, jnp.bfloat16) == "batch 6 does not split over 4 devices"
+
+
+@needs_libtpu
+def test_windowed_attention_compiles_to_splash_for_a_tpu_mesh():
+    """A sliding window on a TPU mesh is Splash too (its LocalMask), forward and backward."""
+    mesh = tpu_mesh("tpu-v5p", 4, (2, 2))
+    with jax.set_mesh(mesh):
+        loss = lambda q, k, v: jnp.sum(causal_attention(q, k, v, jnp.bfloat16, "auto", 128).astype(jnp.float32))
+        args = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, sharding.batch_spec(4)))
+                for x in jax.eval_shape(lambda: qkv(8, 512, 4, 2, 64, jnp.bfloat16))]
+        compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
+    assert tpu_kernels(compiled) == SPLASH_CALLS
 
 
 @needs_libtpu
