@@ -44,10 +44,12 @@ RECIPE_DEFAULTS = {
 
 
 class RecipeParser(argparse.ArgumentParser):
-    """Flags not given take the defaults of the --optimizer recipe (RECIPE_DEFAULTS)."""
+    """--optimizer not given is --model's recipe, and the flags not given take that optimizer's defaults
+    (RECIPE_DEFAULTS): `--model=2026` alone is nanochat's 2026 run."""
 
     def parse_known_args(self, args=None, namespace=None):
         args, rest = super().parse_known_args(args, namespace)
+        args.optimizer = args.optimizer or args.model
         for name, default in RECIPE_DEFAULTS[args.optimizer].items():
             if getattr(args, name) is None:
                 setattr(args, name, default)
@@ -57,9 +59,10 @@ class RecipeParser(argparse.ArgumentParser):
 def build_parser():
     p = RecipeParser(description="Pretrain a jaxchat base model.")
     add = add_training_flags(p, device_batch_size=32, eval_every=250)
-    add("optimizer", default="2025", choices=list(RECIPE_DEFAULTS),
+    add("optimizer", choices=list(RECIPE_DEFAULTS),
         help="nanochat's optimizer and schedules of October 2025 (Muon, 2 AdamW groups, clipping) or 2026 "
-             "(MuonAdamW: Polar Express, NorMuon, cautious weight decay, 6 AdamW groups, batch-scaled LRs)")
+             "(MuonAdamW: Polar Express, NorMuon, cautious weight decay, 6 AdamW groups, batch-scaled LRs); "
+             "default: --model's")
     p.set_defaults(**dict.fromkeys(RECIPE_DEFAULTS["2025"]))  # unset: the recipe's
     add("scalar_lr", type=non_negative_float, default=0.5, help="2026: the residual and x0 lambdas' AdamW LR")
     add("model", default="2025", choices=("2025", "2026"),

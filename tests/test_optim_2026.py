@@ -179,6 +179,8 @@ def test_base_train_flags_follow_the_recipe():
     assert (october.embedding_lr, october.weight_decay, october.grad_clip, october.warmup_steps) == (0.2, 0.0, 1.0, 0)
     assert (recipe.embedding_lr, recipe.unembedding_lr, recipe.weight_decay, recipe.grad_clip) == (0.3, 0.008, 0.28, 0)
     assert (recipe.warmup_steps, recipe.warmdown_ratio, recipe.final_lr_frac) == (7, 0.65, 0.05)
+    # --optimizer follows --model unless given: --model=2026 alone is nanochat's 2026 run
+    assert [parse(a).optimizer for a in (["--model=2026"], ["--model=2026", "--optimizer=2025"])] == ["2026", "2025"]
     assert optim_config(october) == OptimConfig()
     config = optim_config(recipe)
     assert config == config_2026(weight_decay=0.28)  # the fixture's LRs and batch (2²⁰: √2)
