@@ -371,7 +371,9 @@ class GPT(nnx.Module):
         for i, block in enumerate(self.h):
             if c.residual_lambdas:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
-            ve = jnp.take(self.value_embeds[str(i)][...], idx, axis=0) if c.has_ve(i) else None
+            # split by rows like x: a lookup in a table split by features would come out split by features
+            ve = sharding.constrain(jnp.take(self.value_embeds[str(i)][...], idx, axis=0), ("batch", None, None)) \
+                if c.has_ve(i) else None
             if kv_cache is None:
                 x = run_block(nnx.graphdef(block), x, nnx.state(block), ve)
             else:  # decoding: no backward pass, one cache per layer
