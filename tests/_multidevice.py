@@ -288,15 +288,13 @@ def check_model_2026_sharded():
     as its logical names say (the specs of the new ones), the loss and gradients on (2, 4) vs one device, and the
     engine's greedy tokens (smear's cached embedding through the shared prefix) on (2, 4), on one device and from
     full forward passes, and the web server's (its rows admit prefilled prompts and decode in windows of slots)."""
-    import threading
-
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
     from jaxchat import engine as E, sharding
     from jaxchat.model import GPT, NANOCHAT_2026, GPTConfig
-    from jaxchat.serving import Request, SlotServer
+    from jaxchat.serving import SlotServer
     from jaxchat.tokenizer import RustBPETokenizer
 
     text = " ".join(f"hello world {i} the cat sat on the mat, number {i * 7}" for i in range(300))
@@ -337,18 +335,7 @@ def check_model_2026_sharded():
         predicted = jnp.argmax(model(jnp.asarray([row[:-1]]))[0], axis=-1)[len(prompt) - 1:]
         return len(row) > len(prompt) and predicted.tolist() == row[len(prompt):]
 
-    def serve(m):
-        server = SlotServer(m, tok, slots=8, chunk=4)
-        server.start()
-        outs, done = [[] for _ in prompts], [threading.Event() for _ in prompts]
-        for i, p in enumerate(prompts):
-            emit = lambda t, f, i=i: (outs[i].extend(t), f and done[i].set())
-            server.submit(Request(prompt=p, max_tokens=12, emit=emit, temperature=0.0))
-        assert all(d.wait(300) for d in done)
-        server.stop()
-        return outs
-
-    served = serve(model)
+    served = served_greedily(SlotServer(model, tok, slots=8, chunk=4), prompts, 12)
     return {"server_equals_full_forward": all(greedy(p, p + out) for p, out in zip(prompts, served)),
             "mismatches": mismatches, "specs": specs, "loss_diff": abs(float(loss) - float(ref_loss)),
             "grad_diff": grad_diff, "same_tokens_on_mesh": on_mesh == one_device,
@@ -356,16 +343,30 @@ def check_model_2026_sharded():
             "finite": bool(np.isfinite(float(loss)))}
 
 
+def served_greedily(server, prompts, max_tokens):
+    """Each prompt's greedy tokens from a SlotServer's worker thread (started and stopped here)."""
+    import threading
+
+    from jaxchat.serving import Request
+
+    server.start()
+    outs, done = [[] for _ in prompts], [threading.Event() for _ in prompts]
+    for i, p in enumerate(prompts):
+        emit = lambda t, f, i=i: (outs[i].extend(t), f and done[i].set())
+        server.submit(Request(prompt=p, max_tokens=max_tokens, emit=emit, temperature=0.0))
+    assert all(d.wait(300) for d in done)
+    server.stop()
+    return outs
+
+
 def check_server_sharded():
     """The web server's slots (8 rows) on 1 device and on each mesh, its worker thread decoding 10 prompts greedily:
     the tokens of every request, and how the cache rows are placed."""
-    import threading
-
     import jax
     from flax import nnx
     from jaxchat import sharding
     from jaxchat.model import GPT, GPTConfig
-    from jaxchat.serving import Request, SlotServer
+    from jaxchat.serving import SlotServer
     from jaxchat.tokenizer import RustBPETokenizer
 
     text = " ".join(f"hello world {i} the cat sat on the mat, number {i * 7}" for i in range(300))
@@ -377,14 +378,7 @@ def check_server_sharded():
     prompts = [tok.encode(f"hello the cat {i} " * (1 + i % 3), prepend="<|bos|>") for i in range(10)]
 
     def serve(server):
-        server.start()
-        outs, done = [[] for _ in prompts], [threading.Event() for _ in prompts]
-        for i, p in enumerate(prompts):
-            emit = lambda t, f, i=i: (outs[i].extend(t), f and done[i].set())
-            server.submit(Request(prompt=p, max_tokens=24, emit=emit, temperature=0.0))
-        assert all(d.wait(300) for d in done)
-        server.stop()
-        return outs, str(getattr(server.rows.cache.k[0].sharding, "spec", None))
+        return served_greedily(server, prompts, 24), str(getattr(server.rows.cache.k[0].sharding, "spec", None))
 
     ref, _ = serve(SlotServer(model, tok, slots=8, chunk=4))
     out = {}
